@@ -1,0 +1,1 @@
+"""Engine supervisors (one process per replica) and the adapters that speak to engines."""

@@ -1,0 +1,21 @@
+"""Engine adapters, picked by name from ``ADAPTERS`` (as uvicorn picks its protocols)."""
+
+from __future__ import annotations
+
+import importlib
+
+from engine_procs.adapters.base import EngineAdapter
+
+ADAPTERS: dict[str, str] = {
+    "mock": "engine_procs.adapters.mock:MockAdapter",
+}
+
+
+def adapter_class(name: str) -> type[EngineAdapter]:
+    try:
+        target = ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown engine adapter {name!r}; known: {sorted(ADAPTERS)}") from None
+    module, _, attr = target.partition(":")
+    cls: type[EngineAdapter] = getattr(importlib.import_module(module), attr)
+    return cls

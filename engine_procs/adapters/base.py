@@ -1,0 +1,68 @@
+"""The adapter interface every engine speaks through, and the sink it reports into.
+
+An adapter owns one engine (a process it starts, or a server it talks to). The supervisor
+submits and aborts requests; the adapter reports tokens, ends and failures to the sink as
+they happen. Token texts are handed over already JSON-encoded, so nothing re-encodes them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Protocol
+
+from orchd.config import Replica
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    rid: int
+    prompt: str
+    seed: int
+    max_tokens: int
+
+
+class EngineSink(Protocol):
+    def on_tokens(self, rid: int, texts_json: list[bytes]) -> None: ...
+
+    def on_finish(self, rid: int, reason: str) -> None: ...
+
+    def on_error(self, rid: int, code: str, message: str) -> None: ...
+
+    def on_engine_dead(self, reason: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class EngineAdapter(abc.ABC):
+    name: str = ""
+
+    def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
+        self.replica = replica
+        self.engine_addr = engine_addr
+        self.sink = sink
+        self.engine_version = ""
+        self.paused = False  # set by the supervisor while its rings are backed up
+
+    @abc.abstractmethod
+    async def start(self, timeout_s: float) -> None:
+        """Start (or connect to) the engine and return once it serves; raise on failure."""
+
+    @abc.abstractmethod
+    def submit(self, req: EngineRequest) -> None:
+        """Begin a request; its events arrive through the sink."""
+
+    @abc.abstractmethod
+    def abort(self, rid: int) -> None:
+        """Stop a request: the engine frees its slot and no further event comes for it."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop the engine (or disconnect) and release everything."""
+
+    def resume(self) -> None:
+        """Called when the supervisor's rings have room again after ``paused`` was set."""
+        self.paused = False
+
+    def engine_pid(self) -> int | None:
+        return None

@@ -1,0 +1,50 @@
+"""SSE frames, encoded once by the supervisor; the frontend only copies these bytes.
+
+Event ids are the event's sequence number within its task: ``started`` is 0, each later event
+adds one. A ``token``'s ``i`` is its 0-based index among the task's tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+_json = msgspec.json.Encoder()
+
+KIND_DATA = 1
+KIND_TERMINAL = 2
+
+
+def frame(event: str, seq: int, data: dict[str, Any]) -> bytes:
+    return b"event: %s\nid: %d\ndata: %s\n\n" % (event.encode(), seq, _json.encode(data))
+
+
+def token_frame(seq: int, index: int, text_json: bytes) -> bytes:
+    """``text_json`` is the token text already encoded as a JSON string (quotes included)."""
+    return b'event: token\nid: %d\ndata: {"t":%s,"i":%d}\n\n' % (seq, text_json, index)
+
+
+def json_string(text: str) -> bytes:
+    return _json.encode(text)
+
+
+def end_frame(
+    seq: int, tokens_out: int, decode_ms: float, decode_time_ms: float, reason: str
+) -> bytes:
+    return frame(
+        "end",
+        seq,
+        {
+            "tokens_out": tokens_out,
+            "decode_ms": round(decode_ms, 3),
+            "decode_time_ms": round(decode_time_ms, 3),
+            "reason": reason,
+            "artifact_id": None,
+        },
+    )
+
+
+def error_frame(seq: int, envelope: dict[str, Any]) -> bytes:
+    body = {k: envelope.get(k) for k in ("code", "message", "engine", "retriable", "retry_after_ms")}
+    return frame("error", seq, body)

@@ -1,0 +1,140 @@
+"""The mock engine: a separate process that decodes like an LLM engine, minus the model.
+
+It batches like a real engine (one step emits the next token of every running request),
+honours time-to-first-token and inter-token latency (or runs unthrottled with ``itl_ms = 0``),
+is seeded-deterministic (same prompt, seed, max_tokens and engine_version give the same token
+ids), and injects faults from its config only: crash after N tokens, stall, engine error.
+
+Run by the mock adapter as ``python -m engine_procs.mock_engine ADDR CONFIG_JSON``; it talks
+over a ZeroMQ PAIR socket with tiny high-water marks, so a supervisor that stops reading
+stalls the engine instead of letting steps pile up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from ipc import protocol as p
+from orchd.config import MockEngine
+
+# A vocabulary with the awkward cases a real tokenizer produces: quotes, backslashes,
+# newlines, multi-byte UTF-8, leading spaces.
+_SPECIAL = ["\n", '"', "\\", "é", "日本", " 🙂", "\t", "</s>"]
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v"]
+_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
+
+
+def vocab(size: int) -> list[str]:
+    words = list(_SPECIAL)
+    i = 0
+    while len(words) < size:
+        on = _ONSETS[i % len(_ONSETS)]
+        nu = _NUCLEI[(i // len(_ONSETS)) % len(_NUCLEI)]
+        co = _ONSETS[(i // (len(_ONSETS) * len(_NUCLEI))) % len(_ONSETS)]
+        words.append(" " + on + nu + co)
+        i += 1
+    return words[:size]
+
+
+def request_rng(engine_version: str, seed: int, prompt: str, max_tokens: int) -> random.Random:
+    h = hashlib.sha256(f"{engine_version}\0{seed}\0{max_tokens}\0{prompt}".encode()).digest()
+    return random.Random(int.from_bytes(h[:16], "little"))
+
+
+@dataclass(slots=True)
+class _Req:
+    rid: int
+    rng: random.Random
+    max_tokens: int
+    due: float
+    produced: int = 0
+
+
+class MockEngineProcess:
+    def __init__(self, addr: str, cfg: MockEngine) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.SNDHWM, 4)
+        self.sock.setsockopt(zmq.RCVHWM, 64)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+        self.reqs: dict[int, _Req] = {}
+        self.stalled: set[int] = set()
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.sock.send(p.encode(p.EngReady(cfg.engine_version, cfg.vocab_size, os.getpid())))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        itl = cfg.itl_ms / 1000.0
+        while True:
+            live = [r for r in self.reqs.values() if r.rid not in self.stalled]
+            if live:
+                wait = max(0.0, min(r.due for r in live) - time.monotonic())
+                timeout: float | None = wait * 1000.0
+            else:
+                timeout = None  # idle: block until a request comes
+            if poller.poll(timeout):
+                while True:
+                    try:
+                        self.handle(p.decode_engine(self.sock.recv(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+            now = time.monotonic()
+            step = p.EngStep([])
+            for r in list(self.reqs.values()):
+                if r.due > now or r.rid in self.stalled:
+                    continue
+                n = cfg.tokens_per_step
+                if itl > 0:
+                    # Catch up on whole intervals missed, as an engine under load would.
+                    n = max(1, min(64, int((now - r.due) / itl) + 1))
+                n = min(n, r.max_tokens - r.produced)
+                toks = [r.rng.randrange(cfg.vocab_size) for _ in range(n)]
+                r.produced += n
+                r.due = r.due + itl * n if itl > 0 else now
+                step.tokens.append((r.rid, toks))
+                if cfg.error_after_tokens and r.produced >= cfg.error_after_tokens:
+                    step.errors.append((r.rid, "mock engine error (fault injection)"))
+                    del self.reqs[r.rid]
+                elif r.produced >= r.max_tokens:
+                    step.finished.append((r.rid, "length"))
+                    del self.reqs[r.rid]
+                elif cfg.stall_after_tokens and r.produced >= cfg.stall_after_tokens:
+                    self.stalled.add(r.rid)
+                if cfg.crash_after_tokens and r.produced >= cfg.crash_after_tokens:
+                    self.sock.send(p.encode(step))
+                    sys.stderr.write("mock engine: crashing (fault injection)\n")
+                    sys.stderr.flush()
+                    os._exit(3)
+            if step.tokens or step.finished or step.errors:
+                self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
+
+    def handle(self, msg: msgspec.Struct) -> None:
+        if isinstance(msg, p.EngSubmit):
+            rng = request_rng(self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens)
+            due = time.monotonic() + self.cfg.ttft_ms / 1000.0
+            self.reqs[msg.rid] = _Req(msg.rid, rng, max(1, msg.max_tokens), due)
+        elif isinstance(msg, p.EngAbort):
+            self.reqs.pop(msg.rid, None)
+            self.stalled.discard(msg.rid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = msgspec.json.decode(argv[1].encode(), type=MockEngine)
+    MockEngineProcess(argv[0], cfg).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

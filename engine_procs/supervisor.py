@@ -1,0 +1,449 @@
+"""The engine supervisor: one process per replica.
+
+It runs one engine through an adapter, keeps up to ``slots`` tasks in flight on it, encodes
+every event once as finished SSE bytes, and publishes them into the ring of the frontend that
+streams the task: all events ready after an engine step go out with one publish per ring and
+at most one doorbell. It keeps each task's transcript so that a stream opened late (or on
+another frontend) gets every event from the first. It survives its engine: on an engine death
+every running task gets one ``WORKER_RESET`` error event and the engine is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from engine_procs.adapters import adapter_class
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
+from engine_procs.frames import token_frame as _token_frame
+from ipc import protocol as p
+from ipc.doorbell import BellWriter
+from ipc.ring import RingWriter
+from orchd import log
+from orchd.config import Resolved, load_resolved
+from orchd.core.errors import Code, OrchdError
+
+BACKLOG_RETRY_S = 0.0005
+HOUSEKEEPING_S = 0.1
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    task_id: str
+    rid: int
+    spec: p.TaskSpec
+    frontend: int
+    slot: int
+    t_start: float
+    seq: int = 0
+    tokens: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    ended: bool = False
+    ended_at: float = 0.0
+    dirty: bool = False
+    transcript: list[bytes] = field(default_factory=list)
+    outbox: list[bytes] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, res: Resolved, index: int) -> None:
+        self.cfg = res.config
+        self.rt = res.runtime
+        self.index = index
+        self.replica = self.cfg.replicas[index]
+        self.ident = f"sup-{self.replica.id}"
+        nfe = self.cfg.server.frontends
+        self.writers = [RingWriter(self.rt.ring_name(index, f)) for f in range(nfe)]
+        self.bells = [BellWriter(self.rt.bell_path(f)) for f in range(nfe)]
+        self.backlog: list[list[tuple[int, int, int, bytes]]] = [[] for _ in range(nfe)]
+        self.runs: dict[str, Run] = {}
+        self.by_rid: dict[int, Run] = {}
+        self.ended: dict[str, Run] = {}  # transcripts kept for late subscribers
+        self.ended_order: deque[Run] = deque()
+        self.dirty: list[Run] = []
+        self.flush_scheduled = False
+        self.rids = itertools.count(1)
+        self.ready = False
+        self.restarting = False
+        self.last_error = ""
+        self.retention_s = self.cfg.limits.transcript_retention_ms / 1000.0 + 5.0
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.ident.encode())
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.adapter = adapter_class(self.replica.engine)(
+            self.replica, self.rt.engine_addr(index), self
+        )
+        self.stopping = asyncio.Event()
+        self._backlog_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- messages out
+
+    def send(self, msg: p.Message) -> None:
+        self.sock.send(p.encode(msg))
+
+    def status(self) -> None:
+        self.send(
+            p.ReplicaStatus(
+                self.replica.id,
+                self.ready,
+                self.replica.engine,
+                self.adapter.engine_version,
+                self.last_error,
+            )
+        )
+
+    # ---------------------------------------------------------------- sink (adapter -> us)
+
+    def on_tokens(self, rid: int, texts_json: list[bytes]) -> None:
+        run = self.by_rid.get(rid)
+        if run is None:
+            return  # aborted: late tokens are dropped here, never reach a stream
+        now = _now()
+        if run.tokens == 0:
+            run.t_first = now
+        run.t_last = now
+        seq, i = run.seq, run.tokens
+        for tj in texts_json:
+            seq += 1
+            f = _token_frame(seq, i, tj)
+            i += 1
+            run.transcript.append(f)
+            if run.frontend >= 0:
+                run.outbox.append(f)
+        run.seq, run.tokens = seq, i
+        self._mark(run)
+
+    def on_finish(self, rid: int, reason: str) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            self._end(run, reason)
+
+    def on_error(self, rid: int, code: str, message: str) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            self._fail(run, OrchdError(code, message, engine=self.replica.engine))
+
+    def on_engine_dead(self, reason: str) -> None:
+        log.error("engine died", replica_id=self.replica.id, reason=reason)
+        self.ready = False
+        self.last_error = reason
+        for run in list(self.runs.values()):
+            self._fail(
+                run,
+                OrchdError(
+                    Code.WORKER_RESET,
+                    f"engine of replica {self.replica.id} died: {reason}",
+                    engine=self.replica.engine,
+                    pool_id=self.replica.pool_id,
+                ),
+            )
+        self.flush()
+        self.status()
+        if not self.stopping.is_set() and not self.restarting:
+            asyncio.get_running_loop().create_task(self.start_engine())
+
+    # ---------------------------------------------------------------- task events
+
+    def _emit(self, run: Run, f: bytes) -> None:
+        run.transcript.append(f)
+        if run.frontend >= 0:
+            run.outbox.append(f)
+        self._mark(run)
+
+    def _mark(self, run: Run) -> None:
+        if not run.dirty:
+            run.dirty = True
+            self.dirty.append(run)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def _close(self, run: Run) -> None:
+        run.ended = True
+        run.ended_at = _now()
+        self.runs.pop(run.task_id, None)
+        self.by_rid.pop(run.rid, None)
+        self.ended[run.task_id] = run
+        self.ended_order.append(run)
+
+    def _end(self, run: Run, reason: str) -> None:
+        now = _now()
+        run.seq += 1
+        decode_ms = (now - run.t_start) * 1000.0
+        decode_time_ms = (run.t_last - run.t_first) * 1000.0 if run.tokens else 0.0
+        self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason))
+        self._close(run)
+        if reason != "canceled":
+            self.send(
+                p.TaskEnded(
+                    run.task_id,
+                    reason,
+                    run.tokens,
+                    first_token_ms=(run.t_first - run.t_start) * 1000.0 if run.tokens else 0.0,
+                    decode_ms=decode_ms,
+                )
+            )
+        log.info(
+            "stream ended",
+            task_id=run.task_id,
+            replica_id=self.replica.id,
+            reason=reason,
+            tokens_out=run.tokens,
+            decode_time_ms=round(decode_time_ms, 3),
+        )
+
+    def _fail(self, run: Run, err: OrchdError) -> None:
+        run.seq += 1
+        self._emit(run, error_frame(run.seq, err.envelope()))
+        self._close(run)
+        self.adapter.abort(run.rid)
+        self.send(p.TaskEnded(run.task_id, "error", run.tokens, error_code=err.code.value))
+        log.warning("task failed", task_id=run.task_id, code=err.code.value, message=err.message)
+
+    # ---------------------------------------------------------------- publishing
+
+    def flush(self) -> None:
+        """Move every dirty stream's frames into its ring: one record per stream, one publish
+        per ring, one doorbell at most."""
+        self.flush_scheduled = False
+        backlog = self.backlog
+        for run in self.dirty:
+            run.dirty = False
+            if run.frontend >= 0 and run.outbox:
+                out = run.outbox
+                payload = out[0] if len(out) == 1 else b"".join(out)
+                kind = KIND_TERMINAL if run.ended else KIND_DATA
+                backlog[run.frontend].append((run.slot, run.seq, kind, payload))
+                run.outbox = []
+            if run.ended and run.frontend >= 0:
+                run.transcript = []  # delivered: nobody will replay it
+        self.dirty.clear()
+        stuck = False
+        for f, pend in enumerate(backlog):
+            if not pend:
+                continue
+            w = self.writers[f]
+            n = w.write_batch(pend)
+            if n:
+                del pend[:n]
+                if w.needs_bell():
+                    self.bells[f].ring()
+            if pend:
+                stuck = True
+        if stuck and self._backlog_task is None:
+            # A frontend is behind: stop reading the engine until its ring has room again.
+            self.adapter.paused = True
+            self._backlog_task = asyncio.get_running_loop().create_task(self._drain_backlog())
+
+    async def _drain_backlog(self) -> None:
+        try:
+            while any(self.backlog):
+                await asyncio.sleep(BACKLOG_RETRY_S)
+                self.flush()
+        finally:
+            self._backlog_task = None
+            self.adapter.resume()
+
+    # ---------------------------------------------------------------- messages in
+
+    def on_dispatch(self, msg: p.Dispatch) -> None:
+        spec = msg.task
+        run = Run(spec.task_id, next(self.rids), spec, msg.frontend, msg.slot, _now())
+        self.runs[run.task_id] = run
+        self.by_rid[run.rid] = run
+        self._emit(
+            run,
+            frame(
+                "started",
+                0,
+                {
+                    "queue_position": msg.queue_position,
+                    "predicted_start_ms": msg.predicted_start_ms,
+                    "engine": self.replica.engine,
+                    "engine_version": self.adapter.engine_version,
+                    "pool_id": self.replica.pool_id,
+                    "replica_id": self.replica.id,
+                },
+            ),
+        )
+        if not self.ready:
+            self._fail(
+                run,
+                OrchdError(
+                    Code.WORKER_RESET,
+                    f"engine of replica {self.replica.id} is restarting: {self.last_error}",
+                    engine=self.replica.engine,
+                    pool_id=self.replica.pool_id,
+                ),
+            )
+            return
+        seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.adapter.submit(EngineRequest(run.rid, spec.prompt or "", seed, spec.max_tokens))
+
+    def on_attach(self, msg: p.Attach) -> None:
+        run = self.runs.get(msg.task_id) or self.ended.get(msg.task_id)
+        if run is None:
+            err = OrchdError(Code.INTERNAL, f"transcript of task {msg.task_id} is gone")
+            payload = error_frame(1, err.envelope())
+            self.backlog[msg.frontend].append((msg.slot, 1, KIND_TERMINAL, payload))
+            self.flush()
+            return
+        run.frontend, run.slot = msg.frontend, msg.slot
+        run.outbox = [b"".join(run.transcript)]  # replay everything so far, then live
+        self._mark(run)
+        if run.ended:
+            self.ended.pop(run.task_id, None)
+
+    def on_abort(self, msg: p.Abort) -> None:
+        run = self.runs.get(msg.task_id)
+        if run is None:
+            self.send(p.AbortDone(msg.req_id, msg.task_id, False, -1, 0))
+            return
+        self.adapter.abort(run.rid)
+        self._end(run, "canceled")
+        self.flush()  # the terminal frame is published before we answer
+        self.send(
+            p.AbortDone(
+                msg.req_id, msg.task_id, run.frontend >= 0, run.frontend, run.slot, run.tokens
+            )
+        )
+
+    async def recv_loop(self) -> None:
+        while True:
+            msg = p.decode(await self.sock.recv())
+            match msg:
+                case p.Dispatch():
+                    self.on_dispatch(msg)
+                case p.Attach():
+                    self.on_attach(msg)
+                case p.Abort():
+                    self.on_abort(msg)
+                case p.Welcome(accepted=False):
+                    log.error("scheduler refused us", reason=msg.reason)
+                    self.stopping.set()
+                case _:
+                    pass
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start_engine(self) -> None:
+        self.restarting = True
+        backoff = self.cfg.server.restart_backoff_ms / 1000.0
+        cap = self.cfg.server.restart_backoff_max_ms / 1000.0
+        first = True
+        try:
+            while not self.stopping.is_set():
+                if not first:
+                    await asyncio.sleep(backoff)
+                    backoff = min(cap, backoff * 2)
+                first = False
+                with contextlib.suppress(Exception):
+                    await self.adapter.stop()
+                try:
+                    await self.adapter.start(timeout_s=30.0)
+                except Exception as e:
+                    self.last_error = f"engine failed to start: {e}"
+                    log.error("engine failed to start", replica_id=self.replica.id, error=str(e))
+                    self.status()
+                    continue
+                self.ready = True
+                log.info(
+                    "engine ready",
+                    replica_id=self.replica.id,
+                    engine_version=self.adapter.engine_version,
+                    engine_pid=self.adapter.engine_pid(),
+                )
+                self.status()
+                return
+        finally:
+            self.restarting = False
+
+    async def housekeeping(self) -> None:
+        hb = self.cfg.server.heartbeat_ms / 1000.0
+        next_hb = 0.0
+        timeout_s = self.replica.decode_timeout_ms / 1000.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = _now()
+            if now >= next_hb:
+                self.send(p.Heartbeat())
+                next_hb = now + hb
+            for run in list(self.runs.values()):
+                if now - (run.t_last or run.t_start) > timeout_s:
+                    self._fail(
+                        run,
+                        OrchdError(
+                            Code.DECODE_TIMEOUT,
+                            f"no token for {self.replica.decode_timeout_ms} ms",
+                            engine=self.replica.engine,
+                            pool_id=self.replica.pool_id,
+                        ),
+                    )
+            while self.ended_order and now - self.ended_order[0].ended_at > self.retention_s:
+                run = self.ended_order.popleft()
+                self.ended.pop(run.task_id, None)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.sock.connect(self.rt.scheduler_addr)
+        self.send(
+            p.Hello(
+                "supervisor",
+                self.ident,
+                os.getpid(),
+                replica_id=self.replica.id,
+                pool_id=self.replica.pool_id,
+                slots=self.replica.slots,
+            )
+        )
+        tasks = [
+            loop.create_task(self.recv_loop()),
+            loop.create_task(self.housekeeping()),
+            loop.create_task(self.start_engine()),
+        ]
+        await self.stopping.wait()
+        for t in tasks:
+            t.cancel()
+        await self.adapter.stop()
+        self.send(p.Goodbye("stopping"))
+        self.sock.close(linger=500)
+        for w in self.writers:
+            w.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    res = load_resolved(argv[0])
+    index = int(argv[1])
+    log.setup(f"supervisor-{res.config.replicas[index].id}", res.config.server.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(Supervisor(res, index).main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

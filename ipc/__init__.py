@@ -1,0 +1,1 @@
+"""Inter-process plumbing: shared-memory token rings, doorbells, the typed wire protocol."""

@@ -1,0 +1,335 @@
+"""Every message that crosses a process boundary, as tagged msgspec Structs (msgpack on the wire).
+
+Topology (all over ZeroMQ ``ipc://`` sockets in the run directory):
+
+    frontend  DEALER ──┐
+    supervisor DEALER ─┼──▶ scheduler ROUTER   (request/reply by ``req_id``, plus notices)
+    launcher  DEALER ──┘
+    supervisor PAIR ◀──▶ mock engine PAIR     (engine protocol, bottom of this file)
+
+Each peer opens with ``Hello``; the scheduler answers ``Welcome`` carrying the protocol version,
+and refuses a peer speaking another version. Peers send ``Heartbeat`` every second and a
+``Goodbye`` before a clean exit. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
+    pass
+
+
+# ---------------------------------------------------------------- shared value types
+
+
+class TaskSpec(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a task asks of an engine: the validated body of ``POST /v1/tasks``."""
+
+    task_id: str
+    session_id: str
+    workload: str
+    model_ref: str
+    engine: str
+    ctx: int
+    priority: str
+    max_tokens: int
+    deadline_ms: int
+    api_key_id: str = ""
+    seed: int | None = None
+    determinism: str | None = None
+    sampler_profile_version: str | None = None
+    prompt: str | None = None
+    inputs: list[str] | None = None
+    expected_tokens: int | None = None
+    kv_hint: str | None = None
+    placement: dict[str, Any] | None = None
+
+
+class ErrorInfo(msgspec.Struct, array_like=True, omit_defaults=True):
+    code: str
+    message: str
+    engine: str | None = None
+    retry_after_ms: int | None = None
+    pool_id: str | None = None
+    policy_label: str | None = None
+
+
+# ---------------------------------------------------------------- handshake and liveness
+
+
+class Hello(_Msg):
+    role: str  # "frontend" | "supervisor" | "launcher"
+    ident: str
+    pid: int
+    version: int = PROTOCOL_VERSION
+    # supervisors only
+    replica_id: str = ""
+    pool_id: str = ""
+    slots: int = 0
+
+
+class Welcome(_Msg):
+    version: int = PROTOCOL_VERSION
+    accepted: bool = True
+    reason: str = ""
+
+
+class Heartbeat(_Msg):
+    pass
+
+
+class Goodbye(_Msg):
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- frontend -> scheduler
+
+
+class Submit(_Msg):
+    req_id: int
+    task: TaskSpec
+
+
+class Subscribe(_Msg):
+    req_id: int
+    task_id: str
+    frontend: int
+    slot: int
+
+
+class Cancel(_Msg):
+    req_id: int
+    task_id: str
+    reason: str = "client"
+
+
+class CapabilitiesQuery(_Msg):
+    req_id: int
+
+
+class MetricsQuery(_Msg):
+    req_id: int
+
+
+class FenceDone(_Msg):
+    """The frontend has written a stream's terminal frame to its socket (answers ``Fence``)."""
+
+    req_id: int
+
+
+# ---------------------------------------------------------------- scheduler -> frontend
+
+
+class Admitted(_Msg):
+    req_id: int
+    task_id: str
+    queue_position: int
+    predicted_start_ms: int
+    backoff_ms: int = 0
+
+
+class Subscribed(_Msg):
+    req_id: int
+    task_id: str
+
+
+class Done(_Msg):
+    """Generic success reply (cancel, ...)."""
+
+    req_id: int
+
+
+class Failed(_Msg):
+    req_id: int
+    error: ErrorInfo
+
+
+class Capabilities(_Msg):
+    req_id: int
+    body: dict[str, Any]
+
+
+class MetricsText(_Msg):
+    req_id: int
+    text: bytes
+
+
+class Fence(_Msg):
+    """Drain rings, flush the stream in ``slot`` to its socket, then answer ``FenceDone``."""
+
+    req_id: int
+    slot: int
+
+
+class StreamFail(_Msg):
+    """End the stream in ``slot`` with an ``error`` event written by the frontend itself
+    (the producer that would have written it is gone, or never started); then ``FenceDone``."""
+
+    req_id: int
+    slot: int
+    task_id: str
+    error: ErrorInfo
+
+
+class StreamEnd(_Msg):
+    """End the stream in ``slot`` with an ``end`` event (a task canceled while queued);
+    then ``FenceDone``."""
+
+    req_id: int
+    slot: int
+    task_id: str
+    reason: str
+
+
+# ---------------------------------------------------------------- scheduler <-> supervisor
+
+
+class Dispatch(_Msg):
+    task: TaskSpec
+    queue_position: int
+    predicted_start_ms: int
+    frontend: int = -1  # -1: nobody streams it yet
+    slot: int = 0
+
+
+class Attach(_Msg):
+    task_id: str
+    frontend: int
+    slot: int
+
+
+class Abort(_Msg):
+    req_id: int
+    task_id: str
+    reason: str
+
+
+class AbortDone(_Msg):
+    """The supervisor stopped the task; if it had a stream, its terminal frame is published."""
+
+    req_id: int
+    task_id: str
+    terminal_written: bool
+    frontend: int
+    slot: int
+    tokens_out: int = 0
+
+
+class ReplicaStatus(_Msg):
+    replica_id: str
+    ready: bool
+    engine: str
+    engine_version: str
+    last_error: str = ""
+
+
+class TaskEnded(_Msg):
+    task_id: str
+    reason: str  # "stop" | "length" | "canceled" | "error"
+    tokens_out: int
+    tokens_in: int = 0
+    error_code: str = ""
+    first_token_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+# ---------------------------------------------------------------- launcher <-> scheduler
+
+
+class PeerDown(_Msg):
+    ident: str
+    reason: str
+
+
+class DrainAll(_Msg):
+    req_id: int
+    deadline_ms: int
+
+
+class ClusterReady(_Msg):
+    frontends: int
+    replicas: int
+
+
+Message = (
+    Hello
+    | Welcome
+    | Heartbeat
+    | Goodbye
+    | Submit
+    | Subscribe
+    | Cancel
+    | CapabilitiesQuery
+    | MetricsQuery
+    | FenceDone
+    | Admitted
+    | Subscribed
+    | Done
+    | Failed
+    | Capabilities
+    | MetricsText
+    | Fence
+    | StreamFail
+    | StreamEnd
+    | Dispatch
+    | Attach
+    | Abort
+    | AbortDone
+    | ReplicaStatus
+    | TaskEnded
+    | PeerDown
+    | DrainAll
+    | ClusterReady
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+encode = _encoder.encode
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)
+
+
+# ---------------------------------------------------------------- engine protocol (mock engine)
+
+
+class EngSubmit(_Msg):
+    rid: int
+    prompt: str
+    seed: int
+    max_tokens: int
+
+
+class EngAbort(_Msg):
+    rid: int
+
+
+class EngStep(_Msg):
+    """One engine step: new token ids per request, and the requests that finished."""
+
+    tokens: list[tuple[int, list[int]]]
+    finished: list[tuple[int, str]] = []  # (rid, reason)
+    errors: list[tuple[int, str]] = []  # (rid, message)
+
+
+class EngReady(_Msg):
+    engine_version: str
+    vocab_size: int
+    pid: int
+
+
+EngineMessage = EngSubmit | EngAbort | EngStep | EngReady
+
+_eng_decoder = msgspec.msgpack.Decoder(EngineMessage)
+
+
+def decode_engine(data: bytes) -> EngineMessage:
+    return _eng_decoder.decode(data)

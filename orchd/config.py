@@ -1,0 +1,214 @@
+"""orchd's configuration: one typed object, read from TOML and ``ORCHD_*`` env, in one place.
+
+Only :func:`load` (in the launcher) reads files and the environment. The launcher writes the
+resolved config, with the run-time names of rings and sockets, as JSON into the run directory;
+every child process reads that file and nothing else (:func:`load_resolved`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """A config file or override that cannot be used; the message says which and why."""
+
+
+class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
+    """The mock engine: a real process that decodes like an engine, minus the model."""
+
+    engine_version: str = "mock-1.0"
+    ttft_ms: float = 5.0
+    itl_ms: float = 2.0  # 0: unlimited rate (as fast as the supervisor drains)
+    tokens_per_step: int = 1
+    vocab_size: int = 512
+    # Fault injection (0 = off). Set per replica in config; never triggered by request content.
+    crash_after_tokens: int = 0  # the engine process exits once any request reaches N tokens
+    stall_after_tokens: int = 0  # a request stops producing tokens after N
+    error_after_tokens: int = 0  # a request fails with an engine error after N
+
+
+class Replica(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    pool_id: str = "default"
+    engine: str = "mock"
+    model_ref: str = "mock:tiny"
+    slots: int = 64
+    devices: str = ""  # CUDA_VISIBLE_DEVICES for the engine; "" = none
+    decode_timeout_ms: int = 30_000  # no token for this long -> DECODE_TIMEOUT
+    mock: MockEngine = msgspec.field(default_factory=MockEngine)
+
+
+class Server(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    frontends: int = 1
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    run_dir: str = ""  # "" = a fresh directory under /tmp
+    drain_deadline_ms: int = 30_000
+    log_level: str = "info"
+    restart_backoff_ms: int = 200
+    restart_backoff_max_ms: int = 5_000
+    heartbeat_ms: int = 1_000
+    peer_timeout_ms: int = 5_000
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    queue_capacity: int = 1024
+    max_body_bytes: int = 1 << 20
+    ring_bytes: int = 4 << 20
+    stream_buffer_bytes: int = 4 << 20  # per stream, in the frontend, before it is cut off
+    max_streams: int = 10_000  # per frontend
+    max_tokens_limit: int = 32_768
+    ctx_limit: int = 1 << 20
+    transcript_retention_ms: int = 60_000
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    server: Server = msgspec.field(default_factory=Server)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    replicas: list[Replica] = msgspec.field(
+        default_factory=lambda: [Replica(id="r0"), Replica(id="r1")]
+    )
+
+
+class Runtime(msgspec.Struct):
+    """Names the launcher made for this run: where every child finds its rings and sockets."""
+
+    run_dir: str
+    tag: str
+    scheduler_addr: str
+
+    def ring_name(self, replica_index: int, frontend: int) -> str:
+        return f"/orchd-{self.tag}-r{replica_index}-f{frontend}"
+
+    def bell_path(self, frontend: int) -> str:
+        return os.path.join(self.run_dir, f"fe{frontend}.bell")
+
+    def engine_addr(self, replica_index: int) -> str:
+        return f"ipc://{self.run_dir}/engine-{replica_index}.sock"
+
+
+class Resolved(msgspec.Struct):
+    config: Config
+    runtime: Runtime
+
+
+_ENV_PREFIX = "ORCHD_"
+
+
+def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``ORCHD_<FIELD>`` for any field of [server] or [limits] (names are unique across both)."""
+    out: dict[str, dict[str, Any]] = {"server": {}, "limits": {}}
+    sections = {"server": Server, "limits": Limits}
+    for key, raw in env.items():
+        if not key.startswith(_ENV_PREFIX) or key == "ORCHD_CONFIG":
+            continue
+        name = key[len(_ENV_PREFIX) :].lower()
+        for section, cls in sections.items():
+            if name in cls.__struct_fields__:
+                value: Any = raw
+                if name == "api_keys":
+                    value = [k.strip() for k in raw.split(",") if k.strip()]
+                out[section][name] = value
+                break
+        else:
+            raise ConfigError(f"unknown environment override {key}")
+    return out
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Config:
+    """File (optional) < ``ORCHD_*`` env < command-line flags (server fields)."""
+    env = os.environ if env is None else env
+    path = path or env.get("ORCHD_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}") from e
+    for section, values in _overrides(env).items():
+        data.setdefault(section, {}).update(values)
+    for key, value in (cli or {}).items():
+        if value is not None:
+            data.setdefault("server", {})[key] = value
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid config: {e}") from e
+    validate(cfg)
+    return cfg
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: Config) -> None:
+    s, lim = cfg.server, cfg.limits
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"server.port must be 0..65535, got {s.port}")
+    if not 1 <= s.frontends <= 64:
+        raise ConfigError(f"server.frontends must be 1..64, got {s.frontends}")
+    if not cfg.replicas:
+        raise ConfigError("at least one [[replicas]] entry is needed")
+    ids = [r.id for r in cfg.replicas]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"replica ids must be unique: {ids}")
+    for r in cfg.replicas:
+        if r.slots < 1:
+            raise ConfigError(f"replica {r.id}: slots must be >= 1")
+        if r.engine != "mock":
+            raise ConfigError(f"replica {r.id}: unknown engine adapter {r.engine!r} (known: mock)")
+    if lim.ring_bytes < 4096 or lim.ring_bytes & (lim.ring_bytes - 1):
+        raise ConfigError(f"limits.ring_bytes must be a power of two >= 4096, got {lim.ring_bytes}")
+    if lim.queue_capacity < 1:
+        raise ConfigError("limits.queue_capacity must be >= 1")
+    if not s.api_keys and not is_loopback(s.host):
+        raise ConfigError(
+            f"refusing to listen on non-loopback address {s.host} with no API keys: "
+            "set server.api_keys or ORCHD_API_KEYS"
+        )
+
+
+def effective_api_keys(cfg: Config) -> list[str]:
+    """Configured keys, or the development key ``dev`` on a loopback address."""
+    return list(cfg.server.api_keys) or ["dev"]
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a child process starts with: ours, plus ``extra``."""
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_resolved(resolved: Resolved, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.encode(resolved))
+    os.replace(tmp, path)
+
+
+def load_resolved(path: str) -> Resolved:
+    with open(path, "rb") as f:
+        return msgspec.json.decode(f.read(), type=Resolved)

@@ -1,0 +1,96 @@
+"""One error taxonomy, and one table mapping each code to its HTTP status and retry advice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Code(StrEnum):
+    INVALID_PARAMS = "INVALID_PARAMS"
+    DEADLINE_UNMET = "DEADLINE_UNMET"
+    UNTRUSTED_ARTIFACT = "UNTRUSTED_ARTIFACT"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    FORBIDDEN = "FORBIDDEN"
+    MODEL_DEPRECATED = "MODEL_DEPRECATED"
+    NOT_FOUND = "NOT_FOUND"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    ADMISSION_REJECT = "ADMISSION_REJECT"
+    QUEUE_FULL_DROP_LRU = "QUEUE_FULL_DROP_LRU"
+    POOL_UNREADY = "POOL_UNREADY"
+    POOL_UNAVAILABLE = "POOL_UNAVAILABLE"
+    REPLICA_EXHAUSTED = "REPLICA_EXHAUSTED"
+    DECODE_TIMEOUT = "DECODE_TIMEOUT"
+    WORKER_RESET = "WORKER_RESET"
+    STREAM_OVERFLOW = "STREAM_OVERFLOW"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    status: int
+    retriable: bool
+
+
+TABLE: dict[Code, Rule] = {
+    Code.INVALID_PARAMS: Rule(400, False),
+    Code.DEADLINE_UNMET: Rule(400, False),
+    Code.UNTRUSTED_ARTIFACT: Rule(400, False),
+    Code.UNAUTHORIZED: Rule(401, False),
+    Code.FORBIDDEN: Rule(403, False),
+    Code.MODEL_DEPRECATED: Rule(403, False),
+    Code.NOT_FOUND: Rule(404, False),
+    Code.PAYLOAD_TOO_LARGE: Rule(413, False),
+    Code.ADMISSION_REJECT: Rule(429, True),
+    Code.QUEUE_FULL_DROP_LRU: Rule(429, True),
+    Code.POOL_UNREADY: Rule(503, True),
+    Code.POOL_UNAVAILABLE: Rule(503, True),
+    Code.REPLICA_EXHAUSTED: Rule(503, True),
+    Code.DECODE_TIMEOUT: Rule(500, True),
+    Code.WORKER_RESET: Rule(500, True),
+    Code.STREAM_OVERFLOW: Rule(500, True),
+    Code.INTERNAL: Rule(500, False),
+}
+
+
+class OrchdError(Exception):
+    """An error with a code from the taxonomy; everything user-visible is built from it."""
+
+    def __init__(
+        self,
+        code: Code | str,
+        message: str,
+        *,
+        engine: str | None = None,
+        retry_after_ms: int | None = None,
+        policy_label: str | None = None,
+        pool_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = Code(code)
+        self.message = message
+        self.engine = engine
+        self.retry_after_ms = retry_after_ms
+        self.policy_label = policy_label
+        self.pool_id = pool_id
+
+    @property
+    def status(self) -> int:
+        return TABLE[self.code].status
+
+    @property
+    def retriable(self) -> bool:
+        return TABLE[self.code].retriable
+
+    def envelope(self) -> dict[str, Any]:
+        """The contract's error body (also the data of an SSE ``error`` event)."""
+        return {
+            "code": self.code.value,
+            "message": self.message,
+            "engine": self.engine,
+            "retriable": self.retriable,
+            "retry_after_ms": self.retry_after_ms,
+            "policy_label": self.policy_label,
+            "pool_id": self.pool_id,
+        }

@@ -1,0 +1,75 @@
+"""Placement: which replica runs a task. Policies are picked by name from ``POLICIES``.
+
+Only replicas that are ready, not draining, serve the task's engine and have a free slot are
+candidates. The default policy sorts by most free VRAM, then fewest active slots, then id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ReplicaView:
+    id: str
+    pool_id: str
+    engine: str
+    slots: int
+    active: set[str] = field(default_factory=set)
+    ready: bool = False
+    draining: bool = False
+    free_vram_bytes: int = 0
+    engine_version: str = ""
+    last_error: str = ""
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.active)
+
+
+def eligible(replicas: Sequence[ReplicaView], engine: str) -> list[ReplicaView]:
+    return [
+        r
+        for r in replicas
+        if r.ready and not r.draining and r.engine == engine and r.free_slots > 0
+    ]
+
+
+Policy = Callable[[list[ReplicaView]], ReplicaView]
+
+
+def _default(cands: list[ReplicaView]) -> ReplicaView:
+    return min(cands, key=lambda r: (-r.free_vram_bytes, len(r.active), r.id))
+
+
+def _least_loaded(cands: list[ReplicaView]) -> ReplicaView:
+    return min(cands, key=lambda r: (len(r.active) / r.slots, r.id))
+
+
+class _RoundRobin:
+    def __init__(self) -> None:
+        self._last = ""
+
+    def __call__(self, cands: list[ReplicaView]) -> ReplicaView:
+        ordered = sorted(cands, key=lambda r: r.id)
+        for r in ordered:
+            if r.id > self._last:
+                self._last = r.id
+                return r
+        self._last = ordered[0].id
+        return ordered[0]
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "default": lambda: _default,
+    "least-loaded": lambda: _least_loaded,
+    "round-robin": _RoundRobin,
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown placement policy {name!r}; known: {sorted(POLICIES)}") from None

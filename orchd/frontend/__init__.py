@@ -1,0 +1,1 @@
+"""The frontend process: the only HTTP speaker. Validates, asks the scheduler, streams SSE."""

@@ -1,0 +1,48 @@
+"""Frontend process entry: uvicorn (uvloop + httptools) on a SO_REUSEPORT socket, so that any
+number of frontend processes share the port and the kernel spreads connections."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import uvicorn
+
+from orchd import log
+from orchd.config import load_resolved
+from orchd.frontend.app import Frontend
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    res = load_resolved(argv[0])
+    index = int(argv[1])
+    log.setup(f"frontend-{index}", res.config.server.log_level)
+    s = res.config.server
+    sock = listen_socket(s.host, s.port)
+    sock.listen(4096)
+    config = uvicorn.Config(
+        Frontend(res, index).app(),
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        backlog=4096,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

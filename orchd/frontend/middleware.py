@@ -1,0 +1,73 @@
+"""Pure-ASGI middleware: correlation ids on every response, API keys on every guarded path."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchd.core.errors import Code, OrchdError
+from orchd.frontend.http import error_response
+
+OPEN_PATHS = frozenset({"/metrics"})
+_MAX_CID = 128
+
+
+def _valid_cid(v: bytes) -> bool:
+    return 0 < len(v) <= _MAX_CID and all(0x21 <= c <= 0x7E for c in v)
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.key_ids = [hashlib.sha256(k).hexdigest()[:12] for k in self.keys]
+
+    def _key_id(self, given: bytes) -> str | None:
+        """A non-secret id of the matching key, or None. Every key is compared, each in
+        constant time, so timing tells nothing about which one matched."""
+        found = None
+        for k, kid in zip(self.keys, self.key_ids, strict=True):
+            if hmac.compare_digest(given, k):
+                found = kid
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cid = b""
+        key: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-correlation-id":
+                cid = value
+            elif name == b"x-api-key":
+                key = value.strip()
+            elif name == b"authorization" and key is None:
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    key = token.strip()
+        if not _valid_cid(cid):
+            cid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["correlation_id"] = cid.decode()
+
+        async def send_with_cid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-correlation-id", cid)]
+            await send(message)
+
+        if scope["path"] not in OPEN_PATHS:
+            err = None
+            key_id = None if key is None else self._key_id(key)
+            if key is None:
+                err = OrchdError(Code.UNAUTHORIZED, "missing API key (X-API-Key or Bearer)")
+            elif key_id is None:
+                err = OrchdError(Code.FORBIDDEN, "API key not accepted")
+            if err is not None:
+                await error_response(err)(scope, receive, send_with_cid)
+                return
+            scope["state"]["api_key_id"] = key_id
+        await self.app(scope, receive, send_with_cid)

@@ -1,0 +1,203 @@
+"""Open SSE streams of this frontend, and the drain that feeds them from the token rings.
+
+The drain wakes on the doorbell (or a slow periodic recheck), reads every ring this frontend
+owns, appends each record's bytes to its stream's buffer and wakes that stream's writer,
+which sends everything buffered with one ``send``. No JSON is parsed here: records are
+finished SSE frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+from engine_procs.frames import KIND_TERMINAL, end_frame, error_frame
+from ipc import protocol as p
+from ipc.doorbell import BellReader
+from ipc.ring import RingReader
+from orchd.core.errors import Code, OrchdError
+
+RECHECK_S = 0.1
+FENCE_TIMEOUT_S = 5.0
+
+
+class Stream:
+    __slots__ = (
+        "slot",
+        "task_id",
+        "chunks",
+        "nbytes",
+        "last_seq",
+        "terminal",
+        "sent_terminal",
+        "waiter",
+        "flushed",
+        "client_gone",
+        "overflow",
+    )
+
+    def __init__(self, slot: int, task_id: str) -> None:
+        self.slot = slot
+        self.task_id = task_id
+        self.chunks: list[bytes | memoryview] = []
+        self.nbytes = 0
+        self.last_seq = -1
+        self.terminal = False  # the terminal frame is buffered
+        self.sent_terminal = False  # ... and handed to the socket
+        self.waiter: asyncio.Future[None] | None = None
+        self.flushed: list[asyncio.Future[None]] = []  # fences waiting for sent_terminal
+        self.client_gone = False
+        self.overflow = False
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def push_terminal(self, frame: bytes) -> None:
+        if not self.terminal:
+            self.chunks.append(frame)
+            self.nbytes += len(frame)
+            self.terminal = True
+            self.wake()
+
+    def mark_sent(self) -> None:
+        self.sent_terminal = True
+        for f in self.flushed:
+            if not f.done():
+                f.set_result(None)
+        self.flushed.clear()
+
+
+class StreamTable:
+    def __init__(
+        self,
+        ring_names: list[str],
+        bell_path: str,
+        *,
+        max_streams: int,
+        buffer_limit: int,
+        on_overflow: Callable[[Stream], None],
+    ) -> None:
+        self.readers = [RingReader(n, skip_existing=True) for n in ring_names]
+        self.bell = BellReader(bell_path)
+        self.streams: dict[int, Stream] = {}
+        self.max_streams = max_streams
+        self.buffer_limit = buffer_limit
+        self.on_overflow = on_overflow
+        self.slots = itertools.count(1)
+        self.reply: Callable[[p.Message], None] = lambda m: None
+        self._recheck: asyncio.TimerHandle | None = None
+        self.records_in = 0
+        self.drains = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.bell.fd, self._on_bell)
+        self._schedule_recheck(loop)
+        self.drain()
+
+    def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.bell.fd)
+        if self._recheck is not None:
+            self._recheck.cancel()
+        for r in self.readers:
+            r.close()
+        self.bell.close()
+
+    def open(self, task_id: str) -> Stream:
+        if len(self.streams) >= self.max_streams:
+            raise OrchdError(
+                Code.REPLICA_EXHAUSTED,
+                f"this frontend already serves {self.max_streams} streams",
+                retry_after_ms=1000,
+            )
+        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id)
+        self.streams[s.slot] = s
+        return s
+
+    def close(self, s: Stream) -> None:
+        self.streams.pop(s.slot, None)
+        s.mark_sent()  # nothing more will be sent: release any fence
+
+    # ---------------------------------------------------------------- the drain
+
+    def _schedule_recheck(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._recheck = loop.call_later(RECHECK_S, self._on_recheck, loop)
+
+    def _on_recheck(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Recovers a wake-up lost to a park/publish race; costs a few loads when idle.
+        if any(r.pending() for r in self.readers):
+            self.drain()
+        self._schedule_recheck(loop)
+
+    def _on_bell(self) -> None:
+        self.bell.clear()
+        self.drain()
+
+    def drain(self) -> None:
+        streams = self.streams
+        limit = self.buffer_limit
+        while True:
+            self.drains += 1
+            for reader in self.readers:
+                recs = reader.read_all()
+                if not recs:
+                    continue
+                self.records_in += len(recs)
+                for slot, seq, kind, payload in recs:
+                    s = streams.get(slot)
+                    if s is None or s.terminal:
+                        continue  # a stream that is gone, or already ended
+                    s.chunks.append(payload)
+                    s.nbytes += len(payload)
+                    s.last_seq = seq
+                    if kind == KIND_TERMINAL:
+                        s.terminal = True
+                    elif s.nbytes > limit and not s.overflow:
+                        s.overflow = True
+                        self.on_overflow(s)
+                    s.wake()
+            # Park every ring; if anything was published meanwhile, go round again.
+            again = False
+            for reader in self.readers:
+                if reader.park():
+                    again = True
+            if not again:
+                return
+
+    # ---------------------------------------------------------------- scheduler notices
+
+    def on_notice(self, msg: p.Fence | p.StreamFail | p.StreamEnd) -> None:
+        self.drain()  # whatever the producer published comes first
+        s = self.streams.get(msg.slot)
+        if isinstance(msg, p.StreamFail) and s is not None:
+            err = OrchdError(
+                msg.error.code,
+                msg.error.message,
+                engine=msg.error.engine,
+                retry_after_ms=msg.error.retry_after_ms,
+                pool_id=msg.error.pool_id,
+            )
+            s.push_terminal(error_frame(s.last_seq + 1, err.envelope()))
+        elif isinstance(msg, p.StreamEnd) and s is not None:
+            s.push_terminal(end_frame(s.last_seq + 1, 0, 0.0, 0.0, msg.reason))
+        if s is None or s.sent_terminal:
+            self.reply(p.FenceDone(msg.req_id))
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        s.flushed.append(fut)
+        asyncio.get_running_loop().create_task(self._answer_fence(msg.req_id, fut))
+
+    async def _answer_fence(self, req_id: int, fut: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.wait_for(fut, FENCE_TIMEOUT_S)
+        except TimeoutError:
+            pass
+        self.reply(p.FenceDone(req_id))

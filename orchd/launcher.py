@@ -1,0 +1,296 @@
+"""``orchd serve``: make the rings and sockets, start every process, keep them alive, and on
+SIGTERM drain, stop them all and leave nothing behind.
+
+Children: one scheduler, one engine supervisor per replica, F frontends. Each runs as
+``python -m <module> <run_dir>/config.json [index]``, in its own session (so a terminal's
+Ctrl-C reaches only the launcher) and with a parent-death signal (so nothing outlives a
+launcher killed with -9). A child that dies is restarted with exponential backoff; if the
+scheduler dies, every child is restarted, since the others' state hangs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from engine_procs.proc import die_with_parent
+from ipc import protocol as p
+from ipc.doorbell import create_bell
+from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
+from orchd import log
+from orchd.config import Config, ConfigError, Resolved, Runtime, child_env, write_resolved
+from orchd.frontend.main import listen_socket
+
+STABLE_S = 10.0  # a child that lived this long restarts with the initial backoff again
+
+
+@dataclass
+class Child:
+    name: str  # also its peer identity at the scheduler
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+class Launcher:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.children: dict[str, Child] = {}
+        self.rings: list[str] = []
+        self.made_run_dir = False
+        self.stopping = False
+        self.guard: socket.socket | None = None
+
+    # ---------------------------------------------------------------- set-up
+
+    def prepare(self) -> Resolved:
+        cfg = self.cfg
+        s, lim = cfg.server, cfg.limits
+        nrings = len(cfg.replicas) * s.frontends
+        need = nrings * (lim.ring_bytes + HEADER_BYTES)
+        free = shm_free_bytes()
+        if free is not None and free < need:
+            raise ConfigError(
+                f"/dev/shm has {free >> 20} MiB free but orchd needs {need >> 20} MiB for "
+                f"{nrings} rings of {lim.ring_bytes >> 20} MiB: lower limits.ring_bytes, run "
+                "fewer frontends or replicas, or enlarge /dev/shm"
+            )
+        # Reserve the port (port 0 picks one): frontends join it with SO_REUSEPORT.
+        try:
+            self.guard = listen_socket(s.host, s.port)
+        except OSError as e:
+            raise ConfigError(f"cannot bind {s.host}:{s.port}: {e.strerror}") from e
+        s.port = self.guard.getsockname()[1]
+        if s.run_dir:
+            os.makedirs(s.run_dir, mode=0o700, exist_ok=True)
+            run_dir = s.run_dir
+        else:
+            run_dir = tempfile.mkdtemp(prefix="orchd-")
+            self.made_run_dir = True
+        self.run_dir = run_dir
+        tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+        rt = Runtime(run_dir=run_dir, tag=tag, scheduler_addr=f"ipc://{run_dir}/scheduler.sock")
+        for ri in range(len(cfg.replicas)):
+            for fi in range(s.frontends):
+                name = rt.ring_name(ri, fi)
+                create_ring(name, lim.ring_bytes)
+                self.rings.append(name)
+        for fi in range(s.frontends):
+            create_bell(rt.bell_path(fi))
+        res = Resolved(cfg, rt)
+        cfg_path = os.path.join(run_dir, "config.json")
+        write_resolved(res, cfg_path)
+        py = sys.executable
+        env = child_env({})
+        self._add("scheduler", [py, "-m", "orchd.scheduler.loop", cfg_path], env)
+        for ri, rep in enumerate(cfg.replicas):
+            sup_env = child_env({"CUDA_VISIBLE_DEVICES": rep.devices})
+            self._add(
+                f"sup-{rep.id}", [py, "-m", "engine_procs.supervisor", cfg_path, str(ri)], sup_env
+            )
+        for fi in range(s.frontends):
+            self._add(f"fe{fi}", [py, "-m", "orchd.frontend.main", cfg_path, str(fi)], env)
+        return res
+
+    def _add(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.children[name] = Child(name, argv, env)
+
+    def _spawn(self, c: Child) -> None:
+        c.proc = subprocess.Popen(
+            c.argv, env=c.env, start_new_session=True, preexec_fn=die_with_parent
+        )
+        c.started = time.monotonic()
+        c.restart_at = None
+        log.info("started child", child=c.name, pid=c.proc.pid)
+
+    # ---------------------------------------------------------------- running
+
+    def run(self) -> int:
+        res = self.prepare()
+        s = self.cfg.server
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"launcher")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(res.runtime.scheduler_addr)
+        sock.send(p.encode(p.Hello("launcher", "launcher", os.getpid())))
+
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(rfd, zmq.POLLIN)
+
+        self._spawn(self.children["scheduler"])
+        for c in self.children.values():
+            if c.proc is None:
+                self._spawn(c)
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(self._next_timeout_ms()))
+                if rfd in events:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(rfd, 4096)
+                if sock in events:
+                    self._on_message(sock, res)
+                self._reap(sock)
+                self._restart_due()
+            self._drain(sock, poller)
+        finally:
+            self._shutdown()
+            sock.close(0)
+            ctx.term()
+            signal.set_wakeup_fd(-1)
+            os.close(rfd)
+            os.close(wfd)
+        log.info("stopped; every process, ring and socket is gone", port=s.port)
+        return 0
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+
+    def _next_timeout_ms(self) -> int:
+        due = [c.restart_at for c in self.children.values() if c.restart_at is not None]
+        if not due:
+            return 1000
+        return max(0, int((min(due) - time.monotonic()) * 1000))
+
+    def _on_message(self, sock: zmq.Socket[bytes], res: Resolved) -> None:
+        while True:
+            try:
+                msg = p.decode(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if isinstance(msg, p.ClusterReady):
+                s = self.cfg.server
+                host = f"[{s.host}]" if ":" in s.host else s.host
+                log.info(
+                    "ready",
+                    url=f"http://{host}:{s.port}",
+                    frontends=msg.frontends,
+                    replicas=msg.replicas,
+                    run_dir=res.runtime.run_dir,
+                )
+                if not s.api_keys:
+                    log.warning(
+                        "no API keys configured: accepting the development key 'dev' "
+                        "(loopback only); set ORCHD_API_KEYS for anything else"
+                    )
+
+    def _reap(self, sock: zmq.Socket[bytes]) -> None:
+        now = time.monotonic()
+        sched = self.children["scheduler"]
+        for c in self.children.values():
+            if c.proc is None or c.proc.poll() is None:
+                continue
+            code = c.proc.returncode
+            c.proc = None
+            lived = now - c.started
+            base = self.cfg.server.restart_backoff_ms / 1000.0
+            cap = self.cfg.server.restart_backoff_max_ms / 1000.0
+            c.backoff_s = base if lived >= STABLE_S or not c.backoff_s else min(cap, c.backoff_s * 2)
+            c.restart_at = now + c.backoff_s
+            c.restarts += 1
+            log.error("child died; restarting", child=c.name, status=code, in_s=c.backoff_s)
+            if c is not sched:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send(p.encode(p.PeerDown(c.name, f"process exited with status {code}")))
+        if sched.restart_at is not None:
+            # Everyone's state hangs on the scheduler's: restart the whole group with it.
+            for c in self.children.values():
+                if c.proc is not None:
+                    self._stop_child(c, signal.SIGKILL, 2.0)
+                    c.restart_at = sched.restart_at
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        order = sorted(self.children.values(), key=lambda c: c.name != "scheduler")
+        for c in order:
+            if c.proc is None and c.restart_at is not None and c.restart_at <= now:
+                self._spawn(c)
+
+    # ---------------------------------------------------------------- stopping
+
+    def _drain(self, sock: zmq.Socket[bytes], poller: zmq.Poller) -> None:
+        deadline_ms = self.cfg.server.drain_deadline_ms
+        log.info("draining: no new tasks; running streams may finish", deadline_ms=deadline_ms)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send(p.encode(p.DrainAll(1, deadline_ms)))
+        end = time.monotonic() + deadline_ms / 1000.0 + 5.0
+        while time.monotonic() < end:
+            if self.children["scheduler"].proc is None:
+                return
+            events = dict(poller.poll(200))
+            if sock in events:
+                try:
+                    if isinstance(p.decode(sock.recv(zmq.NOBLOCK)), p.Done):
+                        return
+                except zmq.Again:
+                    pass
+
+    def _stop_child(self, c: Child, sig: int | None, wait_s: float) -> None:
+        if c.proc is None:
+            return
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.send_signal(sig)
+        try:
+            c.proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.kill()
+            c.proc.wait()
+        c.proc = None
+
+    def _shutdown(self) -> None:
+        groups = [
+            [c for n, c in self.children.items() if n.startswith("fe")],
+            [c for n, c in self.children.items() if n.startswith("sup-")],
+            [self.children["scheduler"]],
+        ]
+        for group in groups:
+            for c in group:
+                if c.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                self._stop_child(c, None, 8.0)
+                c.restart_at = None
+        for name in self.rings:
+            unlink_ring(name)
+        if self.guard is not None:
+            self.guard.close()
+        if self.made_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:
+            for f in os.listdir(self.run_dir):
+                if f.endswith((".sock", ".bell", ".json")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.run_dir, f))
+
+
+def serve(cfg: Config) -> int:
+    log.setup("launcher", cfg.server.log_level)
+    return Launcher(cfg).run()

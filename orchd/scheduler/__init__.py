@@ -1,0 +1,1 @@
+"""The scheduler process: the sans-IO core behind a ZeroMQ ROUTER socket."""

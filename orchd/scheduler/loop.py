@@ -1,0 +1,238 @@
+"""The scheduler process: receive a message, let the core decide, send what it says.
+
+A plain blocking ``zmq.Poller`` loop: the core is synchronous and this process does nothing
+else, so asyncio would only add cost. Timers (retention, drain deadline, peer liveness) run
+on a 100 ms tick.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import msgspec
+import zmq
+
+from ipc import protocol as p
+from orchd import log
+from orchd.config import Resolved, load_resolved
+from orchd.core.placement import ReplicaView
+from orchd.core.scheduler import Out, SchedulerCore
+from orchd.scheduler.metrics import SchedulerMetrics
+
+API_VERSION = "1.0.0"
+TICK_S = 0.1
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class SchedulerShell:
+    def __init__(self, res: Resolved) -> None:
+        cfg = res.config
+        self.cfg = cfg
+        self.core = SchedulerCore(
+            [ReplicaView(r.id, r.pool_id, r.engine, r.slots) for r in cfg.replicas],
+            queue_capacity=cfg.limits.queue_capacity,
+            retention_ms=cfg.limits.transcript_retention_ms,
+        )
+        self.metrics = SchedulerMetrics(self.core)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(res.runtime.scheduler_addr)
+        self.seen: dict[str, float] = {}
+        self.frontends: set[str] = set()
+        self.announced = False
+        self.running = True
+
+    # ---------------------------------------------------------------- plumbing
+
+    def send(self, out: Out) -> None:
+        for peer, msg in out:
+            if peer:
+                try:
+                    self.sock.send_multipart([peer.encode(), p.encode(msg)], zmq.NOBLOCK)
+                except zmq.ZMQError as e:
+                    log.warning("dropped a message to a peer", peer=peer, error=str(e))
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_tick = time.monotonic() + TICK_S
+        while self.running:
+            timeout = max(0.0, next_tick - time.monotonic())
+            if poller.poll(timeout * 1000):
+                # Take everything that is waiting before the next tick.
+                for _ in range(256):
+                    try:
+                        ident, data = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(ident.decode(), data)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_S
+                self.tick()
+        self.sock.close(0)
+        self.ctx.term()
+
+    def tick(self) -> None:
+        now = _now_ms()
+        timeout = self.cfg.server.peer_timeout_ms
+        for peer, last in list(self.seen.items()):
+            if peer != "launcher" and now - last > timeout:
+                log.warning("peer missed its heartbeats; treating it as dead", peer=peer)
+                del self.seen[peer]
+                self.frontends.discard(peer)
+                self.send(self.core.peer_down(peer, "heartbeat timeout", now))
+        self.send(self.core.tick(now))
+
+    # ---------------------------------------------------------------- messages
+
+    def handle(self, peer: str, data: bytes) -> None:
+        try:
+            msg = p.decode(data)
+        except msgspec.DecodeError as e:
+            log.error("undecodable message", peer=peer, error=str(e))
+            return
+        now = _now_ms()
+        if peer in self.seen or isinstance(msg, p.Hello):
+            self.seen[peer] = now
+        core = self.core
+        out: Out
+        match msg:
+            case p.Heartbeat():
+                return
+            case p.Submit():
+                out = core.submit(peer, msg, now)
+                self._narrate_admission(msg, out)
+            case p.Subscribe():
+                out = core.subscribe(peer, msg, now)
+            case p.Cancel():
+                out = core.cancel(peer, msg, now)
+                log.info("cancel requested", task_id=msg.task_id, reason=msg.reason)
+            case p.FenceDone():
+                out = core.fence_done(peer, msg, now)
+            case p.AbortDone():
+                out = core.abort_done(peer, msg, now)
+            case p.TaskEnded():
+                out = core.task_ended(peer, msg, now)
+            case p.ReplicaStatus():
+                out = core.replica_status(peer, msg, now)
+                log.info(
+                    "replica is ready" if msg.ready else "replica is not ready",
+                    replica_id=msg.replica_id,
+                    engine_version=msg.engine_version,
+                    last_error=msg.last_error,
+                )
+                self._maybe_announce()
+            case p.Hello():
+                out = self._hello(peer, msg, now)
+            case p.Goodbye():
+                self.seen.pop(peer, None)
+                self.frontends.discard(peer)
+                out = core.peer_down(peer, f"said goodbye: {msg.reason}", now)
+            case p.PeerDown():
+                self.seen.pop(msg.ident, None)
+                self.frontends.discard(msg.ident)
+                out = core.peer_down(msg.ident, msg.reason, now)
+            case p.DrainAll():
+                log.info("draining: admission closed", deadline_ms=msg.deadline_ms)
+                out = core.drain_all(peer, msg, now)
+            case p.CapabilitiesQuery():
+                out = [(peer, p.Capabilities(msg.req_id, self.capabilities()))]
+            case p.MetricsQuery():
+                out = [(peer, p.MetricsText(msg.req_id, self.metrics.render()))]
+            case _:
+                log.warning("unexpected message", peer=peer, type=type(msg).__name__)
+                return
+        self.send(out)
+
+    def _hello(self, peer: str, msg: p.Hello, now: float) -> Out:
+        if msg.version != p.PROTOCOL_VERSION:
+            reason = f"protocol v{msg.version} spoken, v{p.PROTOCOL_VERSION} expected"
+            log.error("refused a peer", peer=peer, reason=reason)
+            return [(peer, p.Welcome(accepted=False, reason=reason))]
+        out: Out = []
+        if msg.role == "supervisor":
+            rep = self.core.replicas.get(msg.replica_id)
+            if rep is not None and (rep.active or rep.ready):
+                # A new incarnation: whatever the old one ran is lost.
+                out += self.core.peer_down(peer, "supervisor restarted", now)
+        elif msg.role == "frontend":
+            self.frontends.add(peer)
+            self._maybe_announce()
+        log.info("peer joined", peer=peer, role=msg.role, pid=msg.pid)
+        return [(peer, p.Welcome()), *out]
+
+    def _maybe_announce(self) -> None:
+        ready = sum(1 for r in self.core.replicas.values() if r.ready)
+        want_fe = self.cfg.server.frontends
+        if not self.announced and ready == len(self.core.replicas) and len(self.frontends) >= want_fe:
+            self.announced = True
+            self.send([("launcher", p.ClusterReady(len(self.frontends), ready))])
+
+    def _narrate_admission(self, msg: p.Submit, out: Out) -> None:
+        t = msg.task
+        for _, m in out:
+            if isinstance(m, p.Admitted):
+                log.info(
+                    "admitted",
+                    task_id=t.task_id,
+                    session_id=t.session_id,
+                    engine=t.engine,
+                    queue_position=m.queue_position,
+                    predicted_start_ms=m.predicted_start_ms,
+                )
+            elif isinstance(m, p.Failed):
+                log.info("rejected", task_id=t.task_id, code=m.error.code, message=m.error.message)
+            elif isinstance(m, p.Dispatch):
+                log.info(
+                    "placed",
+                    task_id=m.task.task_id,
+                    replica_id=_.removeprefix("sup-"),
+                    queue_position=m.queue_position,
+                )
+
+    def capabilities(self) -> dict[str, object]:
+        engines: dict[str, dict[str, object]] = {}
+        for r in self.cfg.replicas:
+            rep = self.core.replicas[r.id]
+            e = engines.setdefault(
+                r.engine,
+                {
+                    "engine": r.engine,
+                    "engine_version": rep.engine_version or r.mock.engine_version,
+                    "ctx_max": self.cfg.limits.ctx_limit,
+                    "max_tokens_out": self.cfg.limits.max_tokens_limit,
+                    "supported_workloads": ["completion"],
+                    "concurrency": 0,
+                    "rate_limits": {"queue_capacity": self.cfg.limits.queue_capacity},
+                    "features": {"seeded_determinism": True, "cancel": True, "sse_resume": False},
+                },
+            )
+            e["concurrency"] = int(e["concurrency"]) + r.slots  # type: ignore[call-overload]
+        return {"api_version": API_VERSION, "engines": list(engines.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    res = load_resolved(argv[0])
+    log.setup("scheduler", res.config.server.log_level)
+    shell = SchedulerShell(res)
+
+    def _stop(signum: int, frame: object) -> None:
+        shell.running = False
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
+    log.info("scheduler listening", addr=res.runtime.scheduler_addr)
+    shell.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
