@@ -172,7 +172,7 @@ class Frontend:
             lifespan=self.lifespan,
             exception_handlers={404: _not_found, 405: _not_allowed},
         )
-        return Gate(star, effective_api_keys(self.cfg))
+        return Gate(star, effective_api_keys(self.cfg), self.index)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

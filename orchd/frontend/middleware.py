@@ -21,8 +21,9 @@ def _valid_cid(v: bytes) -> bool:
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str], frontend: int) -> None:
         self.app = app
+        self.frontend_header = (b"x-orchd-frontend", str(frontend).encode())
         self.keys = [k.encode() for k in api_keys]
         self.key_ids = [hashlib.sha256(k).hexdigest()[:12] for k in self.keys]
 
@@ -56,7 +57,11 @@ class Gate:
 
         async def send_with_cid(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-correlation-id", cid)]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-correlation-id", cid),
+                    self.frontend_header,
+                ]
             await send(message)
 
         if scope["path"] not in OPEN_PATHS:

@@ -1,0 +1,105 @@
+"""Streams end to end through the real daemon: order, completeness, contract details."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.integration.conftest import metric, run_task, stream, submit
+from tests.support.daemon import Daemon
+from tests.support.sse import Event, async_request, async_stream
+from tests.support.tasks import task_body
+
+
+def check_stream(events: list[Event], max_tokens: int) -> None:
+    """started → token* → end, ids 0.. consecutive, token i consecutive, counts agree."""
+    assert [e.event for e in events[:1]] == ["started"], events[:3]
+    assert events[-1].event == "end", events[-3:]
+    assert [int(e.id or -1) for e in events] == list(range(len(events)))
+    tokens = [e.json for e in events if e.event == "token"]
+    assert [t["i"] for t in tokens] == list(range(max_tokens))
+    assert all(isinstance(t["t"], str) for t in tokens)
+    end = events[-1].json
+    assert end["tokens_out"] == max_tokens
+    assert end["reason"] == "length"
+    assert sum(1 for e in events if e.event in ("end", "error")) == 1
+
+
+def test_one_stream_follows_the_contract(daemon: Daemon) -> None:
+    status, body, headers = submit(daemon, max_tokens=12)
+    assert status == 202
+    assert set(body) == {"task_id", "queue_position", "predicted_start_ms", "backoff_ms"}
+    assert headers["content-type"].startswith("application/json")
+    s = stream(daemon, body["task_id"])
+    assert s.status == 200
+    assert s.headers["content-type"].startswith("text/event-stream")
+    assert s.headers["cache-control"] == "no-cache"
+    assert s.headers["x-accel-buffering"] == "no"
+    assert s.headers["x-correlation-id"]
+    events = s.read_to_end()
+    check_stream(events, 12)
+    started = events[0].json
+    assert started["engine"] == "mock"
+    assert started["engine_version"] == "mock-1.0"
+    assert started["pool_id"] == "default"
+    assert started["replica_id"] in ("r0", "r1")
+    assert {"queue_position", "predicted_start_ms"} <= set(started)
+    end = events[-1].json
+    assert end["decode_ms"] >= end["decode_time_ms"] >= 0
+
+
+def test_200_concurrent_streams_complete_in_order(daemon: Daemon) -> None:
+    n, max_tokens = 200, 64
+
+    async def one(i: int) -> list[Event]:
+        body = task_body(max_tokens=max_tokens, seed=i)
+        status, _, raw = await async_request(
+            daemon.host, daemon.port, "POST", "/v1/tasks", daemon.headers, body
+        )
+        assert status == 202, raw
+        res = await async_stream(
+            daemon.host, daemon.port, f"/v1/tasks/{body['task_id']}/stream", daemon.headers
+        )
+        assert res.status == 200
+        return res.events
+
+    async def main() -> list[list[Event]]:
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    before = metric(daemon, "tokens_out_total")
+    results = asyncio.run(main())
+    assert len(results) == n
+    for events in results:
+        check_stream(events, max_tokens)
+    assert metric(daemon, "tokens_out_total") - before == n * max_tokens
+
+
+def test_events_before_the_stream_opens_are_replayed(daemon: Daemon) -> None:
+    status, body, _ = submit(daemon, max_tokens=20)
+    assert status == 202
+    tid = body["task_id"]
+    daemon.wait_log(lambda r: r.get("narration") == "stream ended" and r.get("task_id") == tid, 10)
+    s = stream(daemon, tid)
+    check_stream(s.read_to_end(), 20)
+
+
+def test_unknown_task_stream_is_404_envelope(daemon: Daemon) -> None:
+    s = stream(daemon, "t-nope")
+    s.read_until(lambda st: b"}" in st.body, 5)
+    assert s.status == 404
+    env = json.loads(s.body)
+    assert env["code"] == "NOT_FOUND"
+    assert set(env) == {
+        "code", "message", "engine", "retriable", "retry_after_ms", "policy_label", "pool_id"
+    }  # fmt: skip
+
+
+def test_second_concurrent_stream_of_a_task_is_refused(daemon: Daemon) -> None:
+    status, body, _ = submit(daemon, max_tokens=2000)
+    first = stream(daemon, body["task_id"])
+    first.read_until(lambda st: len(st.events) >= 2)
+    second = stream(daemon, body["task_id"])
+    second.read_until(lambda st: b"}" in st.body, 5)
+    assert second.status == 400
+    assert json.loads(second.body)["code"] == "INVALID_PARAMS"
+    first.close()

@@ -1,0 +1,147 @@
+"""Start ``orchd serve`` as a user would (a real process tree on a free loopback port)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+READY_TIMEOUT_S = 60.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        workdir: Path,
+        config_toml: str = "",
+        *,
+        frontends: int = 1,
+        env: dict[str, str] | None = None,
+        key: str = "dev",
+    ) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "orchd.toml"
+        self.config_path.write_text(config_toml)
+        self.frontends = frontends
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("ORCHD_CONFIG", None)
+        self.key = key
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cv = threading.Condition()
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.run_dir = ""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> Daemon:
+        cmd = [
+            sys.executable, "-m", "orchd.cli", "serve",
+            "--config", str(self.config_path),
+            "--port", "0",
+            "--frontends", str(self.frontends),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=self.env
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        ready = self.wait_log(lambda r: r.get("narration") == "ready", READY_TIMEOUT_S)
+        url = ready["url"]
+        self.port = int(url.rsplit(":", 1)[1])
+        self.run_dir = ready["run_dir"]
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cv:
+                self.raw.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cv.notify_all()
+
+    def wait_log(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cv:
+            while True:
+                for rec in self.lines[seen:]:
+                    if pred(rec):
+                        return rec
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = "\n".join(self.raw[-40:])
+                    raise TimeoutError(f"no matching log line within {timeout}s; last lines:\n{tail}")
+                if self.proc is not None and self.proc.poll() is not None:
+                    tail = "\n".join(self.raw[-40:])
+                    raise RuntimeError(f"orchd exited with {self.proc.returncode}:\n{tail}")
+                self._cv.wait(min(left, 0.5))
+
+    def count_log(self, pred: Callable[[dict[str, Any]], bool]) -> int:
+        with self._cv:
+            return sum(1 for r in self.lines if pred(r))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_tree()
+            raise
+
+    def kill_tree(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            parent = psutil.Process(self.proc.pid)
+            procs = [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    # ---------------------------------------------------------------- looking inside
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def find(self, module: str, arg: str | None = None) -> psutil.Process:
+        """The live child running ``python -m module`` (with ``arg`` among its args)."""
+        for c in self.children():
+            try:
+                cmd = c.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if module in cmd and (arg is None or arg in cmd):
+                return c
+        raise LookupError(f"no child runs {module} {arg or ''}")
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}

@@ -1,0 +1,200 @@
+"""Configuration (orchd/config.py): defaults, TOML, env and cli overrides, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchd.config import (
+    Config,
+    ConfigError,
+    Resolved,
+    Runtime,
+    effective_api_keys,
+    is_loopback,
+    load,
+    load_resolved,
+    write_resolved,
+)
+
+
+def test_defaults() -> None:
+    cfg = load(env={})
+    assert [r.id for r in cfg.replicas] == ["r0", "r1"]
+    assert all(r.engine == "mock" for r in cfg.replicas)
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8080
+    assert cfg.server.frontends == 1
+    assert cfg.server.api_keys == []
+    assert cfg.limits.ring_bytes & (cfg.limits.ring_bytes - 1) == 0
+    assert cfg == Config()
+
+
+def test_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "orchd.toml"
+    path.write_text(
+        """
+[server]
+port = 9000
+frontends = 2
+api_keys = ["k1"]
+
+[limits]
+queue_capacity = 7
+ring_bytes = 65536
+
+[[replicas]]
+id = "a"
+slots = 4
+[replicas.mock]
+ttft_ms = 1
+itl_ms = 0
+
+[[replicas]]
+id = "b"
+pool_id = "p2"
+"""
+    )
+    cfg = load(str(path), env={})
+    assert cfg.server.port == 9000
+    assert cfg.server.frontends == 2
+    assert cfg.server.api_keys == ["k1"]
+    assert cfg.server.host == "127.0.0.1"  # untouched default
+    assert cfg.limits.queue_capacity == 7
+    assert cfg.limits.ring_bytes == 65536
+    assert [(r.id, r.slots, r.pool_id) for r in cfg.replicas] == [
+        ("a", 4, "default"),
+        ("b", 64, "p2"),
+    ]
+    assert cfg.replicas[0].mock.ttft_ms == 1.0
+    assert cfg.replicas[0].mock.itl_ms == 0.0
+
+
+def test_toml_path_from_orchd_config_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9001\n")
+    assert load(env={"ORCHD_CONFIG": str(path)}).server.port == 9001
+
+
+def test_bad_toml_missing_file_and_unknown_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(str(bad), env={})
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(str(tmp_path / "missing.toml"), env={})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[server]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="invalid config"):
+        load(str(unknown), env={})
+
+
+def test_env_overrides() -> None:
+    cfg = load(
+        env={
+            "ORCHD_PORT": "9100",
+            "ORCHD_API_KEYS": "alpha, beta,,gamma ",
+            "ORCHD_QUEUE_CAPACITY": "5",
+            "PATH": "/bin",  # not ours: ignored
+        }
+    )
+    assert cfg.server.port == 9100
+    assert cfg.server.api_keys == ["alpha", "beta", "gamma"]
+    assert cfg.limits.queue_capacity == 5
+
+
+def test_env_beats_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9000\n[limits]\nqueue_capacity = 3\n")
+    cfg = load(str(path), env={"ORCHD_PORT": "9100"})
+    assert cfg.server.port == 9100
+    assert cfg.limits.queue_capacity == 3
+
+
+def test_env_bad_value_raises() -> None:
+    with pytest.raises(ConfigError):
+        load(env={"ORCHD_PORT": "eighty"})
+
+
+def test_unknown_env_override_raises() -> None:
+    with pytest.raises(ConfigError, match="ORCHD_NO_SUCH_THING"):
+        load(env={"ORCHD_NO_SUCH_THING": "1"})
+
+
+def test_cli_beats_env() -> None:
+    cfg = load(env={"ORCHD_PORT": "9100", "ORCHD_FRONTENDS": "3"},
+               cli={"port": 9200, "frontends": None})
+    assert cfg.server.port == 9200
+    assert cfg.server.frontends == 3  # a None flag was not given
+
+
+def test_non_loopback_without_keys_refused() -> None:
+    with pytest.raises(ConfigError, match="non-loopback"):
+        load(env={"ORCHD_HOST": "0.0.0.0"})
+    with pytest.raises(ConfigError, match="non-loopback"):
+        load(env={}, cli={"host": "10.1.2.3"})
+
+
+def test_non_loopback_with_keys_ok() -> None:
+    cfg = load(env={"ORCHD_HOST": "0.0.0.0", "ORCHD_API_KEYS": "secret"})
+    assert cfg.server.host == "0.0.0.0"
+    assert effective_api_keys(cfg) == ["secret"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.5.5.5"])
+def test_loopback_hosts_need_no_keys(host: str) -> None:
+    assert is_loopback(host)
+    assert load(env={"ORCHD_HOST": host}).server.host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.1", "example.com", "::"])
+def test_not_loopback(host: str) -> None:
+    assert not is_loopback(host)
+
+
+@pytest.mark.parametrize("value", ["5000", "2048", "0", "12288"])
+def test_ring_bytes_must_be_power_of_two(value: str) -> None:
+    with pytest.raises(ConfigError, match="ring_bytes"):
+        load(env={"ORCHD_RING_BYTES": value})
+
+
+def test_ring_bytes_power_of_two_ok() -> None:
+    assert load(env={"ORCHD_RING_BYTES": "8192"}).limits.ring_bytes == 8192
+
+
+def test_other_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="frontends"):
+        load(env={"ORCHD_FRONTENDS": "0"})
+    with pytest.raises(ConfigError, match="port"):
+        load(env={"ORCHD_PORT": "70000"})
+    with pytest.raises(ConfigError, match="queue_capacity"):
+        load(env={"ORCHD_QUEUE_CAPACITY": "0"})
+    dup = tmp_path / "dup.toml"
+    dup.write_text('[[replicas]]\nid = "a"\n[[replicas]]\nid = "a"\n')
+    with pytest.raises(ConfigError, match="unique"):
+        load(str(dup), env={})
+    eng = tmp_path / "eng.toml"
+    eng.write_text('[[replicas]]\nid = "a"\nengine = "vllm"\n')
+    with pytest.raises(ConfigError, match="unknown engine adapter"):
+        load(str(eng), env={})
+
+
+def test_effective_api_keys_default_dev() -> None:
+    assert effective_api_keys(load(env={})) == ["dev"]
+    assert effective_api_keys(load(env={"ORCHD_API_KEYS": "a,b"})) == ["a", "b"]
+
+
+def test_resolved_round_trip(tmp_path: Path) -> None:
+    cfg = load(env={"ORCHD_PORT": "9300", "ORCHD_API_KEYS": "k"})
+    rt = Runtime(run_dir=str(tmp_path), tag="abc123", scheduler_addr=f"ipc://{tmp_path}/s.sock")
+    path = str(tmp_path / "resolved.json")
+    write_resolved(Resolved(cfg, rt), path)
+    assert not os.path.exists(path + ".tmp")
+    back = load_resolved(path)
+    assert back == Resolved(cfg, rt)
+    assert back.config.server.port == 9300
+    assert back.runtime.ring_name(1, 0) == "/orchd-abc123-r1-f0"
+    assert back.runtime.bell_path(2) == os.path.join(str(tmp_path), "fe2.bell")
+    assert back.runtime.engine_addr(0) == f"ipc://{tmp_path}/engine-0.sock"
