@@ -112,11 +112,13 @@ class MockEngineProcess:
                 elif cfg.stall_after_tokens and r.produced >= cfg.stall_after_tokens:
                     self.stalled.add(r.rid)
                 if cfg.crash_after_tokens and r.produced >= cfg.crash_after_tokens:
+                    step.t_ns = time.monotonic_ns()
                     self.sock.send(p.encode(step))
                     sys.stderr.write("mock engine: crashing (fault injection)\n")
                     sys.stderr.flush()
                     os._exit(3)
             if step.tokens or step.finished or step.errors:
+                step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
 
     def handle(self, msg: msgspec.Struct) -> None:

@@ -318,6 +318,7 @@ class EngStep(_Msg):
     tokens: list[tuple[int, list[int]]]
     finished: list[tuple[int, str]] = []  # (rid, reason)
     errors: list[tuple[int, str]] = []  # (rid, message)
+    t_ns: int = 0  # CLOCK_MONOTONIC when the engine emitted the step
 
 
 class EngReady(_Msg):

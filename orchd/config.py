@@ -28,6 +28,9 @@ class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
     itl_ms: float = 2.0  # 0: unlimited rate (as fast as the supervisor drains)
     tokens_per_step: int = 1
     vocab_size: int = 512
+    # Benchmarks only: each token's text is the engine's CLOCK_MONOTONIC ns at emission,
+    # so a client on the same host measures engine-write-to-receipt latency.
+    stamp_tokens: bool = False
     # Fault injection (0 = off). Set per replica in config; never triggered by request content.
     crash_after_tokens: int = 0  # the engine process exits once any request reaches N tokens
     stall_after_tokens: int = 0  # a request stops producing tokens after N

@@ -83,8 +83,13 @@ class MockAdapter(EngineAdapter):
         if not isinstance(msg, p.EngStep):
             return
         sink, vj = self.sink, self._vocab_json
-        for rid, toks in msg.tokens:
-            sink.on_tokens(rid, [vj[t] for t in toks])
+        if self.replica.mock.stamp_tokens:
+            stamp = json_string(str(msg.t_ns))
+            for rid, toks in msg.tokens:
+                sink.on_tokens(rid, [stamp] * len(toks))
+        else:
+            for rid, toks in msg.tokens:
+                sink.on_tokens(rid, [vj[t] for t in toks])
         for rid, reason in msg.finished:
             sink.on_finish(rid, reason)
         for rid, message in msg.errors:

@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, baselines, scenarios. Not run by pytest."""
