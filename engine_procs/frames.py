@@ -46,5 +46,7 @@ def end_frame(
 
 
 def error_frame(seq: int, envelope: dict[str, Any]) -> bytes:
-    body = {k: envelope.get(k) for k in ("code", "message", "engine", "retriable", "retry_after_ms")}
+    body = {
+        k: envelope.get(k) for k in ("code", "message", "engine", "retriable", "retry_after_ms")
+    }
     return frame("error", seq, body)

@@ -13,6 +13,7 @@ stalls the engine instead of letting steps pile up.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import sys
@@ -80,7 +81,7 @@ class MockEngineProcess:
             live = [r for r in self.reqs.values() if r.rid not in self.stalled]
             if live:
                 wait = max(0.0, min(r.due for r in live) - time.monotonic())
-                timeout: float | None = wait * 1000.0
+                timeout: int | None = math.ceil(wait * 1000.0)
             else:
                 timeout = None  # idle: block until a request comes
             if poller.poll(timeout):

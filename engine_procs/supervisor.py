@@ -35,7 +35,8 @@ from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
 
 BACKLOG_RETRY_S = 0.0005
-HOUSEKEEPING_S = 0.1
+HOUSEKEEPING_S = 0.1  # while tasks run (decode timeouts are checked this often)
+IDLE_HOUSEKEEPING_S = 1.0
 
 
 def _now() -> float:
@@ -380,7 +381,7 @@ class Supervisor:
         next_hb = 0.0
         timeout_s = self.replica.decode_timeout_ms / 1000.0
         while True:
-            await asyncio.sleep(HOUSEKEEPING_S)
+            await asyncio.sleep(HOUSEKEEPING_S if self.runs else IDLE_HOUSEKEEPING_S)
             now = _now()
             if now >= next_hb:
                 self.send(p.Heartbeat())

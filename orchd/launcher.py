@@ -210,7 +210,9 @@ class Launcher:
             lived = now - c.started
             base = self.cfg.server.restart_backoff_ms / 1000.0
             cap = self.cfg.server.restart_backoff_max_ms / 1000.0
-            c.backoff_s = base if lived >= STABLE_S or not c.backoff_s else min(cap, c.backoff_s * 2)
+            c.backoff_s = (
+                base if lived >= STABLE_S or not c.backoff_s else min(cap, c.backoff_s * 2)
+            )
             c.restart_at = now + c.backoff_s
             c.restarts += 1
             log.error("child died; restarting", child=c.name, status=code, in_s=c.backoff_s)

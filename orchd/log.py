@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_state = {"component": "orchd", "level": 20}
+_state: dict[str, Any] = {"component": "orchd", "level": 20}
 _enc = msgspec.json.Encoder()
 
 

@@ -70,7 +70,9 @@ def throughput(streams: int, tokens: int, rounds: int, shards: int) -> dict[str,
     c = Ceiling()
     try:
         for _ in range(rounds):  # alternate, so drift on a noisy machine hits both alike
-            ceil_runs.append(client.run(client.Target("127.0.0.1", c.port, "ceiling"), streams, tokens, shards))
+            ceil_runs.append(
+                client.run(client.Target("127.0.0.1", c.port, "ceiling"), streams, tokens, shards)
+            )
             procs = o.processes()
             roles = o.roles()
             cpu0 = cpu_seconds(procs)
@@ -90,7 +92,10 @@ def throughput(streams: int, tokens: int, rounds: int, shards: int) -> dict[str,
         "ceiling": ceil_runs,
         "orchd": orchd_runs,
         "ratio_best": best_o / best_c,
-        "ratio_each": [o_["events_per_s"] / c_["events_per_s"] for o_, c_ in zip(orchd_runs, ceil_runs)],
+        "ratio_each": [
+            o_["events_per_s"] / c_["events_per_s"]
+            for o_, c_ in zip(orchd_runs, ceil_runs, strict=False)
+        ],
     }
 
 
@@ -132,12 +137,14 @@ def main() -> None:
     t = out["throughput"]
     lat = out["latency"]["paced"]
     print(f"machine: {out['machine']}")
-    for c_, o_ in zip(t["ceiling"], t["orchd"]):
+    for c_, o_ in zip(t["ceiling"], t["orchd"], strict=False):
         print(
             f"  ceiling {c_['events_per_s']:>10.0f} ev/s   orchd {o_['events_per_s']:>10.0f} ev/s"
             f"   orchd cpu% {o_['cpu_pct_by_role']}"
         )
-    print(f"orchd / ceiling token events/s: best {t['ratio_best']:.2f}, each {[round(x, 2) for x in t['ratio_each']]}")
+    print(
+        f"orchd / ceiling token events/s: best {t['ratio_best']:.2f}, each {[round(x, 2) for x in t['ratio_each']]}"
+    )
     print(
         f"engine write -> client receipt at {a.latency_streams} streams x {1000 // a.itl_ms} tok/s: "
         f"p50 {lat.get('latency_us_p50', 0) / 1000:.2f} ms, p99 {lat.get('latency_us_p99', 0) / 1000:.2f} ms"

@@ -363,12 +363,12 @@ class SchedulerCore:
         elif ident.startswith("fe"):
             index = int(ident[2:])
             for rid, tid in list(self._fences.items()):
-                t = self.tasks.get(tid)
-                if t is not None and t.frontend == index:
+                fenced = self.tasks.get(tid)
+                if fenced is not None and fenced.frontend == index:
                     del self._fences[rid]
-                    t.fencing = False
-                    t.frontend = -1
-                    self._settle(t, out)
+                    fenced.fencing = False
+                    fenced.frontend = -1
+                    self._settle(fenced, out)
             # Its clients are gone with it: cancel what they were streaming.
             for t in list(self.tasks.values()):
                 if t.frontend == index and t.state is not State.ENDED:
@@ -393,7 +393,9 @@ class SchedulerCore:
             peer, req_id, deadline = self._drain
             busy = [t for t in self.tasks.values() if t.state is not State.ENDED]
             if busy and now >= deadline:
-                err = p.ErrorInfo(Code.POOL_UNAVAILABLE.value, "orchd shut down before the task ran")
+                err = p.ErrorInfo(
+                    Code.POOL_UNAVAILABLE.value, "orchd shut down before the task ran"
+                )
                 for t in busy:
                     if t.state is State.QUEUED:
                         self._end(t, "error", now, err)

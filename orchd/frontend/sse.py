@@ -44,7 +44,11 @@ class SSEResponse:
         watcher.add_done_callback(gone)
         try:
             await send(
-                {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.headers}
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": SSE_HEADERS + self.headers,
+                }
             )
             while True:
                 if s.client_gone:

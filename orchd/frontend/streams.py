@@ -9,6 +9,7 @@ finished SSE frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable
 
@@ -18,7 +19,8 @@ from ipc.doorbell import BellReader
 from ipc.ring import RingReader
 from orchd.core.errors import Code, OrchdError
 
-RECHECK_S = 0.1
+RECHECK_S = 0.1  # while streams are open
+IDLE_RECHECK_S = 1.0  # while none are
 FENCE_TIMEOUT_S = 5.0
 
 
@@ -129,7 +131,8 @@ class StreamTable:
     # ---------------------------------------------------------------- the drain
 
     def _schedule_recheck(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._recheck = loop.call_later(RECHECK_S, self._on_recheck, loop)
+        delay = RECHECK_S if self.streams else IDLE_RECHECK_S
+        self._recheck = loop.call_later(delay, self._on_recheck, loop)
 
     def _on_recheck(self, loop: asyncio.AbstractEventLoop) -> None:
         # Recovers a wake-up lost to a park/publish race; costs a few loads when idle.
@@ -196,8 +199,6 @@ class StreamTable:
         asyncio.get_running_loop().create_task(self._answer_fence(msg.req_id, fut))
 
     async def _answer_fence(self, req_id: int, fut: asyncio.Future[None]) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, FENCE_TIMEOUT_S)
-        except TimeoutError:
-            pass
         self.reply(p.FenceDone(req_id))

@@ -2,11 +2,12 @@
 
 A plain blocking ``zmq.Poller`` loop: the core is synchronous and this process does nothing
 else, so asyncio would only add cost. Timers (retention, drain deadline, peer liveness) run
-on a 100 ms tick.
+on a 250 ms tick.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from orchd.core.scheduler import Out, SchedulerCore
 from orchd.scheduler.metrics import SchedulerMetrics
 
 API_VERSION = "1.0.0"
-TICK_S = 0.1
+TICK_S = 0.25
 
 
 def _now_ms() -> float:
@@ -64,8 +65,9 @@ class SchedulerShell:
         poller.register(self.sock, zmq.POLLIN)
         next_tick = time.monotonic() + TICK_S
         while self.running:
-            timeout = max(0.0, next_tick - time.monotonic())
-            if poller.poll(timeout * 1000):
+            # Round up: a sub-millisecond timeout would poll(0) and spin until the tick.
+            timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
+            if poller.poll(timeout_ms):
                 # Take everything that is waiting before the next tick.
                 for _ in range(256):
                     try:
@@ -171,7 +173,11 @@ class SchedulerShell:
     def _maybe_announce(self) -> None:
         ready = sum(1 for r in self.core.replicas.values() if r.ready)
         want_fe = self.cfg.server.frontends
-        if not self.announced and ready == len(self.core.replicas) and len(self.frontends) >= want_fe:
+        if (
+            not self.announced
+            and ready == len(self.core.replicas)
+            and len(self.frontends) >= want_fe
+        ):
             self.announced = True
             self.send([("launcher", p.ClusterReady(len(self.frontends), ready))])
 

@@ -39,7 +39,9 @@ class _CoreCollector:
             "replica_ready", "1 when the replica takes work.", labels=["pool_id", "replica_id"]
         )
         active = GaugeMetricFamily(
-            "replica_active_slots", "Tasks running on the replica.", labels=["pool_id", "replica_id"]
+            "replica_active_slots",
+            "Tasks running on the replica.",
+            labels=["pool_id", "replica_id"],
         )
         for rep in self.core.replicas.values():
             ready.add_metric([rep.pool_id, rep.id], 1.0 if rep.ready else 0.0)
@@ -52,7 +54,7 @@ class SchedulerMetrics:
     def __init__(self, core: SchedulerCore) -> None:
         self.core = core
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_CoreCollector(core))  # type: ignore[arg-type]
+        self.registry.register(_CoreCollector(core))
         self.first_token = Histogram(
             "latency_first_token_ms",
             "Dispatch to first token, per task.",

@@ -78,7 +78,9 @@ def test_duplicate_task_id_is_refused(daemon: Daemon) -> None:
 
 
 def test_capabilities(daemon: Daemon) -> None:
-    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/v1/capabilities", daemon.headers)
+    status, _, raw = sync_request(
+        daemon.host, daemon.port, "GET", "/v1/capabilities", daemon.headers
+    )
     assert status == 200
     caps = json.loads(raw)
     assert caps["api_version"]
@@ -88,6 +90,8 @@ def test_capabilities(daemon: Daemon) -> None:
 
 
 def test_replicasets_is_never_served(daemon: Daemon) -> None:
-    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/v1/replicasets", daemon.headers)
+    status, _, raw = sync_request(
+        daemon.host, daemon.port, "GET", "/v1/replicasets", daemon.headers
+    )
     assert status == 404
     assert json.loads(raw)["code"] == "NOT_FOUND"

@@ -16,7 +16,9 @@ from tests.support.tasks import task_body
 
 
 def test_missing_key_is_401_with_envelope_and_correlation_id(daemon: Daemon) -> None:
-    status, headers, raw = sync_request(daemon.host, daemon.port, "POST", "/v1/tasks", {}, task_body())
+    status, headers, raw = sync_request(
+        daemon.host, daemon.port, "POST", "/v1/tasks", {}, task_body()
+    )
     assert status == 401
     assert json.loads(raw)["code"] == "UNAUTHORIZED"
     assert re.fullmatch(r"[0-9a-f]{32}", headers["x-correlation-id"])
@@ -34,7 +36,9 @@ def test_wrong_key_is_403_and_echoes_correlation_id(daemon: Daemon) -> None:
 
 def test_bearer_key_and_correlation_echo_on_202_and_sse(daemon: Daemon) -> None:
     hdrs = {"Authorization": "Bearer dev", "X-Correlation-Id": "cid-abc"}
-    status, headers, raw = sync_request(daemon.host, daemon.port, "POST", "/v1/tasks", hdrs, task_body())
+    status, headers, raw = sync_request(
+        daemon.host, daemon.port, "POST", "/v1/tasks", hdrs, task_body()
+    )
     assert status == 202 and headers["x-correlation-id"] == "cid-abc"
     tid = json.loads(raw)["task_id"]
     s = SyncStream(daemon.host, daemon.port, f"/v1/tasks/{tid}/stream", hdrs)
@@ -61,7 +65,10 @@ def test_metrics_needs_no_key(daemon: Daemon) -> None:
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(
-        Path(tmp_path_factory.mktemp("keyed")), "", env={"ORCHD_API_KEYS": "k-one, k-two"}, key="k-two"
+        Path(tmp_path_factory.mktemp("keyed")),
+        "",
+        env={"ORCHD_API_KEYS": "k-one, k-two"},
+        key="k-two",
     ).start()
     try:
         yield d
@@ -70,9 +77,13 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def test_configured_keys_replace_dev(keyed: Daemon) -> None:
-    status, _, _ = sync_request(keyed.host, keyed.port, "GET", "/v1/capabilities", {"X-API-Key": "dev"})
+    status, _, _ = sync_request(
+        keyed.host, keyed.port, "GET", "/v1/capabilities", {"X-API-Key": "dev"}
+    )
     assert status == 403
     for key in ("k-one", "k-two"):
-        status, _, _ = sync_request(keyed.host, keyed.port, "GET", "/v1/capabilities", {"X-API-Key": key})
+        status, _, _ = sync_request(
+            keyed.host, keyed.port, "GET", "/v1/capabilities", {"X-API-Key": key}
+        )
         assert status == 200
     assert keyed.count_log(lambda r: "development key" in r.get("narration", "")) == 0

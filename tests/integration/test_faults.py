@@ -81,7 +81,9 @@ def open_streams(d: Daemon, n: int) -> dict[str, list[SyncStream]]:
 
 
 def ready_count(d: Daemon, replica: str) -> int:
-    return d.count_log(lambda r: r.get("narration") == "engine ready" and r.get("replica_id") == replica)
+    return d.count_log(
+        lambda r: r.get("narration") == "engine ready" and r.get("replica_id") == replica
+    )
 
 
 def wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -138,7 +140,9 @@ def test_kill9_supervisor_resets_its_streams_and_comes_back(two: Daemon) -> None
     wait_for(lambda: ready_count(two, "r0") > before, 15, "supervisor r0 did not come back")
     new = two.find("engine_procs.supervisor", "0")
     assert new.pid != sup.pid
-    assert not psutil.pid_exists(sup.pid) or psutil.Process(sup.pid).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(sup.pid) or psutil.Process(sup.pid).status() == psutil.STATUS_ZOMBIE
+    )
     assert replica_serves(two, "r0")
 
 

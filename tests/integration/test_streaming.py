@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.integration.conftest import metric, run_task, stream, submit
+from tests.integration.conftest import metric, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import Event, async_request, async_stream
 from tests.support.tasks import task_body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,8 @@ class Daemon:
             line = raw.decode(errors="replace").rstrip("\n")
             with self._cv:
                 self.raw.append(line)
-                try:
+                with contextlib.suppress(ValueError):
                     self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
                 self._cv.notify_all()
 
     def wait_log(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
@@ -86,7 +85,9 @@ class Daemon:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     tail = "\n".join(self.raw[-40:])
-                    raise TimeoutError(f"no matching log line within {timeout}s; last lines:\n{tail}")
+                    raise TimeoutError(
+                        f"no matching log line within {timeout}s; last lines:\n{tail}"
+                    )
                 if self.proc is not None and self.proc.poll() is not None:
                     tail = "\n".join(self.raw[-40:])
                     raise RuntimeError(f"orchd exited with {self.proc.returncode}:\n{tail}")
@@ -116,10 +117,8 @@ class Daemon:
         except psutil.NoSuchProcess:
             return
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
 
     # ---------------------------------------------------------------- looking inside
 

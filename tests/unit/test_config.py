@@ -124,8 +124,9 @@ def test_unknown_env_override_raises() -> None:
 
 
 def test_cli_beats_env() -> None:
-    cfg = load(env={"ORCHD_PORT": "9100", "ORCHD_FRONTENDS": "3"},
-               cli={"port": 9200, "frontends": None})
+    cfg = load(
+        env={"ORCHD_PORT": "9100", "ORCHD_FRONTENDS": "3"}, cli={"port": 9200, "frontends": None}
+    )
     assert cfg.server.port == 9200
     assert cfg.server.frontends == 3  # a None flag was not given
 

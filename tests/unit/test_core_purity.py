@@ -32,8 +32,13 @@ def test_core_imports_no_io_modules() -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     # The probe really imported the core, scheduler included.
-    for expected in ("orchd.core.scheduler", "orchd.core.queue", "orchd.core.placement",
-                     "orchd.core.eta", "orchd.core.errors"):
+    for expected in (
+        "orchd.core.scheduler",
+        "orchd.core.queue",
+        "orchd.core.placement",
+        "orchd.core.eta",
+        "orchd.core.errors",
+    ):
         assert expected in result["modules"]
     assert result["loaded"] == [], f"orchd/core pulled in {result['loaded']}"
 

@@ -6,8 +6,15 @@ import pytest
 
 from orchd.core.errors import TABLE, Code, OrchdError
 
-ENVELOPE_KEYS = {"code", "message", "engine", "retriable", "retry_after_ms", "policy_label",
-                 "pool_id"}
+ENVELOPE_KEYS = {
+    "code",
+    "message",
+    "engine",
+    "retriable",
+    "retry_after_ms",
+    "policy_label",
+    "pool_id",
+}
 
 DESIGN_STATUS = {
     Code.INVALID_PARAMS: 400,
@@ -42,19 +49,36 @@ def test_status_per_design(code: Code, status: int) -> None:
 
 
 def test_retriable_advice() -> None:
-    for code in (Code.ADMISSION_REJECT, Code.QUEUE_FULL_DROP_LRU, Code.POOL_UNREADY,
-                 Code.POOL_UNAVAILABLE, Code.REPLICA_EXHAUSTED, Code.WORKER_RESET):
+    for code in (
+        Code.ADMISSION_REJECT,
+        Code.QUEUE_FULL_DROP_LRU,
+        Code.POOL_UNREADY,
+        Code.POOL_UNAVAILABLE,
+        Code.REPLICA_EXHAUSTED,
+        Code.WORKER_RESET,
+    ):
         assert TABLE[code].retriable, code
-    for code in (Code.INVALID_PARAMS, Code.DEADLINE_UNMET, Code.UNTRUSTED_ARTIFACT,
-                 Code.UNAUTHORIZED, Code.FORBIDDEN, Code.MODEL_DEPRECATED, Code.NOT_FOUND,
-                 Code.INTERNAL):
+    for code in (
+        Code.INVALID_PARAMS,
+        Code.DEADLINE_UNMET,
+        Code.UNTRUSTED_ARTIFACT,
+        Code.UNAUTHORIZED,
+        Code.FORBIDDEN,
+        Code.MODEL_DEPRECATED,
+        Code.NOT_FOUND,
+        Code.INTERNAL,
+    ):
         assert not TABLE[code].retriable, code
 
 
 def test_envelope_has_exactly_the_contract_keys() -> None:
     e = OrchdError(
-        Code.ADMISSION_REJECT, "queue full", engine="mock", retry_after_ms=250,
-        policy_label="reject", pool_id="p0",
+        Code.ADMISSION_REJECT,
+        "queue full",
+        engine="mock",
+        retry_after_ms=250,
+        policy_label="reject",
+        pool_id="p0",
     )
     env = e.envelope()
     assert set(env) == ENVELOPE_KEYS

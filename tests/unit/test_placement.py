@@ -7,8 +7,16 @@ import pytest
 from orchd.core.placement import ReplicaView, eligible, make_policy
 
 
-def rv(id: str, *, slots: int = 2, active: int = 0, ready: bool = True, draining: bool = False,
-       engine: str = "mock", vram: int = 0) -> ReplicaView:
+def rv(
+    id: str,
+    *,
+    slots: int = 2,
+    active: int = 0,
+    ready: bool = True,
+    draining: bool = False,
+    engine: str = "mock",
+    vram: int = 0,
+) -> ReplicaView:
     return ReplicaView(
         id=id,
         pool_id="p",
@@ -65,8 +73,12 @@ def test_default_policy_then_fewest_active_then_id() -> None:
 def test_least_loaded_uses_fraction_of_slots() -> None:
     pick = make_policy("least-loaded")
     # a: 2/8 busy, b: 1/2 busy, c: 1/4 busy -> a (0.25) ties c (0.25) -> id
-    assert pick([rv("b", slots=2, active=1), rv("c", slots=4, active=1),
-                 rv("a", slots=8, active=2)]).id == "a"
+    assert (
+        pick(
+            [rv("b", slots=2, active=1), rv("c", slots=4, active=1), rv("a", slots=8, active=2)]
+        ).id
+        == "a"
+    )
     assert pick([rv("b", slots=2, active=1), rv("c", slots=4, active=0)]).id == "c"
     # Free VRAM does not matter to it.
     assert pick([rv("a", active=1, vram=100), rv("b", vram=0)]).id == "b"

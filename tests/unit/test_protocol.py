@@ -38,7 +38,11 @@ def minimal_spec() -> p.TaskSpec:
 
 
 ERR = p.ErrorInfo(
-    "ADMISSION_REJECT", "queue full", engine="mock", retry_after_ms=250, pool_id="p0",
+    "ADMISSION_REJECT",
+    "queue full",
+    engine="mock",
+    retry_after_ms=250,
+    pool_id="p0",
     policy_label="reject",
 )
 
@@ -166,4 +170,3 @@ def test_hello_carries_protocol_version_by_default() -> None:
     assert p.Welcome().version == p.PROTOCOL_VERSION
     other = p.decode(p.encode(p.Hello(role="frontend", ident="fe0", pid=1, version=99)))
     assert isinstance(other, p.Hello) and other.version == 99
-

@@ -434,6 +434,7 @@ _op = st.one_of(
 
 @settings(
     max_examples=150,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -22,7 +22,9 @@ def make_core(*, ready: bool = True, queue_capacity: int = 8, **kw: Any) -> Sche
     core = SchedulerCore(reps, queue_capacity=queue_capacity, **kw)
     if ready:
         for r in reps:
-            out = core.replica_status("launcher", p.ReplicaStatus(r.id, True, "mock", "mock-1.0"), 0)
+            out = core.replica_status(
+                "launcher", p.ReplicaStatus(r.id, True, "mock", "mock-1.0"), 0
+            )
             assert out == []
     return core
 
@@ -44,8 +46,14 @@ def spec(tid: str, priority: str = "interactive", engine: str = "mock") -> p.Tas
 _req = iter(range(1000, 10**9))
 
 
-def submit(core: SchedulerCore, tid: str, now: float = 0, priority: str = "interactive",
-           engine: str = "mock", peer: str = FE) -> list:
+def submit(
+    core: SchedulerCore,
+    tid: str,
+    now: float = 0,
+    priority: str = "interactive",
+    engine: str = "mock",
+    peer: str = FE,
+) -> list:
     return core.submit(peer, p.Submit(next(_req), spec(tid, priority, engine)), now)
 
 
@@ -356,7 +364,7 @@ def test_cancel_running_subscribed_task() -> None:
 def test_cancel_running_unsubscribed_task_done_after_abort_done() -> None:
     core = make_core()
     submit(core, "t1")
-    (peer, ab), = core.cancel("fe1", p.Cancel(61, "t1"), 10)
+    ((peer, ab),) = core.cancel("fe1", p.Cancel(61, "t1"), 10)
     assert peer == "sup-r0" and isinstance(ab, p.Abort)
     out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 11)
     assert out == [("fe1", p.Done(61))]
@@ -366,7 +374,7 @@ def test_abort_done_frees_slot_for_queued_work() -> None:
     core = make_core()
     fill(core)
     submit(core, "q1")
-    (_, ab), = core.cancel("fe1", p.Cancel(62, "t2"), 10)
+    ((_, ab),) = core.cancel("fe1", p.Cancel(62, "t2"), 10)
     out = core.abort_done("sup-r1", p.AbortDone(ab.req_id, "t2", False, -1, 0), 11)
     assert dispatched(out) == [("sup-r1", "q1")]
     assert ("fe1", p.Done(62)) in out
@@ -375,7 +383,7 @@ def test_abort_done_frees_slot_for_queued_work() -> None:
 def test_second_cancel_while_aborting_sends_no_second_abort() -> None:
     core = make_core()
     submit(core, "t1")
-    (_, ab), = core.cancel("fe1", p.Cancel(70, "t1"), 10)
+    ((_, ab),) = core.cancel("fe1", p.Cancel(70, "t1"), 10)
     assert core.cancel(FE, p.Cancel(71, "t1"), 11) == []
     out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 12)
     assert sorted(out, key=lambda x: x[0]) == [(FE, p.Done(71)), ("fe1", p.Done(70))]
@@ -396,21 +404,21 @@ def test_cancel_of_ended_streamed_task_waits_for_fence() -> None:
     sub(core, "t1", slot=9)
     assert ended(core, "t1", 5) == []
     out = core.cancel(FE, p.Cancel(81, "t1"), 6)
-    (peer, fence), = out
+    ((peer, fence),) = out
     assert peer == FE and isinstance(fence, p.Fence) and fence.slot == 9
     assert core.fence_done(FE, p.FenceDone(fence.req_id), 7) == [(FE, p.Done(81))]
 
 
 def test_cancel_unknown_task_is_not_found() -> None:
     core = make_core()
-    (peer, f), = core.cancel(FE, p.Cancel(82, "ghost"), 0)
+    ((peer, f),) = core.cancel(FE, p.Cancel(82, "ghost"), 0)
     assert peer == FE and isinstance(f, p.Failed) and f.error.code == "NOT_FOUND"
 
 
 def test_task_ended_during_abort_still_answers_cancel() -> None:
     core = make_core()
     submit(core, "t1")
-    (_, ab), = core.cancel("fe1", p.Cancel(83, "t1"), 10)
+    ((_, ab),) = core.cancel("fe1", p.Cancel(83, "t1"), 10)
     # The task finished on its own before the abort landed.
     assert ended(core, "t1", 11) == [("fe1", p.Done(83))]
     assert core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 12) == []
@@ -465,7 +473,7 @@ def test_supervisor_down_answers_pending_cancel() -> None:
     core = make_core()
     submit(core, "t1")
     sub(core, "t1", slot=4)
-    (_, ab), = core.cancel("fe1", p.Cancel(90, "t1"), 10)
+    ((_, ab),) = core.cancel("fe1", p.Cancel(90, "t1"), 10)
     out = core.peer_down("sup-r0", "killed", 11)
     peer, sf = only(out, p.StreamFail)
     assert peer == FE and sf.error.code == "WORKER_RESET"
@@ -491,7 +499,7 @@ def test_frontend_down_aborts_its_running_streams() -> None:
     sub(core, "t1", slot=1, frontend=0)
     sub(core, "t2", slot=1, frontend=1)
     out = core.peer_down("fe0", "exit", 50)
-    (peer, ab), = out
+    ((peer, ab),) = out
     assert peer == "sup-r0" and isinstance(ab, p.Abort)
     assert (ab.task_id, ab.reason) == ("t1", "frontend_lost")
     assert core.stats.canceled == {"frontend_lost": 1}
@@ -508,7 +516,7 @@ def test_frontend_down_answers_cancels_waiting_on_its_fence() -> None:
     fill(core)
     submit(core, "q1")
     sub(core, "q1", slot=3)
-    (_, se), = core.cancel("fe1", p.Cancel(95, "q1"), 5)
+    ((_, se),) = core.cancel("fe1", p.Cancel(95, "q1"), 5)
     assert isinstance(se, p.StreamEnd)
     # fe0 dies before answering the fence: the canceller still gets its answer.
     out = core.peer_down("fe0", "exit", 6)
@@ -546,7 +554,7 @@ def test_drain_all_stops_admission_and_waits_for_running_work() -> None:
     core = make_core()
     submit(core, "t1")
     assert core.drain_all("launcher", p.DrainAll(70, deadline_ms=5000), 100) == []
-    (peer, f), = core.submit(FE, p.Submit(71, spec("late")), 101)
+    ((peer, f),) = core.submit(FE, p.Submit(71, spec("late")), 101)
     assert peer == FE and isinstance(f, p.Failed)
     assert f.error.code == "POOL_UNAVAILABLE"
     assert "late" not in core.tasks
@@ -607,7 +615,7 @@ def test_tick_forgets_ended_tasks_after_retention() -> None:
     assert set(core.tasks) == {"t1", "t2"}
     core.tick(1100)
     assert set(core.tasks) == {"t2"}
-    (_, f), = core.subscribe(FE, p.Subscribe(1, "t1", 0, 0), 1101)
+    ((_, f),) = core.subscribe(FE, p.Subscribe(1, "t1", 0, 0), 1101)
     assert isinstance(f, p.Failed) and f.error.code == "NOT_FOUND"
     # The id can be used again.
     assert of(submit(core, "t1", 1102), p.Admitted)
@@ -641,7 +649,7 @@ def test_stats_counters() -> None:
     assert s.first_token_ms == [4.5]
     assert s.decode_ms == [90.0]
 
-    (_, ab), = core.cancel(FE, p.Cancel(1, "t2"), 110)
+    ((_, ab),) = core.cancel(FE, p.Cancel(1, "t2"), 110)
     core.abort_done("sup-r1", p.AbortDone(ab.req_id, "t2", False, -1, 0, tokens_out=4), 120)
     assert s.tokens_out == 11
     assert s.canceled == {"client": 1}
