@@ -88,7 +88,7 @@ class Supervisor:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident.encode())
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.adapter = adapter_class(self.replica.engine)(
+        self.adapter = adapter_class(self.replica.adapter_name)(
             self.replica, self.rt.engine_addr(index), self
         )
         self.stopping = asyncio.Event()

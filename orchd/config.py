@@ -37,15 +37,47 @@ class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
     error_after_tokens: int = 0  # a request fails with an engine error after N
 
 
+class Endpoint(msgspec.Struct, forbid_unknown_fields=True):
+    """How a supervisor reaches a real engine server, and optionally starts it."""
+
+    url: str = ""  # base URL, e.g. "http://127.0.0.1:8001"; "" = http://127.0.0.1:{port}
+    model: str = ""  # the model name the server expects (OpenAI "model", Triton model name)
+    # Start the engine ourselves: argv with {model_path}, {port}, {model} substituted, e.g.
+    # ["llama-server", "-m", "{model_path}", "--port", "{port}"]. Empty: the server is external.
+    command: list[str] = msgspec.field(default_factory=list)
+    port: int = 0  # substituted into {port}; 0 = a free port picked at start
+    model_path: str = ""
+    ready_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    chat: bool = False  # openai adapter: /v1/chat/completions instead of /v1/completions
+
+
+# The adapter that speaks to each engine unless a replica names another.
+DEFAULT_ADAPTER = {
+    "mock": "mock",
+    "vllm": "openai",
+    "llamacpp": "llamacpp",
+    "tgi": "tgi",
+    "triton": "triton",
+    "torch": "torch",
+}
+
+
 class Replica(msgspec.Struct, forbid_unknown_fields=True):
     id: str
     pool_id: str = "default"
-    engine: str = "mock"
+    engine: str = "mock"  # what tasks ask for: mock | vllm | llamacpp | tgi | triton | torch
+    adapter: str = ""  # how we speak to it; "" = DEFAULT_ADAPTER[engine]
     model_ref: str = "mock:tiny"
     slots: int = 64
     devices: str = ""  # CUDA_VISIBLE_DEVICES for the engine; "" = none
     decode_timeout_ms: int = 30_000  # no token for this long -> DECODE_TIMEOUT
     mock: MockEngine = msgspec.field(default_factory=MockEngine)
+    endpoint: Endpoint = msgspec.field(default_factory=Endpoint)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter or DEFAULT_ADAPTER.get(self.engine, self.engine)
 
 
 class Server(msgspec.Struct, forbid_unknown_fields=True):
@@ -179,8 +211,16 @@ def validate(cfg: Config) -> None:
     for r in cfg.replicas:
         if r.slots < 1:
             raise ConfigError(f"replica {r.id}: slots must be >= 1")
-        if r.engine != "mock":
-            raise ConfigError(f"replica {r.id}: unknown engine adapter {r.engine!r} (known: mock)")
+        if r.engine not in DEFAULT_ADAPTER:
+            raise ConfigError(
+                f"replica {r.id}: unknown engine {r.engine!r} (known: {sorted(DEFAULT_ADAPTER)})"
+            )
+        from engine_procs.adapters import ADAPTERS  # late: adapters import this module
+
+        if r.adapter_name not in ADAPTERS:
+            raise ConfigError(
+                f"replica {r.id}: unknown adapter {r.adapter_name!r} (known: {sorted(ADAPTERS)})"
+            )
     if lim.ring_bytes < 4096 or lim.ring_bytes & (lim.ring_bytes - 1):
         raise ConfigError(f"limits.ring_bytes must be a power of two >= 4096, got {lim.ring_bytes}")
     if lim.queue_capacity < 1:

@@ -27,7 +27,7 @@ class TaskBody(msgspec.Struct, forbid_unknown_fields=True):
     session_id: Id
     workload: Literal["completion", "embedding", "rerank"]
     model_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
-    engine: Literal["llamacpp", "vllm", "tgi", "triton", "mock"]
+    engine: Literal["llamacpp", "vllm", "tgi", "triton", "mock", "torch"]
     ctx: Annotated[int, msgspec.Meta(ge=1)]
     priority: Literal["interactive", "batch"]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)]
