@@ -136,10 +136,15 @@ class Supervisor:
         if run is not None:
             self._end(run, reason)
 
-    def on_error(self, rid: int, code: str, message: str) -> None:
+    def on_error(
+        self, rid: int, code: str, message: str, retry_after_ms: int | None = None
+    ) -> None:
         run = self.by_rid.get(rid)
         if run is not None:
-            self._fail(run, OrchdError(code, message, engine=self.replica.engine))
+            err = OrchdError(
+                code, message, engine=self.replica.engine, retry_after_ms=retry_after_ms
+            )
+            self._fail(run, err)
 
     def on_engine_dead(self, reason: str) -> None:
         log.error("engine died", replica_id=self.replica.id, reason=reason)

@@ -8,6 +8,10 @@ from engine_procs.adapters.base import EngineAdapter
 
 ADAPTERS: dict[str, str] = {
     "mock": "engine_procs.adapters.mock:MockAdapter",
+    "openai": "engine_procs.adapters.openai:OpenAIAdapter",
+    "llamacpp": "engine_procs.adapters.llamacpp:LlamaCppAdapter",
+    "tgi": "engine_procs.adapters.tgi:TgiAdapter",
+    "triton": "engine_procs.adapters.triton:TritonAdapter",
 }
 
 

@@ -20,6 +20,9 @@ class EngineRequest:
     prompt: str
     seed: int
     max_tokens: int
+    # Sampling overrides; None leaves the engine's own default.
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 class EngineSink(Protocol):
@@ -27,7 +30,9 @@ class EngineSink(Protocol):
 
     def on_finish(self, rid: int, reason: str) -> None: ...
 
-    def on_error(self, rid: int, code: str, message: str) -> None: ...
+    def on_error(
+        self, rid: int, code: str, message: str, retry_after_ms: int | None = None
+    ) -> None: ...
 
     def on_engine_dead(self, reason: str) -> None: ...
 

@@ -1,0 +1,87 @@
+"""llama.cpp's ``llama-server``, native API: ``POST /completion`` with ``stream: true``.
+
+Wire format (tools/server/README.md in ggml-org/llama.cpp): each SSE ``data:`` event is
+``{"content": "...", "stop": false, ...}``; the last has ``"stop": true`` with
+``stop_type`` (``eos`` | ``limit`` | ``word``; older builds: ``stopped_eos`` /
+``stopped_limit`` / ``stopped_word``), ``tokens_predicted`` and ``timings``. Errors inside a
+stream arrive as an ``error: {...}`` line. ``GET /health`` is 503 while the model loads, 200
+once it serves; ``GET /props`` gives ``build_info``, ``total_slots`` and
+``default_generation_settings.n_ctx``. The seed is a uint32 where 0xFFFFFFFF means random.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.adapters.http_base import (
+    U32_RANDOM,
+    HttpAdapter,
+    StreamState,
+    as_int,
+    engine_error,
+    malformed,
+    parse_json,
+)
+
+
+class LlamaCppAdapter(HttpAdapter):
+    name = "llamacpp"
+
+    def request(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "prompt": req.prompt,
+            "n_predict": req.max_tokens,
+            "stream": True,
+            "seed": req.seed % U32_RANDOM,  # never the "random" sentinel
+        }
+        if req.temperature is not None:
+            body["temperature"] = req.temperature
+        if req.top_p is not None:
+            body["top_p"] = req.top_p
+        return "/completion", body
+
+    def on_event(self, name: str, data: str, st: StreamState) -> None:
+        if name == "error":
+            raise engine_error(data)
+        obj = parse_json(data)
+        if not isinstance(obj, dict):
+            raise malformed("not an object", data)
+        if "error" in obj:
+            raise engine_error(data)
+        content, stop = obj.get("content", ""), obj.get("stop")
+        if not isinstance(content, str) or not isinstance(stop, bool):
+            raise malformed("no content/stop", data)
+        st.emit(content)
+        if stop:
+            st.finish = _reason(obj, st)
+            st.done = True
+
+    async def probe(self, client: httpx.AsyncClient) -> bool:
+        return (await client.get("/health")).status_code == 200
+
+    async def describe(self, client: httpx.AsyncClient) -> None:
+        resp = await client.get("/props")
+        if resp.status_code != 200:
+            return
+        props = resp.json()
+        build = props.get("build_info")
+        if isinstance(build, str) and build:
+            self.engine_version = build
+        settings = props.get("default_generation_settings") or {}
+        self.ctx_max = as_int(settings.get("n_ctx")) or as_int(props.get("n_ctx"))
+        self.slots = as_int(props.get("total_slots"))
+        alias = props.get("model_alias") or props.get("model_path")
+        if not self.model and isinstance(alias, str):
+            self.model = alias
+
+
+def _reason(obj: dict[str, Any], st: StreamState) -> str:
+    kind = obj.get("stop_type")
+    if kind == "limit" or obj.get("stopped_limit") is True:
+        return "length"
+    if kind in ("eos", "word") or obj.get("stopped_eos") or obj.get("stopped_word"):
+        return "stop"
+    return st.length_or_stop()

@@ -1,0 +1,84 @@
+"""Hugging Face text-generation-inference: ``POST /generate_stream``.
+
+Wire format (docs/openapi.json in huggingface/text-generation-inference): request
+``{"inputs": ..., "parameters": {"max_new_tokens", "seed", "do_sample", "temperature",
+"top_p", "details"}}``; each SSE event is a ``StreamResponse``
+``{"index", "token": {"id", "text", "logprob", "special"}, "generated_text": null,
+"details": null}``, the last one with ``generated_text`` and ``details.finish_reason``
+(``length`` | ``eos_token`` | ``stop_sequence``). An error inside the stream is
+``{"error": ..., "error_type": ...}``. ``GET /health`` is 200 when serving; ``GET /info``
+gives ``version``, ``model_id``, ``max_total_tokens`` and ``max_concurrent_requests``.
+Special tokens (e.g. ``</s>``) are not text and are not forwarded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.adapters.http_base import (
+    HttpAdapter,
+    StreamState,
+    as_int,
+    engine_error,
+    malformed,
+    parse_json,
+)
+
+U64_MASK = (1 << 64) - 1
+
+
+class TgiAdapter(HttpAdapter):
+    name = "tgi"
+
+    def request(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {
+            "max_new_tokens": req.max_tokens,
+            "seed": (req.seed & U64_MASK) or 1,  # TGI wants a positive seed
+            "details": True,
+        }
+        if req.temperature is not None and req.temperature > 0:
+            params["temperature"] = req.temperature  # TGI rejects temperature 0
+            params["do_sample"] = True
+        if req.top_p is not None and 0 < req.top_p < 1:
+            params["top_p"] = req.top_p
+            params["do_sample"] = True
+        return "/generate_stream", {"inputs": req.prompt, "parameters": params}
+
+    def on_event(self, name: str, data: str, st: StreamState) -> None:
+        obj = parse_json(data)
+        if not isinstance(obj, dict):
+            raise malformed("not an object", data)
+        if name == "error" or "error" in obj:
+            raise engine_error(data)
+        token = obj.get("token")
+        if not isinstance(token, dict) or not isinstance(token.get("text"), str):
+            raise malformed("no token.text", data)
+        if not token.get("special"):
+            st.emit(token["text"])
+        details = obj.get("details")
+        if obj.get("generated_text") is not None or details is not None:
+            reason = details.get("finish_reason") if isinstance(details, dict) else None
+            if reason is None:
+                st.finish = st.length_or_stop()
+            else:
+                st.finish = "length" if reason == "length" else "stop"
+            st.done = True
+
+    async def probe(self, client: httpx.AsyncClient) -> bool:
+        return (await client.get("/health")).status_code == 200
+
+    async def describe(self, client: httpx.AsyncClient) -> None:
+        resp = await client.get("/info")
+        if resp.status_code != 200:
+            return
+        info = resp.json()
+        version = info.get("version")
+        if isinstance(version, str) and version:
+            self.engine_version = version
+        if not self.model and isinstance(info.get("model_id"), str):
+            self.model = info["model_id"]
+        self.ctx_max = as_int(info.get("max_total_tokens"))
+        self.slots = as_int(info.get("max_concurrent_requests"))

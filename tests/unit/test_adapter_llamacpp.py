@@ -1,0 +1,68 @@
+"""The llama.cpp adapter against a fake llama-server (native /completion stream)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.llamacpp import LlamaCppAdapter
+from tests.fakes import scenarios as sc
+from tests.fakes.engines import MODEL, FakeEngine, Faults
+from tests.fakes.sink import RecordingSink
+
+CLS, DIALECT = LlamaCppAdapter, "llamacpp"
+
+
+def test_streams_seeded_tokens_and_passes_parameters() -> None:
+    bodies = sc.run(CLS, DIALECT, sc.completes)
+    first = next(b for b in bodies if b["n_predict"] == 8)
+    assert first == {"prompt": "say hi", "n_predict": 8, "stream": True, "seed": 7}
+
+
+def test_reads_version_context_and_slots_from_props() -> None:
+    async def look(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> dict[str, Any]:
+        return {"v": a.engine_version, "ctx": a.ctx_max, "slots": a.slots, "model": a.model}
+
+    got = sc.run(CLS, DIALECT, look)
+    assert got == {"v": "bfake-1.2.3", "ctx": 4096, "slots": 4, "model": f"/models/{MODEL}.gguf"}
+
+
+def test_eos_ends_with_stop() -> None:
+    sc.run(CLS, DIALECT, sc.eos_is_stop, Faults(eos_at=3))
+
+
+def test_mid_stream_disconnect_is_worker_reset() -> None:
+    sc.run(CLS, DIALECT, sc.disconnect_is_worker_reset, Faults(disconnect_after=3))
+
+
+def test_malformed_chunk_is_internal_and_hangs_up() -> None:
+    sc.run(CLS, DIALECT, sc.malformed_is_internal, Faults(malformed_after=2, token_delay_s=0.01))
+
+
+def test_engine_error_event_is_internal() -> None:
+    sc.run(CLS, DIALECT, sc.engine_error_is_internal, Faults(error_after=2))
+
+
+def test_slow_first_token_within_timeout_completes() -> None:
+    sc.run(CLS, DIALECT, sc.slow_first_token_ok, Faults(first_token_delay_s=0.3))
+
+
+def test_no_first_token_is_decode_timeout() -> None:
+    faults = Faults(first_token_delay_s=3.0)
+    sc.run(CLS, DIALECT, sc.no_token_is_decode_timeout, faults, decode_timeout_ms=200)
+
+
+def test_503_passes_retry_after() -> None:
+    sc.run(CLS, DIALECT, sc.overloaded_503, Faults(reject_503=1, retry_after="3"))
+
+
+def test_cancel_reaches_the_server() -> None:
+    sc.run(CLS, DIALECT, sc.cancel_reaches_server, Faults(token_delay_s=0.01))
+
+
+def test_connection_refused_is_worker_reset_and_engine_dead() -> None:
+    sc.connection_refused(CLS)
+
+
+def test_start_waits_for_health_and_gives_up_with_a_reason() -> None:
+    sc.not_ready_in_time(CLS)

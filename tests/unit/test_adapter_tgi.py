@@ -1,0 +1,87 @@
+"""The TGI adapter against a fake text-generation-inference server (/generate_stream)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.tgi import TgiAdapter
+from tests.fakes import scenarios as sc
+from tests.fakes.engines import MODEL, FakeEngine, Faults
+from tests.fakes.sink import RecordingSink
+
+CLS, DIALECT = TgiAdapter, "tgi"
+
+
+def test_streams_seeded_tokens_and_passes_parameters() -> None:
+    bodies = sc.run(CLS, DIALECT, sc.completes)
+    first = next(b for b in bodies if b["parameters"]["max_new_tokens"] == 8)
+    assert first == {
+        "inputs": "say hi",
+        "parameters": {"max_new_tokens": 8, "seed": 7, "details": True},
+    }
+
+
+def test_sampling_parameters_switch_sampling_on() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    _, body = adapter.request(EngineRequest(1, "p", 0, 4, temperature=0.7, top_p=0.9))
+    assert body["parameters"] == {
+        "max_new_tokens": 4,
+        "seed": 1,  # TGI rejects seed 0
+        "details": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "do_sample": True,
+    }
+    _, greedy = adapter.request(EngineRequest(1, "p", 5, 4, temperature=0.0))
+    assert "temperature" not in greedy["parameters"]  # TGI rejects temperature 0
+
+
+def test_reads_version_context_and_slots_from_info() -> None:
+    async def look(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> dict[str, Any]:
+        return {"v": a.engine_version, "ctx": a.ctx_max, "slots": a.slots, "model": a.model}
+
+    got = sc.run(CLS, DIALECT, look)
+    assert got == {"v": "fake-1.2.3", "ctx": 4096, "slots": 4, "model": MODEL}
+
+
+def test_eos_token_ends_with_stop_and_is_not_text() -> None:
+    sc.run(CLS, DIALECT, sc.eos_is_stop, Faults(eos_at=3))
+
+
+def test_mid_stream_disconnect_is_worker_reset() -> None:
+    sc.run(CLS, DIALECT, sc.disconnect_is_worker_reset, Faults(disconnect_after=3))
+
+
+def test_malformed_chunk_is_internal_and_hangs_up() -> None:
+    sc.run(CLS, DIALECT, sc.malformed_is_internal, Faults(malformed_after=2, token_delay_s=0.01))
+
+
+def test_error_event_is_internal() -> None:
+    sc.run(CLS, DIALECT, sc.engine_error_is_internal, Faults(error_after=2))
+
+
+def test_slow_first_token_within_timeout_completes() -> None:
+    sc.run(CLS, DIALECT, sc.slow_first_token_ok, Faults(first_token_delay_s=0.3))
+
+
+def test_no_first_token_is_decode_timeout() -> None:
+    faults = Faults(first_token_delay_s=3.0)
+    sc.run(CLS, DIALECT, sc.no_token_is_decode_timeout, faults, decode_timeout_ms=200)
+
+
+def test_503_passes_retry_after() -> None:
+    sc.run(CLS, DIALECT, sc.overloaded_503, Faults(reject_503=1, retry_after="1"))
+
+
+def test_cancel_reaches_the_server() -> None:
+    sc.run(CLS, DIALECT, sc.cancel_reaches_server, Faults(token_delay_s=0.01))
+
+
+def test_connection_refused_is_worker_reset_and_engine_dead() -> None:
+    sc.connection_refused(CLS)
+
+
+def test_start_waits_for_health_and_gives_up_with_a_reason() -> None:
+    sc.not_ready_in_time(CLS)
