@@ -21,8 +21,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-bench: $(STAMP)
-	$(BIN)/python -m perf.first_reading $(ARGS)
+# The benchmark harness (perf/README.md) also needs the `bench` extra (matplotlib, tqdm).
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m perf.bench --profile quick $(ARGS)
+
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python -m perf.bench --profile full $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchd engine_procs ipc tests perf

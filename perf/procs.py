@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import psutil
 
@@ -65,10 +68,15 @@ class Orchd:
         parent = psutil.Process(self.proc.pid)
         return [parent, *parent.children(recursive=True)]
 
-    def roles(self) -> dict[int, str]:
+    def roles(self, detailed: bool = False) -> dict[int, str]:
+        """pid -> role; ``detailed`` numbers them: frontend0, supervisor1, engine1, ..."""
         out = {}
         for p in self.processes():
-            cmd = " ".join(p.cmdline())
+            try:
+                argv = p.cmdline()
+            except psutil.Error:
+                continue
+            cmd = " ".join(argv)
             for key, role in (
                 ("orchd.frontend.main", "frontend"),
                 ("orchd.scheduler.loop", "scheduler"),
@@ -77,7 +85,21 @@ class Orchd:
                 ("orchd.cli", "launcher"),
             ):
                 if key in cmd:
+                    if detailed and role in ("frontend", "supervisor"):
+                        role += argv[-1]
+                    elif detailed and role == "engine":
+                        m = re.search(r"engine-(\d+)\.sock", cmd)
+                        role += m.group(1) if m else "?"
                     out[p.pid] = role
+        return out
+
+    def rss(self, role: str) -> dict[int, int]:
+        """pid -> resident bytes of the processes whose detailed role starts with ``role``."""
+        out = {}
+        for pid, r in self.roles(detailed=True).items():
+            if r.startswith(role):
+                with contextlib.suppress(psutil.Error):
+                    out[pid] = psutil.Process(pid).memory_info().rss
         return out
 
     def stop(self) -> None:
@@ -104,6 +126,40 @@ class Ceiling:
         self.proc.wait(30)
 
 
+class CpuSampler:
+    """CPU % of one core per role over a window (the load client's hooks call it)."""
+
+    def __init__(self, o: Orchd | None, extra: dict[int, str] | None = None) -> None:
+        self.roles = o.roles(detailed=True) if o else {}
+        self.roles.update(extra or {})
+        self.procs = [psutil.Process(p) for p in self.roles]
+        self.t0 = self.t1 = 0.0
+        self.c0: dict[int, float] = {}
+        self.c1: dict[int, float] = {}
+
+    def window_start(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = cpu_seconds(self.procs)
+
+    def window_end(self) -> None:
+        self.t1 = time.monotonic()
+        self.c1 = cpu_seconds(self.procs)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def by_role(self) -> dict[str, float]:
+        wall = self.t1 - self.t0
+        out: dict[str, float] = {}
+        for pid, role in self.roles.items():
+            used = self.c1.get(pid, 0.0) - self.c0.get(pid, 0.0)
+            out[role] = out.get(role, 0.0) + (100.0 * used / wall if wall > 0 else 0.0)
+        return {k: round(v, 1) for k, v in sorted(out.items())}
+
+    def total(self) -> float:
+        return round(sum(self.by_role().values()), 2)
+
+
 def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     out = {}
     for p in procs:
@@ -113,3 +169,78 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, tables merged key by key. A ``replica`` table in ``extra``
+    (not part of orchd's config) is merged into every ``[[replicas]]`` entry."""
+    out = dict(base)
+    for k, v in extra.items():
+        if k == "replica" and isinstance(v, dict):
+            out["replicas"] = [merge(r, v) for r in out.get("replicas", [])]
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _table(name: str, d: dict[str, Any], array: bool = False) -> list[str]:
+    lines = [f"[[{name}]]" if array else f"[{name}]"]
+    subs = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            subs.append((k, v))
+        else:
+            lines.append(f"{k} = {_value(v)}")
+    for k, v in subs:
+        lines += _table(f"{name}.{k}", v)
+    return lines
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """The subset of TOML orchd's config uses: tables, an array of tables, scalars, lists."""
+    lines: list[str] = []
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += _table(k, v)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines += _table(k, item, array=True)
+        else:
+            lines.insert(0, f"{k} = {_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def orchd_config(
+    replicas: int,
+    slots: int,
+    mock: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    **limits: Any,
+) -> str:
+    """An orchd config for a scenario: ``replicas`` mock replicas, then ``extra`` on top."""
+    cfg: dict[str, Any] = {
+        "server": {"drain_deadline_ms": 2000},
+        "limits": {"queue_capacity": 4096, **limits},
+        "replicas": [
+            {"id": f"r{i}", "slots": slots, "decode_timeout_ms": 600_000, "mock": dict(mock)}
+            for i in range(replicas)
+        ],
+    }
+    return to_toml(merge(cfg, extra or {}))

@@ -1,0 +1,446 @@
+"""The load generator: drives orchd's HTTP API (or the ceiling server) from several client
+processes, so that the client is not the bottleneck, and reports what each run measured.
+
+Arrival patterns (:class:`LoadSpec.mode`):
+  closed  fixed concurrency: C workers, each sends its next request when the last ended;
+  rate    open loop: Poisson (burstiness 1) or gamma-distributed arrivals at a request rate,
+          optionally capped by a max concurrency, as `vllm bench serve --request-rate`;
+  admit   POST /v1/tasks only, C workers back to back (admission throughput).
+
+Timeline of a run: warm-up (not measured) -> window (measured) -> drain: traffic goes on
+unmeasured until every request sent inside the window has ended (or a cap), so the cohort
+never sees a lighter load than the window had. Then every connection is closed.
+
+    python -m perf.loadgen --port 8080 --concurrency 64 --max-tokens 256 --duration 10
+    python -m perf.loadgen --port 8080 --request-rate 200 --burstiness 0.5 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+from array import array
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from perf.http import Conn, Pool, StreamRec, request
+from perf.metrics import Req, Window, parse_slo, summarize
+from perf.progress import Bar
+
+SATURATED = 0.8  # a client process busier than this share of one core may be the bottleneck
+
+
+@dataclass
+class LoadSpec:
+    port: int
+    target: str = "orchd"  # "orchd" | "ceiling"
+    host: str = "127.0.0.1"
+    key: str = "dev"
+    mode: str = "closed"  # "closed" | "rate" | "admit"
+    concurrency: int = 64  # closed/admit: workers; rate: max concurrency (0 = none)
+    request_rate: float = 0.0  # rate: requests/s over all shards
+    burstiness: float = 1.0
+    max_tokens: int = 256
+    input_len: int = 8  # prompt words (the mock engine counts no real tokens)
+    warmup_s: float = 1.0
+    duration_s: float = 5.0
+    drain_cap_s: float = 30.0
+    stamps: bool = False  # the engine stamps tokens: measure emission -> receipt
+    seed: int = 0
+
+
+class Hooks(Protocol):
+    def window_start(self) -> None: ...
+    def window_end(self) -> None: ...
+    def tick(self, now: float) -> None: ...
+
+
+# ------------------------------------------------------------------------------ one shard
+
+
+class Shard:
+    def __init__(
+        self, spec: LoadSpec, idx: int, nshards: int, t0: float, progress: Any, pending: Any
+    ) -> None:
+        self.spec, self.idx, self.nshards = spec, idx, nshards
+        self.progress, self.pending = progress, pending
+        self.w0 = int((t0 + spec.warmup_s) * 1e9)
+        self.w1 = int((t0 + spec.warmup_s + spec.duration_s) * 1e9)
+        self.t0 = t0
+        self.pool = Pool(spec.host, spec.port)
+        self.recs: list[StreamRec] = []
+        self.win = Window(spec.duration_s, input_tokens_per_req=spec.input_len)
+        self.stop = asyncio.Event()
+        self.sent = 0
+        self.done = 0
+        self.my_pending = 0
+        self.ids = itertools.count()
+        self.rng = random.Random(spec.seed * 1000 + idx)
+        prompt = " ".join(f"w{i}" for i in range(spec.input_len))
+        self.cpu = [0.0, 0.0]
+        self.tasks: set[asyncio.Task[None]] = set()
+        h, k = spec.host, spec.key
+        self._ceiling_get = request("GET", f"/stream/{spec.max_tokens}", h, k)
+        fixed = {
+            "workload": "completion", "model_ref": "mock:tiny",
+            "engine": "mock", "ctx": 2048, "priority": "interactive",
+            "max_tokens": spec.max_tokens, "deadline_ms": 600000, "prompt": prompt,
+        }  # fmt: skip
+        self._body_head = json.dumps(fixed, separators=(",", ":"))[:-1] + ","
+
+    def _post(self, tid: str, seed: int) -> bytes:
+        # one session per task: a session holds at most 8 turns
+        body = self._body_head + f'"seed":{seed},"task_id":"{tid}","session_id":"{tid}"}}'
+        s = self.spec
+        return request("POST", "/v1/tasks", s.host, s.key, body.encode())
+
+    async def one(self) -> float:
+        """One request; returns a back-off (s) the caller should wait before the next."""
+        s = self.spec
+        conn: Conn | None = None
+        t_send = time.monotonic_ns()
+        measured = self.w0 <= t_send < self.w1
+        if measured:
+            self.my_pending += 1
+            self.pending[self.idx] = self.my_pending
+        self.sent += 1
+        req = Req(t_send, 0, 0, 0, 0, False)
+        rec: StreamRec | None = None
+        backoff = 0.0
+        try:
+            conn = await self.pool.acquire()
+            if self.stop.is_set():
+                conn.close()
+                return 0.0
+            t_send = req.send_ns = time.monotonic_ns()
+            if s.target == "orchd" or s.mode == "admit":
+                n = next(self.ids)
+                tid = f"b{os.getpid()}-{self.idx}-{n}"
+                status, headers, _ = await conn.simple(self._post(tid, n))
+                req.admit_ns = time.monotonic_ns()
+                if status != 202:
+                    if status in (429, 503):
+                        if measured:
+                            self.win.rejected += 1
+                        ms = headers.get(b"x-backoff-ms", b"10")
+                        backoff = min(0.05, int(ms) / 1000.0) if ms.isdigit() else 0.01
+                    elif measured:
+                        self.win.failed += 1
+                    return backoff
+                if s.mode == "admit":
+                    req.ok = True
+                    req.first_ns = req.end_ns = req.admit_ns
+                    if measured:
+                        self.win.reqs.append(req)
+                    if self.w0 <= req.end_ns < self.w1:
+                        self.win.completed += 1
+                    return 0.0
+                get = request("GET", f"/v1/tasks/{tid}/stream", s.host, s.key)
+            else:
+                get = self._ceiling_get
+            rec = StreamRec(array("q") if s.stamps and measured else None)
+            self.recs.append(rec)
+            status, _, _ = await conn.stream(get, rec)
+            req.end_ns = time.monotonic_ns()
+            req.ok = status == 200 and rec.done and rec.errors == 0 and rec.tokens > 0
+        except (ConnectionError, OSError):
+            req.ok = False
+        finally:
+            if conn is not None:
+                self.pool.release(conn)
+            if measured:
+                self.my_pending -= 1
+                self.pending[self.idx] = self.my_pending
+            self.done += 1
+        if rec is not None:
+            req.tokens = rec.tokens
+            req.chunks = len(rec.reads)
+            if rec.reads:
+                req.first_ns = rec.reads[0]
+        if req.ok and self.w0 <= req.end_ns < self.w1:
+            self.win.completed += 1
+        if measured:
+            if self.stop.is_set() and not req.ok:
+                self.win.failed += 1  # cut off at the drain cap
+            else:
+                self.win.reqs.append(req)
+                if req.ok and rec is not None and len(rec.reads) > 1:
+                    self.win.gaps_us += array("q", (np.diff(rec.reads) // 1000).tolist())
+                if rec is not None and rec.stamps is not None:
+                    self.win.stamps_us += rec.stamps
+        return backoff
+
+    async def worker(self) -> None:
+        while not self.stop.is_set():
+            backoff = await self.one()
+            if backoff:
+                await asyncio.sleep(backoff)
+
+    async def arrivals(self, rate: float, cap: int) -> None:
+        sem = asyncio.Semaphore(cap) if cap > 0 else None
+        b = self.spec.burstiness
+        t = time.monotonic()
+
+        async def limited() -> None:
+            if sem is None:
+                await self.one()
+                return
+            async with sem:
+                await self.one()
+
+        while not self.stop.is_set():
+            t += self.rng.gammavariate(b, 1.0 / (rate * b))
+            delay = t - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(limited())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def monitor(self) -> None:
+        cap = self.w1 + int(self.spec.drain_cap_s * 1e9)
+        in_window = False
+        while True:
+            now = time.monotonic_ns()
+            if not in_window and now >= self.w0:
+                self.cpu[0] = time.process_time()
+                in_window = True
+            if now >= self.w1:
+                if self.cpu[1] == 0.0:
+                    self.cpu[1] = time.process_time()
+                if sum(self.pending[:]) == 0 or now >= cap:
+                    self.stop.set()
+                    return
+            base = self.idx * 4
+            self.progress[base] = self.pool.counter[0]
+            self.progress[base + 1] = self.done
+            self.progress[base + 2] = self.sent
+            await asyncio.sleep(0.02)
+
+    async def run(self) -> tuple[Window, float]:
+        s = self.spec
+        delay = self.t0 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        loop = asyncio.get_running_loop()
+        mon = loop.create_task(self.monitor())
+        if s.mode in ("closed", "admit"):
+            n = s.concurrency // self.nshards + (
+                1 if self.idx < s.concurrency % self.nshards else 0
+            )
+            for _ in range(n):
+                t = loop.create_task(self.worker())
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+        else:
+            cap = s.concurrency
+            share = cap // self.nshards + (1 if self.idx < cap % self.nshards else 0) if cap else 0
+            gen = loop.create_task(self.arrivals(s.request_rate / self.nshards, share))
+        await mon
+        self.pool.close()  # ends every request still running: unmeasured filler
+        if s.mode == "rate":
+            gen.cancel()
+        if self.tasks:
+            _, late = await asyncio.wait(set(self.tasks), timeout=2.0)
+            self.pool.close()  # a connection opened while we were closing the others
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._window_counts()
+        self.win.connections = self.pool.opened
+        return self.win, self.cpu[1] - self.cpu[0]
+
+    def _window_counts(self) -> None:
+        w = self.win
+        nb = max(1, int(np.ceil(self.spec.duration_s)))
+        buckets = np.zeros(nb, dtype=np.int64)
+        for rec in self.recs:
+            if not rec.reads:
+                continue
+            t = np.frombuffer(rec.reads, dtype=np.int64)
+            c = np.frombuffer(rec.counts, dtype=np.int64 if rec.counts.itemsize == 8 else np.int32)
+            m = (t >= self.w0) & (t < self.w1)
+            if not m.any():
+                continue
+            w.tokens += int(c[m].sum())
+            w.chunks += int(m.sum())
+            b = ((t[m] - self.w0) // 1_000_000_000).clip(0, nb - 1)
+            np.add.at(buckets, b, c[m])
+        w.buckets = buckets.tolist()
+
+
+def _shard_main(conn: Connection, idx: int, nshards: int, progress: Any, pending: Any) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        spec, t0 = job
+        win, cpu = asyncio.run(Shard(spec, idx, nshards, t0, progress, pending).run())
+        conn.send((win, cpu))
+
+
+# ------------------------------------------------------------------------------ the client
+
+
+class LoadClient:
+    """Persistent client processes (spawned once), each running its share of every run."""
+
+    def __init__(self, shards: int = 2) -> None:
+        ctx = mp.get_context("spawn")
+        self.n = shards
+        self.progress = ctx.RawArray("d", shards * 4)
+        self.pending = ctx.RawArray("q", shards)
+        self.pipes: list[Connection] = []
+        self.procs = []
+        for i in range(shards):
+            a, b = ctx.Pipe()
+            p = ctx.Process(
+                target=_shard_main, args=(b, i, shards, self.progress, self.pending), daemon=True
+            )
+            p.start()
+            self.pipes.append(a)
+            self.procs.append(p)
+
+    def run(
+        self,
+        spec: LoadSpec,
+        label: str,
+        slo: dict[str, float] | None = None,
+        hooks: Hooks | None = None,
+    ) -> dict[str, Any]:
+        for i in range(self.n):
+            self.pending[i] = 0
+            for j in range(4):
+                self.progress[i * 4 + j] = 0
+        t0 = time.monotonic() + 0.2
+        for p in self.pipes:
+            p.send((spec, t0))
+        w0, w1 = t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s
+        results: dict[int, tuple[Window, float]] = {}
+        bar = Bar(label, spec.warmup_s + spec.duration_s)
+        phase = 0
+        try:
+            while len(results) < self.n:
+                now = time.monotonic()
+                if phase == 0 and now >= w0:
+                    phase = 1
+                    if hooks:
+                        hooks.window_start()
+                if phase == 1 and now >= w1:
+                    phase = 2
+                    if hooks:
+                        hooks.window_end()
+                if hooks:
+                    hooks.tick(now)
+                tok = sum(self.progress[i * 4] for i in range(self.n))
+                done = sum(self.progress[i * 4 + 1] for i in range(self.n))
+                bar.update(now - t0, tok, done, draining=phase == 2)
+                for i, p in enumerate(self.pipes):
+                    if i not in results and p.poll(0.05):
+                        results[i] = p.recv()
+        finally:
+            bar.close()
+        if phase < 2 and hooks:  # a run shorter than its window (should not happen)
+            if phase == 0:
+                hooks.window_start()
+            hooks.window_end()
+        win = Window(spec.duration_s, input_tokens_per_req=spec.input_len)
+        cpus = []
+        for i in range(self.n):
+            w, cpu = results[i]
+            win.merge(w)
+            cpus.append(cpu / spec.duration_s)
+        out = summarize(win, slo or parse_slo(None))
+        out.update(spec_fields(spec))
+        out["client_shards"] = self.n
+        out["client_cpu_per_shard"] = [round(c, 3) for c in cpus]
+        out["client_cpu_cores"] = round(sum(cpus), 3)
+        busy = max(cpus) if cpus else 0.0
+        out["client_saturated"] = busy > SATURATED or sum(cpus) > SATURATED * min(
+            self.n, os.cpu_count() or 1
+        )
+        return out
+
+    def close(self) -> None:
+        for p in self.pipes:
+            with contextlib.suppress(OSError):
+                p.send(None)
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self) -> LoadClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spec_fields(spec: LoadSpec) -> dict[str, Any]:
+    """The traffic keys of a vLLM result file, plus ours."""
+    d = asdict(spec)
+    return {
+        "backend": spec.target,
+        "model_id": "mock:tiny",
+        "request_rate": spec.request_rate if spec.mode == "rate" else "inf",
+        "burstiness": spec.burstiness,
+        "max_concurrency": spec.concurrency or None,
+        "mode": spec.mode,
+        "warmup_s": spec.warmup_s,
+        "max_tokens": d["max_tokens"],
+        "input_len": d["input_len"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Drive a running orchd (or ceiling) server.")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--key", default="dev")
+    ap.add_argument("--target", choices=["orchd", "ceiling"], default="orchd")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--request-rate", type=float, default=0.0, help="0: closed loop")
+    ap.add_argument("--burstiness", type=float, default=1.0)
+    ap.add_argument("--admit-only", action="store_true", help="POST /v1/tasks only")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=8)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--stamps", action="store_true")
+    ap.add_argument("--goodput", nargs="*", help="SLOs as ttft:MS tpot:MS e2el:MS")
+    ap.add_argument("--out", help="write the result JSON here")
+    a = ap.parse_args()
+    mode = "admit" if a.admit_only else ("rate" if a.request_rate > 0 else "closed")
+    spec = LoadSpec(
+        port=a.port, target=a.target, host=a.host, key=a.key, mode=mode,
+        concurrency=a.concurrency if mode != "rate" or a.concurrency else 0,
+        request_rate=a.request_rate, burstiness=a.burstiness, max_tokens=a.max_tokens,
+        input_len=a.input_len, warmup_s=a.warmup, duration_s=a.duration, stamps=a.stamps,
+    )  # fmt: skip
+    with LoadClient(a.shards) as client:
+        out = client.run(spec, f"{a.target} {mode}", parse_slo(a.goodput))
+    text = json.dumps(out, indent=2)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
