@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from engine_procs.adapters import adapter_class
 from engine_procs.adapters.base import EngineRequest
+from engine_procs.engine_process import RestartPolicy
 from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
 from engine_procs.frames import token_frame as _token_frame
 from ipc import protocol as p
@@ -83,6 +84,10 @@ class Supervisor:
         self.ready = False
         self.restarting = False
         self.last_error = ""
+        self.restart_policy = RestartPolicy(
+            self.cfg.server.restart_backoff_ms / 1000.0,
+            self.cfg.server.restart_backoff_max_ms / 1000.0,
+        )
         self.retention_s = self.cfg.limits.transcript_retention_ms / 1000.0 + 5.0
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -150,6 +155,7 @@ class Supervisor:
         log.error("engine died", replica_id=self.replica.id, reason=reason)
         self.ready = False
         self.last_error = reason
+        self.restart_policy.died(_now())
         for run in list(self.runs.values()):
             self._fail(
                 run,
@@ -351,24 +357,37 @@ class Supervisor:
 
     async def start_engine(self) -> None:
         self.restarting = True
-        backoff = self.cfg.server.restart_backoff_ms / 1000.0
-        cap = self.cfg.server.restart_backoff_max_ms / 1000.0
-        first = True
+        policy = self.restart_policy
         try:
             while not self.stopping.is_set():
-                if not first:
-                    await asyncio.sleep(backoff)
-                    backoff = min(cap, backoff * 2)
-                first = False
+                delay = policy.delay()
+                if delay:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+                    if self.stopping.is_set():
+                        return
                 with contextlib.suppress(Exception):
                     await self.adapter.stop()
                 try:
                     await self.adapter.start(timeout_s=30.0)
                 except Exception as e:
+                    policy.start_failed()
                     self.last_error = f"engine failed to start: {e}"
                     log.error("engine failed to start", replica_id=self.replica.id, error=str(e))
+                    if policy.open:
+                        self.last_error += (
+                            f" (circuit open after {policy.failures} failures in a row;"
+                            f" next try in {policy.cooldown_s:g}s)"
+                        )
+                        log.error(
+                            "engine circuit open",
+                            replica_id=self.replica.id,
+                            failures=policy.failures,
+                            cooldown_s=policy.cooldown_s,
+                        )
                     self.status()
                     continue
+                policy.ready(_now())
                 self.ready = True
                 log.info(
                     "engine ready",

@@ -201,7 +201,7 @@ class HttpAdapter(EngineAdapter, abc.ABC):
         try:
             if ep.command:
                 argv = render_command(
-                    ep.command, model_path=ep.model_path, port=port, model=ep.model
+                    ep.command, model_path=self.model_path(), port=port, model=ep.model
                 )
                 self._proc = EngineProcess(argv, self._log_path())
                 await self._proc.start()
@@ -214,6 +214,14 @@ class HttpAdapter(EngineAdapter, abc.ABC):
             raise
         if self._proc is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_proc())
+
+    def model_path(self) -> str:
+        """``{model_path}`` for the engine command: the path of a ``file:`` model_ref (so a
+        reload to a new ref starts the engine on the new file), else ``endpoint.model_path``."""
+        ref = self.replica.model_ref
+        if ref.startswith("file:"):
+            return ref.removeprefix("file:").removeprefix("//")
+        return self.replica.endpoint.model_path
 
     def _log_path(self) -> str | None:
         if not self.engine_addr.startswith("ipc://"):
