@@ -30,7 +30,12 @@ def json_string(text: str) -> bytes:
 
 
 def end_frame(
-    seq: int, tokens_out: int, decode_ms: float, decode_time_ms: float, reason: str
+    seq: int,
+    tokens_out: int,
+    decode_ms: float,
+    decode_time_ms: float,
+    reason: str,
+    artifact_id: str | None = None,
 ) -> bytes:
     return frame(
         "end",
@@ -40,7 +45,7 @@ def end_frame(
             "decode_ms": round(decode_ms, 3),
             "decode_time_ms": round(decode_time_ms, 3),
             "reason": reason,
-            "artifact_id": None,
+            "artifact_id": artifact_id,
         },
     )
 

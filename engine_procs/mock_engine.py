@@ -45,9 +45,21 @@ def vocab(size: int) -> list[str]:
     return words[:size]
 
 
-def request_rng(engine_version: str, seed: int, prompt: str, max_tokens: int) -> random.Random:
-    h = hashlib.sha256(f"{engine_version}\0{seed}\0{max_tokens}\0{prompt}".encode()).digest()
+def request_rng(
+    engine_version: str, seed: int, prompt: str, max_tokens: int, model: str = ""
+) -> random.Random:
+    key = f"{engine_version}\0{model}\0{seed}\0{max_tokens}\0{prompt}"
+    h = hashlib.sha256(key.encode()).digest()
     return random.Random(int.from_bytes(h[:16], "little"))
+
+
+def load_model(model_ref: str) -> str:
+    """What the mock "loads": a ``file:`` model must exist and is hashed (its bytes shape the
+    tokens, so a reload to another file really changes the output); other refs by name."""
+    if model_ref.startswith("file:"):
+        with open(model_ref[5:], "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    return model_ref
 
 
 @dataclass(slots=True)
@@ -60,8 +72,9 @@ class _Req:
 
 
 class MockEngineProcess:
-    def __init__(self, addr: str, cfg: MockEngine) -> None:
+    def __init__(self, addr: str, cfg: MockEngine, model: str = "") -> None:
         self.cfg = cfg
+        self.model = model
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.SNDHWM, 4)
@@ -124,7 +137,9 @@ class MockEngineProcess:
 
     def handle(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, p.EngSubmit):
-            rng = request_rng(self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens)
+            rng = request_rng(
+                self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens, self.model
+            )
             due = time.monotonic() + self.cfg.ttft_ms / 1000.0
             self.reqs[msg.rid] = _Req(msg.rid, rng, max(1, msg.max_tokens), due)
         elif isinstance(msg, p.EngAbort):
@@ -135,7 +150,13 @@ class MockEngineProcess:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = msgspec.json.decode(argv[1].encode(), type=MockEngine)
-    MockEngineProcess(argv[0], cfg).run()
+    model_ref = argv[2] if len(argv) > 2 else ""
+    try:
+        model = load_model(model_ref)
+    except OSError as e:
+        sys.stderr.write(f"mock engine: cannot load model {model_ref}: {e.strerror}\n")
+        return 3
+    MockEngineProcess(argv[0], cfg, model).run()
     return 0
 
 

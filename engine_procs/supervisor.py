@@ -18,21 +18,21 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from engine_procs.adapters import adapter_class
-from engine_procs.adapters.base import EngineRequest
+from engine_procs.adapters.base import EngineAdapter, EngineRequest
 from engine_procs.engine_process import RestartPolicy
 from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
+from engine_procs.runs import Run
 from engine_procs.frames import token_frame as _token_frame
 from ipc import protocol as p
-from ipc.doorbell import BellWriter
-from ipc.ring import RingWriter
+from engine_procs.publisher import Publisher
 from orchd import log
-from orchd.config import Resolved, load_resolved
+from orchd.config import Replica, Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
 
 BACKLOG_RETRY_S = 0.0005
@@ -44,23 +44,21 @@ def _now() -> float:
     return time.monotonic()
 
 
-@dataclass(slots=True, eq=False)
-class Run:
-    task_id: str
-    rid: int
-    spec: p.TaskSpec
-    frontend: int
-    slot: int
-    t_start: float
-    seq: int = 0
-    tokens: int = 0
-    t_first: float = 0.0
-    t_last: float = 0.0
-    ended: bool = False
-    ended_at: float = 0.0
-    dirty: bool = False
-    transcript: list[bytes] = field(default_factory=list)
-    outbox: list[bytes] = field(default_factory=list)
+class _EngineSink:
+    """What one engine reports into: the supervisor, told which engine is speaking (during a
+    reload two engines run side by side, and only the dead one's tasks fail)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.adapter: EngineAdapter | None = None
+        self.on_tokens = sup.on_tokens
+        self.on_finish = sup.on_finish
+        self.on_error = sup.on_error
+        self.flush = sup.flush
+
+    def on_engine_dead(self, reason: str) -> None:
+        assert self.adapter is not None
+        self.sup.on_engine_dead(reason, self.adapter)
 
 
 class Supervisor:
@@ -71,9 +69,10 @@ class Supervisor:
         self.replica = self.cfg.replicas[index]
         self.ident = f"sup-{self.replica.id}"
         nfe = self.cfg.server.frontends
-        self.writers = [RingWriter(self.rt.ring_name(index, f)) for f in range(nfe)]
-        self.bells = [BellWriter(self.rt.bell_path(f)) for f in range(nfe)]
-        self.backlog: list[list[tuple[int, int, int, bytes]]] = [[] for _ in range(nfe)]
+        self.rings = Publisher(
+            [self.rt.ring_name(index, f) for f in range(nfe)],
+            [self.rt.bell_path(f) for f in range(nfe)],
+        )
         self.runs: dict[str, Run] = {}
         self.by_rid: dict[int, Run] = {}
         self.ended: dict[str, Run] = {}  # transcripts kept for late subscribers
@@ -93,11 +92,35 @@ class Supervisor:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident.encode())
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.adapter = adapter_class(self.replica.adapter_name)(
-            self.replica, self.rt.engine_addr(index), self
-        )
+        self.engine_seq = itertools.count()
+        self.adapter = self._make_adapter(self.replica)
+        self.adapter_load: dict[EngineAdapter, int] = {}  # runs per engine
+        self.retiring: set[EngineAdapter] = set()  # replaced by a reload; stop when idle
+        self.prepared: dict[int, EngineAdapter] = {}  # reload req id -> engine started
+        self.queue_depth = 0
         self.stopping = asyncio.Event()
         self._backlog_task: asyncio.Task[None] | None = None
+
+    def _make_adapter(self, replica: Replica) -> EngineAdapter:
+        n = next(self.engine_seq)
+        addr = self.rt.engine_addr(self.index) + (f".{n}" if n else "")
+        sink = _EngineSink(self)
+        adapter = adapter_class(replica.adapter_name)(replica, addr, sink)
+        sink.adapter = adapter
+        return adapter
+
+    def _release_adapter(self, run: Run) -> None:
+        a = run.adapter
+        if a is None:
+            return
+        run.adapter = None
+        left = self.adapter_load.get(a, 1) - 1
+        self.adapter_load[a] = left
+        if left <= 0:
+            self.adapter_load.pop(a, None)
+            if a in self.retiring:
+                self.retiring.discard(a)
+                asyncio.get_running_loop().create_task(a.stop())
 
     # ---------------------------------------------------------------- messages out
 
@@ -135,6 +158,9 @@ class Supervisor:
                 run.outbox.append(f)
         run.seq, run.tokens = seq, i
         self._mark(run)
+        if (run.tokens_budget is not None or run.cost_budget is not None) and run.over_budget(now):
+            run.adapter.abort(rid)
+            self._end(run, "budget")
 
     def on_finish(self, rid: int, reason: str) -> None:
         run = self.by_rid.get(rid)
@@ -151,12 +177,15 @@ class Supervisor:
             )
             self._fail(run, err)
 
-    def on_engine_dead(self, reason: str) -> None:
+    def on_engine_dead(self, reason: str, adapter: EngineAdapter | None = None) -> None:
+        adapter = adapter or self.adapter
         log.error("engine died", replica_id=self.replica.id, reason=reason)
-        self.ready = False
-        self.last_error = reason
-        self.restart_policy.died(_now())
-        for run in list(self.runs.values()):
+        current = adapter is self.adapter
+        if current:
+            self.ready = False
+            self.last_error = reason
+            self.restart_policy.died(_now())
+        for run in [r for r in self.runs.values() if r.adapter is adapter]:
             self._fail(
                 run,
                 OrchdError(
@@ -167,6 +196,8 @@ class Supervisor:
                 ),
             )
         self.flush()
+        if not current:
+            return  # a retiring or prepared engine: the serving one is unaffected
         self.status()
         if not self.stopping.is_set() and not self.restarting:
             asyncio.get_running_loop().create_task(self.start_engine())
@@ -197,10 +228,15 @@ class Supervisor:
 
     def _end(self, run: Run, reason: str) -> None:
         now = _now()
-        run.seq += 1
         decode_ms = (now - run.t_start) * 1000.0
         decode_time_ms = (run.t_last - run.t_first) * 1000.0 if run.tokens else 0.0
-        self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason))
+        aid = None
+        if self.cfg.artifacts.transcripts:
+            aid, doc = run.transcript_doc(self.replica, self.adapter.engine_version, reason)
+            self.send(p.PutArtifact(doc))
+        run.seq += 1
+        self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid))
+        self._release_adapter(run)
         self._close(run)
         if reason != "canceled":
             self.send(
@@ -221,11 +257,16 @@ class Supervisor:
             decode_time_ms=round(decode_time_ms, 3),
         )
 
-    def _fail(self, run: Run, err: OrchdError) -> None:
+    def _terminal_error(self, run: Run, err: OrchdError) -> None:
         run.seq += 1
         self._emit(run, error_frame(run.seq, err.envelope()))
+        if run.adapter is not None:
+            run.adapter.abort(run.rid)
+        self._release_adapter(run)
         self._close(run)
-        self.adapter.abort(run.rid)
+
+    def _fail(self, run: Run, err: OrchdError) -> None:
+        self._terminal_error(run, err)
         self.send(p.TaskEnded(run.task_id, "error", run.tokens, error_code=err.code.value))
         log.warning("task failed", task_id=run.task_id, code=err.code.value, message=err.message)
 
@@ -235,38 +276,26 @@ class Supervisor:
         """Move every dirty stream's frames into its ring: one record per stream, one publish
         per ring, one doorbell at most."""
         self.flush_scheduled = False
-        backlog = self.backlog
+        rings = self.rings
         for run in self.dirty:
             run.dirty = False
             if run.frontend >= 0 and run.outbox:
                 out = run.outbox
                 payload = out[0] if len(out) == 1 else b"".join(out)
                 kind = KIND_TERMINAL if run.ended else KIND_DATA
-                backlog[run.frontend].append((run.slot, run.seq, kind, payload))
+                rings.add(run.frontend, (run.slot, run.seq, kind, payload))
                 run.outbox = []
             if run.ended and run.frontend >= 0:
                 run.transcript = []  # delivered: nobody will replay it
         self.dirty.clear()
-        stuck = False
-        for f, pend in enumerate(backlog):
-            if not pend:
-                continue
-            w = self.writers[f]
-            n = w.write_batch(pend)
-            if n:
-                del pend[:n]
-                if w.needs_bell():
-                    self.bells[f].ring()
-            if pend:
-                stuck = True
-        if stuck and self._backlog_task is None:
+        if rings.publish() and self._backlog_task is None:
             # A frontend is behind: stop reading the engine until its ring has room again.
             self.adapter.paused = True
             self._backlog_task = asyncio.get_running_loop().create_task(self._drain_backlog())
 
     async def _drain_backlog(self) -> None:
         try:
-            while any(self.backlog):
+            while self.rings.pending():
                 await asyncio.sleep(BACKLOG_RETRY_S)
                 self.flush()
         finally:
@@ -277,7 +306,24 @@ class Supervisor:
 
     def on_dispatch(self, msg: p.Dispatch) -> None:
         spec = msg.task
-        run = Run(spec.task_id, next(self.rids), spec, msg.frontend, msg.slot, _now())
+        run = Run(
+            spec.task_id,
+            next(self.rids),
+            spec,
+            msg.frontend,
+            msg.slot,
+            _now(),
+            adapter=self.adapter,
+            deadline_left_ms=msg.deadline_left_ms,
+            tokens_budget=msg.tokens_budget,
+            time_budget_ms=msg.time_budget_ms,
+            cost_budget=msg.cost_budget,
+            cost_per_token=msg.cost_per_token,
+            kv_warm=msg.kv_warm,
+        )
+        run.t_metrics = run.t_start
+        self.adapter_load[self.adapter] = self.adapter_load.get(self.adapter, 0) + 1
+        self.queue_depth = msg.queue_depth
         self.runs[run.task_id] = run
         self.by_rid[run.rid] = run
         self._emit(
@@ -292,6 +338,8 @@ class Supervisor:
                     "engine_version": self.adapter.engine_version,
                     "pool_id": self.replica.pool_id,
                     "replica_id": self.replica.id,
+                    "sampler_profile_version": spec.sampler_profile_version,
+                    "placement": msg.placement_reason,
                 },
             ),
         )
@@ -314,7 +362,7 @@ class Supervisor:
         if run is None:
             err = OrchdError(Code.INTERNAL, f"transcript of task {msg.task_id} is gone")
             payload = error_frame(1, err.envelope())
-            self.backlog[msg.frontend].append((msg.slot, 1, KIND_TERMINAL, payload))
+            self.rings.add(msg.frontend, (msg.slot, 1, KIND_TERMINAL, payload))
             self.flush()
             return
         run.frontend, run.slot = msg.frontend, msg.slot
@@ -328,8 +376,20 @@ class Supervisor:
         if run is None:
             self.send(p.AbortDone(msg.req_id, msg.task_id, False, -1, 0))
             return
-        self.adapter.abort(run.rid)
-        self._end(run, "canceled")
+        if msg.reason in ("drained", "shutdown"):
+            why = "its pool was drained" if msg.reason == "drained" else "orchd is shutting down"
+            err = OrchdError(
+                Code.POOL_UNAVAILABLE,
+                f"task stopped: {why}",
+                engine=self.replica.engine,
+                pool_id=self.replica.pool_id,
+                retry_after_ms=1000,
+            )
+            self._terminal_error(run, err)
+        else:
+            if run.adapter is not None:
+                run.adapter.abort(run.rid)
+            self._end(run, "canceled")
         self.flush()  # the terminal frame is published before we answer
         self.send(
             p.AbortDone(
@@ -347,11 +407,54 @@ class Supervisor:
                     self.on_attach(msg)
                 case p.Abort():
                     self.on_abort(msg)
+                case p.QueueDepth():
+                    self.queue_depth = msg.depth
+                case p.ReloadPrepare():
+                    asyncio.get_running_loop().create_task(self.reload_prepare(msg))
+                case p.ReloadCommit():
+                    self.reload_commit(msg)
+                case p.ReloadAbort():
+                    new = self.prepared.pop(msg.req_id, None)
+                    if new is not None:
+                        await new.stop()
                 case p.Welcome(accepted=False):
                     log.error("scheduler refused us", reason=msg.reason)
                     self.stopping.set()
                 case _:
                     pass
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload_prepare(self, msg: p.ReloadPrepare) -> None:
+        """Start an engine with the new model beside the serving one; report, don't switch."""
+        replica = msgspec.structs.replace(self.replica, model_ref=msg.model_ref)
+        new = self._make_adapter(replica)
+        try:
+            await new.start(timeout_s=self.replica.endpoint.ready_timeout_s)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            log.error("reload: engine failed to start", model_ref=msg.model_ref, error=str(e))
+            self.send(p.ReloadReady(msg.req_id, False, error=f"engine failed to start: {e}"))
+            return
+        self.prepared[msg.req_id] = new
+        self.send(p.ReloadReady(msg.req_id, True, new.engine_version))
+
+    def reload_commit(self, msg: p.ReloadCommit) -> None:
+        new = self.prepared.pop(msg.req_id, None)
+        if new is None:
+            return
+        old = self.adapter
+        self.adapter = new
+        self.replica = new.replica
+        if self.adapter_load.get(old):
+            self.retiring.add(old)  # it finishes its running tasks first
+        else:
+            asyncio.get_running_loop().create_task(old.stop())
+        log.info("reloaded", replica_id=self.replica.id, model_ref=self.replica.model_ref)
+        self.ready = True
+        self.last_error = ""
+        self.status()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -400,6 +503,15 @@ class Supervisor:
         finally:
             self.restarting = False
 
+    def _itl_ms(self) -> float:
+        """Recent per-token time across running tasks (for on-time estimates)."""
+        spans = [
+            (r.t_last - r.t_first) * 1000.0 / (r.tokens - 1)
+            for r in self.runs.values()
+            if r.tokens > 1
+        ]
+        return sum(spans) / len(spans) if spans else 0.0
+
     async def housekeeping(self) -> None:
         hb = self.cfg.server.heartbeat_ms / 1000.0
         next_hb = 0.0
@@ -410,7 +522,16 @@ class Supervisor:
             if now >= next_hb:
                 self.send(p.Heartbeat())
                 next_hb = now + hb
+            interval = self.cfg.scheduling.metrics_interval_ms / 1000.0
+            itl_ms = self._itl_ms()
             for run in list(self.runs.values()):
+                if run.time_budget_ms is not None and run.over_budget(now) == "time":
+                    run.adapter.abort(run.rid)
+                    self._end(run, "budget")
+                    continue
+                if interval > 0 and now - run.t_metrics >= interval:
+                    run.t_metrics = now
+                    self._emit(run, run.metrics_frame(now, self.queue_depth, itl_ms))
                 if now - (run.t_last or run.t_start) > timeout_s:
                     self._fail(
                         run,
@@ -451,8 +572,7 @@ class Supervisor:
         await self.adapter.stop()
         self.send(p.Goodbye("stopping"))
         self.sock.close(linger=500)
-        for w in self.writers:
-            w.close()
+        self.rings.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,18 @@ class MetricsQuery(_Msg):
     req_id: int
 
 
+class Query(_Msg):
+    """A control-plane or session request the scheduler answers with ``Reply`` or ``Failed``.
+
+    ``op`` names it (``session.get``, ``pool.drain``, ``catalog.create``, ...); ``args`` holds
+    its validated arguments; ``key`` is the caller's API key id."""
+
+    req_id: int
+    op: str
+    args: dict[str, Any]
+    key: str = ""
+
+
 class FenceDone(_Msg):
     """The frontend has written a stream's terminal frame to its socket (answers ``Fence``)."""
 
@@ -126,17 +138,27 @@ class FenceDone(_Msg):
 # ---------------------------------------------------------------- scheduler -> frontend
 
 
+class Budgets(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """What the task's session has left; None = unlimited."""
+
+    tokens: int | None = None
+    time_ms: int | None = None
+    cost: float | None = None
+
+
 class Admitted(_Msg):
     req_id: int
     task_id: str
     queue_position: int
     predicted_start_ms: int
     backoff_ms: int = 0
+    budgets: Budgets = Budgets()
 
 
 class Subscribed(_Msg):
     req_id: int
     task_id: str
+    budgets: Budgets = Budgets()
 
 
 class Done(_Msg):
@@ -150,9 +172,10 @@ class Failed(_Msg):
     error: ErrorInfo
 
 
-class Capabilities(_Msg):
+class Reply(_Msg):
     req_id: int
-    body: dict[str, Any]
+    body: Any
+    status: int = 200
 
 
 class MetricsText(_Msg):
@@ -196,6 +219,16 @@ class Dispatch(_Msg):
     predicted_start_ms: int
     frontend: int = -1  # -1: nobody streams it yet
     slot: int = 0
+    model_ref: str = ""  # canonical (catalog-resolved) model reference
+    placement_reason: str = ""
+    queue_depth: int = 0
+    deadline_left_ms: int = 0
+    # Budgets left to the task's session at dispatch; None = unlimited.
+    tokens_budget: int | None = None
+    time_budget_ms: int | None = None
+    cost_budget: float | None = None
+    cost_per_token: float = 0.0
+    kv_warm: bool = False
 
 
 class Attach(_Msg):
@@ -219,6 +252,44 @@ class AbortDone(_Msg):
     frontend: int
     slot: int
     tokens_out: int = 0
+
+
+class QueueDepth(_Msg):
+    """Broadcast to supervisors when it changes, for `metrics` frames."""
+
+    depth: int
+
+
+class PutArtifact(_Msg):
+    """A supervisor hands a finished transcript (canonical bytes) to the store."""
+
+    doc: bytes
+
+
+class ReloadPrepare(_Msg):
+    """Start an engine with ``model_ref`` beside the serving one; answer ``ReloadReady``."""
+
+    req_id: int
+    model_ref: str
+
+
+class ReloadReady(_Msg):
+    req_id: int
+    ok: bool
+    engine_version: str = ""
+    error: str = ""
+
+
+class ReloadCommit(_Msg):
+    """Switch to the prepared engine; the old one finishes its tasks, then stops."""
+
+    req_id: int
+
+
+class ReloadAbort(_Msg):
+    """Drop the prepared engine; the old one keeps serving."""
+
+    req_id: int
 
 
 class ReplicaStatus(_Msg):
@@ -267,12 +338,13 @@ Message = (
     | Cancel
     | CapabilitiesQuery
     | MetricsQuery
+    | Query
     | FenceDone
     | Admitted
     | Subscribed
     | Done
     | Failed
-    | Capabilities
+    | Reply
     | MetricsText
     | Fence
     | StreamFail
@@ -281,6 +353,12 @@ Message = (
     | Attach
     | Abort
     | AbortDone
+    | QueueDepth
+    | PutArtifact
+    | ReloadPrepare
+    | ReloadReady
+    | ReloadCommit
+    | ReloadAbort
     | ReplicaStatus
     | TaskEnded
     | PeerDown
@@ -306,6 +384,7 @@ class EngSubmit(_Msg):
     prompt: str
     seed: int
     max_tokens: int
+    model: str = ""  # the model the engine has loaded perturbs its tokens
 
 
 class EngAbort(_Msg):

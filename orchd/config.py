@@ -7,6 +7,7 @@ every child process reads that file and nothing else (:func:`load_resolved`).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -105,12 +106,77 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     transcript_retention_ms: int = 60_000
 
 
+class Pool(msgspec.Struct, forbid_unknown_fields=True):
+    """A set of replicas serving one model on one engine, with versions pinned.
+
+    Pools named by replicas but not listed under [[pools]] are derived from their first
+    replica (engine, model_ref; versions pinned to what its engine reports first)."""
+
+    id: str
+    engine: str = "mock"
+    model_ref: str = "mock:tiny"
+    engine_version: str = ""  # "" = pinned to the first version a replica reports
+    sampler_profile_version: str = "v1"
+    supported_workloads: list[str] = msgspec.field(default_factory=lambda: ["completion"])
+    kv_bytes_per_token: int = 1024  # for sessions' kv_bytes estimate
+
+
+class Budget(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-session allowances; 0 means unlimited."""
+
+    tokens: int = 0
+    time_ms: int = 0
+    cost: float = 0.0
+
+
+class Scheduling(msgspec.Struct, forbid_unknown_fields=True):
+    queue_policy: str = "reject"  # reject | drop-lru
+    placement: str = "default"  # default | least-loaded | round-robin
+    # Weighted fairness across API keys: key -> weight (default 1.0).
+    key_weights: dict[str, float] = msgspec.field(default_factory=dict)
+    metrics_interval_ms: int = 1000  # SSE `metrics` frames per stream; 0 = none
+
+
+class Sessions(msgspec.Struct, forbid_unknown_fields=True):
+    ttl_ms: int = 600_000
+    max_turns: int = 8
+    cost_per_token: float = 0.0
+    session_budget: Budget = msgspec.field(default_factory=Budget)
+    key_budgets: dict[str, Budget] = msgspec.field(default_factory=dict)  # API key -> budget
+
+
+class Catalog(msgspec.Struct, forbid_unknown_fields=True):
+    catalog_dir: str = ""  # "" = the catalog lives in memory only
+    trust_policy: str = "permissive"  # permissive | strict (signed and verified models only)
+    signing_keys: dict[str, str] = msgspec.field(default_factory=dict)  # key id -> HMAC secret
+
+
+class Artifacts(msgspec.Struct, forbid_unknown_fields=True):
+    artifact_store: str = "memory"  # memory | fs
+    artifact_dir: str = ""  # for fs; "" = <run_dir>/artifacts
+    artifact_memory_bytes: int = 256 << 20  # memory store: oldest evicted beyond this
+    transcripts: bool = True  # store each stream's transcript as a `trace` artifact
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: Server = msgspec.field(default_factory=Server)
     limits: Limits = msgspec.field(default_factory=Limits)
+    scheduling: Scheduling = msgspec.field(default_factory=Scheduling)
+    sessions: Sessions = msgspec.field(default_factory=Sessions)
+    catalog: Catalog = msgspec.field(default_factory=Catalog)
+    artifacts: Artifacts = msgspec.field(default_factory=Artifacts)
+    pools: list[Pool] = msgspec.field(default_factory=list)
     replicas: list[Replica] = msgspec.field(
         default_factory=lambda: [Replica(id="r0"), Replica(id="r1")]
     )
+
+    def all_pools(self) -> list[Pool]:
+        """Configured pools plus those only named by replicas."""
+        pools = {p.id: p for p in self.pools}
+        for r in self.replicas:
+            if r.pool_id not in pools:
+                pools[r.pool_id] = Pool(id=r.pool_id, engine=r.engine, model_ref=r.model_ref)
+        return list(pools.values())
 
 
 class Runtime(msgspec.Struct):
@@ -139,9 +205,16 @@ _ENV_PREFIX = "ORCHD_"
 
 
 def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """``ORCHD_<FIELD>`` for any field of [server] or [limits] (names are unique across both)."""
-    out: dict[str, dict[str, Any]] = {"server": {}, "limits": {}}
-    sections = {"server": Server, "limits": Limits}
+    """``ORCHD_<FIELD>`` for any scalar field of a section (names are unique across them)."""
+    sections: dict[str, type[msgspec.Struct]] = {
+        "server": Server,
+        "limits": Limits,
+        "scheduling": Scheduling,
+        "sessions": Sessions,
+        "catalog": Catalog,
+        "artifacts": Artifacts,
+    }
+    out: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for key, raw in env.items():
         if not key.startswith(_ENV_PREFIX) or key == "ORCHD_CONFIG":
             continue
@@ -225,6 +298,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"limits.ring_bytes must be a power of two >= 4096, got {lim.ring_bytes}")
     if lim.queue_capacity < 1:
         raise ConfigError("limits.queue_capacity must be >= 1")
+    pool_ids = {p.id for p in cfg.all_pools()}
+    for pool in cfg.pools:
+        members = [r for r in cfg.replicas if r.pool_id == pool.id]
+        for r in members:
+            if r.engine != pool.engine or r.model_ref != pool.model_ref:
+                raise ConfigError(
+                    f"replica {r.id} is in pool {pool.id} but serves {r.engine}/{r.model_ref}; "
+                    f"the pool pins {pool.engine}/{pool.model_ref}"
+                )
+    if len(pool_ids) != len(cfg.all_pools()):
+        raise ConfigError("pool ids must be unique")
+    if cfg.scheduling.queue_policy not in ("reject", "drop-lru"):
+        raise ConfigError(
+            f"scheduling.queue_policy must be reject or drop-lru, got {cfg.scheduling.queue_policy!r}"
+        )
+    if cfg.scheduling.placement not in ("default", "least-loaded", "round-robin"):
+        raise ConfigError(f"unknown scheduling.placement {cfg.scheduling.placement!r}")
+    if cfg.catalog.trust_policy not in ("permissive", "strict"):
+        raise ConfigError("catalog.trust_policy must be permissive or strict")
+    if cfg.artifacts.artifact_store not in ("memory", "fs"):
+        raise ConfigError("artifacts.artifact_store must be memory or fs")
     if not s.api_keys and not is_loopback(s.host):
         raise ConfigError(
             f"refusing to listen on non-loopback address {s.host} with no API keys: "
@@ -235,6 +329,11 @@ def validate(cfg: Config) -> None:
 def effective_api_keys(cfg: Config) -> list[str]:
     """Configured keys, or the development key ``dev`` on a loopback address."""
     return list(cfg.server.api_keys) or ["dev"]
+
+
+def key_id(key: str) -> str:
+    """A non-secret, stable id for an API key: what logs, metrics and the scheduler see."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

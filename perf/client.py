@@ -95,7 +95,7 @@ async def _one(t: Target, tokens: int, stamps: bool, res: ShardResult, seed: int
     else:
         tid = f"bench-{uuid.uuid4().hex[:12]}"
         body = {
-            "task_id": tid, "session_id": "bench", "workload": "completion",
+            "task_id": tid, "session_id": tid, "workload": "completion",
             "model_ref": "mock:tiny", "engine": "mock", "ctx": 2048, "priority": "interactive",
             "max_tokens": tokens, "deadline_ms": 600000, "seed": seed, "prompt": "bench",
         }  # fmt: skip

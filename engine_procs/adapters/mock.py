@@ -51,14 +51,25 @@ class MockAdapter(EngineAdapter):
             "engine_procs.mock_engine",
             self.engine_addr,
             cfg_json,
+            self.replica.model_ref,
             preexec_fn=die_with_parent,
+            stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            data = await asyncio.wait_for(sock.recv(), timeout_s)
-        except TimeoutError:
+        proc = self._proc
+        hello = asyncio.ensure_future(sock.recv())
+        died = asyncio.ensure_future(proc.wait())
+        done, _ = await asyncio.wait({hello, died}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+        if hello not in done:
+            hello.cancel()
+            died.cancel()
+            why = f"mock engine not ready after {timeout_s}s"
+            if died in done:
+                err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
+                why = f"mock engine exited with status {proc.returncode}: {err or 'no message'}"
             await self.stop()
-            raise RuntimeError(f"mock engine not ready after {timeout_s}s") from None
-        ready = p.decode_engine(data)
+            raise RuntimeError(why)
+        died.cancel()
+        ready = p.decode_engine(hello.result())
         if not isinstance(ready, p.EngReady):
             await self.stop()
             raise RuntimeError(f"mock engine said {type(ready).__name__} instead of EngReady")

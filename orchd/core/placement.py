@@ -22,6 +22,8 @@ class ReplicaView:
     free_vram_bytes: int = 0
     engine_version: str = ""
     last_error: str = ""
+    devices: str = ""  # CUDA_VISIBLE_DEVICES of its engine
+    connected: bool = False  # its supervisor process is up
 
     @property
     def free_slots(self) -> int:
@@ -47,7 +49,13 @@ def _least_loaded(cands: list[ReplicaView]) -> ReplicaView:
     return min(cands, key=lambda r: (len(r.active) / r.slots, r.id))
 
 
+_default.name = "default: most free VRAM, fewest active, id"  # type: ignore[attr-defined]
+_least_loaded.name = "least-loaded"  # type: ignore[attr-defined]
+
+
 class _RoundRobin:
+    name = "round-robin"
+
     def __init__(self) -> None:
         self._last = ""
 

@@ -2,6 +2,7 @@
 
 Every entry point takes a message (and ``now`` in ms) and returns the messages to send, as
 ``(peer, message)`` pairs. The shell (``orchd/scheduler/loop.py``) only moves bytes.
+Control-plane operations (pools, sessions, catalog) live in ``orchd/core/control.py``.
 
 Peers are named ``fe<N>`` (frontend N), ``sup-<replica id>`` and ``launcher``.
 """
@@ -14,10 +15,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ipc import protocol as p
+from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
-from orchd.core.placement import ReplicaView, eligible, make_policy
+from orchd.core.placement import ReplicaView, make_policy
+from orchd.core.pools import Pools, PoolState
 from orchd.core.queue import AdmissionQueue, QueueFull
+from orchd.core.sessions import Grant, SessionTable
 
 Out = list[tuple[str, p.Message]]
 
@@ -34,8 +38,12 @@ class Task:
     enqueued_ms: float
     queue_position: int
     predicted_start_ms: int
+    model_ref: str = ""  # canonical
+    pools: list[str] = field(default_factory=list)  # where it may run, preferred first
+    grant: Grant | None = None
     state: State = State.QUEUED
     replica: str = ""
+    placement_reason: str = ""
     started_ms: float = 0.0
     ended_ms: float = 0.0
     frontend: int = -1  # who streams it; -1 = nobody yet
@@ -58,16 +66,15 @@ class Stats:
     started: int = 0
     rejected: dict[tuple[str, str], int] = field(default_factory=dict)  # (engine, reason)
     canceled: dict[str, int] = field(default_factory=dict)  # reason
+    backpressure: dict[str, int] = field(default_factory=dict)  # policy
+    placements: dict[tuple[str, str], int] = field(default_factory=dict)  # (pool, replica)
     tokens_in: int = 0
     tokens_out: int = 0
     first_token_ms: list[float] = field(default_factory=list)  # drained by the shell
     decode_ms: list[float] = field(default_factory=list)
 
-    def reject(self, engine: str, reason: str) -> None:
-        self.rejected[(engine, reason)] = self.rejected.get((engine, reason), 0) + 1
-
-    def cancel(self, reason: str) -> None:
-        self.canceled[reason] = self.canceled.get(reason, 0) + 1
+    def bump(self, d: dict, k: object) -> None:
+        d[k] = d.get(k, 0) + 1
 
 
 def sup(replica_id: str) -> str:
@@ -82,17 +89,35 @@ class SchedulerCore:
     def __init__(
         self,
         replicas: list[ReplicaView],
+        pools: list[PoolState] | None = None,
         *,
         queue_capacity: int,
         queue_policy: str = "reject",
         placement: str = "default",
         retention_ms: int = 60_000,
+        key_weights: dict[str, float] | None = None,
+        sessions: SessionTable | None = None,
+        catalog: Catalog | None = None,
+        cost_per_token: float = 0.0,
     ) -> None:
         self.replicas = {r.id: r for r in replicas}
-        self.queue: AdmissionQueue[None] = AdmissionQueue(queue_capacity, queue_policy)
+        if pools is None:
+            pools = []
+            for r in replicas:
+                if r.pool_id not in {x.id for x in pools}:
+                    pools.append(
+                        PoolState(r.pool_id, r.engine, "mock:tiny", "", "v1", ["completion"], 1024)
+                    )
+        self.pools = Pools(pools, self.replicas)
+        self.queue: AdmissionQueue[None] = AdmissionQueue(queue_capacity, queue_policy, key_weights)
         self.place = make_policy(placement)
+        self.sessions = sessions or SessionTable()
+        self.catalog = catalog or Catalog()
+        self.cost_per_token = cost_per_token
         self.tasks: dict[str, Task] = {}
-        self.service = ServiceTime()
+        self.service = ServiceTime()  # dispatch to end
+        self.ttft = ServiceTime(prior_ms=0.0)
+        self.tpot = ServiceTime(prior_ms=0.0)  # per token after the first
         self.stats = Stats()
         self.retention_ms = retention_ms
         self.admitting = True
@@ -102,13 +127,26 @@ class SchedulerCore:
         self._ended: deque[tuple[float, str]] = deque()  # (ended_ms, task id), for retention
         self._drain: tuple[str, int, float] | None = None  # (peer, req id, deadline ms)
 
+    def next_id(self) -> int:
+        return next(self._ids)
+
     # ------------------------------------------------------------------ helpers
 
-    def _total_slots(self) -> tuple[int, int]:
-        live = [r for r in self.replicas.values() if r.ready and not r.draining]
-        return sum(r.slots for r in live), sum(r.free_slots for r in live)
+    def _slots(self, pool_ids: list[str]) -> tuple[int, int]:
+        total = free = 0
+        for pid in pool_ids:
+            pool = self.pools.pools[pid]
+            if pool.draining:
+                continue
+            for rid in pool.replicas:
+                r = self.replicas[rid]
+                if r.ready:
+                    total += r.slots
+                    free += r.free_slots
+        return total, free
 
-    def _error(self, e: OrchdError) -> p.ErrorInfo:
+    @staticmethod
+    def error_info(e: OrchdError) -> p.ErrorInfo:
         return p.ErrorInfo(
             e.code.value,
             e.message,
@@ -118,13 +156,36 @@ class SchedulerCore:
             policy_label=e.policy_label,
         )
 
-    def _end(self, t: Task, reason: str, now: float, error: p.ErrorInfo | None = None) -> None:
+    def _end(
+        self,
+        t: Task,
+        reason: str,
+        now: float,
+        error: p.ErrorInfo | None = None,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+    ) -> None:
         if t.state is State.RUNNING:
             r = self.replicas.get(t.replica)
             if r is not None:
                 r.active.discard(t.spec.task_id)
         elif t.state is State.QUEUED:
             self.queue.remove(t.spec.task_id)
+        if t.grant is not None:
+            if t.started_ms:
+                pool = self.pools.pools.get(self.replicas[t.replica].pool_id) if t.replica else None
+                self.sessions.settle(
+                    t.grant,
+                    tokens_in=tokens_in,
+                    tokens_out=tokens_out,
+                    decode_ms=now - t.started_ms,
+                    replica=t.replica,
+                    kv_bytes_per_token=pool.kv_bytes_per_token if pool else 0,
+                    now=now,
+                )
+            else:
+                self.sessions.release(t.grant, now)
+            t.grant = None
         t.state = State.ENDED
         t.end_reason = reason
         t.error = error
@@ -137,7 +198,7 @@ class SchedulerCore:
             return
         t.terminal = "frontend"
         t.fencing = True
-        rid = next(self._ids)
+        rid = self.next_id()
         self._fences[rid] = t.spec.task_id
         if t.error is not None:
             out.append((fe(t.frontend), p.StreamFail(rid, t.slot, t.spec.task_id, t.error)))
@@ -151,7 +212,7 @@ class SchedulerCore:
         if t.frontend >= 0 and t.terminal == "ring":
             # The frame is in (or on its way to) the ring: the frontend flushes it, then says so.
             t.fencing = True
-            rid = next(self._ids)
+            rid = self.next_id()
             self._fences[rid] = t.spec.task_id
             out.append((fe(t.frontend), p.Fence(rid, t.slot)))
             return
@@ -159,35 +220,57 @@ class SchedulerCore:
             out.append((peer, p.Done(req_id)))
         t.waiting_cancels.clear()
 
+    def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None:
+        """End a task that its supervisor cannot end (queued, or its supervisor is gone)."""
+        self._end(t, "error", now, err)
+        self._terminal_by_frontend(t, out)
+        self._settle(t, out)
+
     # ------------------------------------------------------------------ admission
 
     def submit(self, peer: str, msg: p.Submit, now: float) -> Out:
         spec = msg.task
+        out: Out = []
         try:
-            pos, predicted = self._admit(spec, now)
+            pos, predicted = self._admit(spec, now, out)
         except OrchdError as e:
-            self.stats.reject(spec.engine, e.code.value)
-            return [(peer, p.Failed(msg.req_id, self._error(e)))]
-        out: Out = [(peer, p.Admitted(msg.req_id, spec.task_id, pos, predicted))]
+            self.stats.bump(self.stats.rejected, (spec.engine, e.code.value))
+            if e.code in (Code.ADMISSION_REJECT,):
+                self.stats.bump(self.stats.backpressure, self.queue.policy)
+            return [(peer, p.Failed(msg.req_id, self.error_info(e)))]
+        budgets = self.budgets(spec.session_id)
+        out.insert(0, (peer, p.Admitted(msg.req_id, spec.task_id, pos, predicted, 0, budgets)))
         out += self.dispatch(now)
         return out
 
-    def _admit(self, spec: p.TaskSpec, now: float) -> tuple[int, int]:
+    def _admit(self, spec: p.TaskSpec, now: float, out: Out) -> tuple[int, int]:
         if not self.admitting:
-            raise OrchdError(Code.POOL_UNAVAILABLE, "orchd is shutting down; not admitting")
-        if spec.task_id in self.tasks:
-            raise OrchdError(Code.INVALID_PARAMS, f"task_id {spec.task_id!r} already exists")
-        serving = [r for r in self.replicas.values() if r.engine == spec.engine]
-        if not serving:
-            engines = sorted({r.engine for r in self.replicas.values()})
             raise OrchdError(
-                Code.INVALID_PARAMS,
-                f"engine: no pool serves engine {spec.engine!r} (served: {', '.join(engines)})",
+                Code.POOL_UNAVAILABLE, "orchd is shutting down; not admitting", retry_after_ms=5000
             )
-        total, free = self._total_slots()
+        if spec.task_id in self.tasks:
+            raise OrchdError(Code.INVALID_PARAMS, f"task_id: {spec.task_id!r} already exists")
+        model = self.catalog.check(spec.model_ref)
+        pools = self.pools.targets(spec.engine, model, spec.workload, spec.placement)
+        pool_ids = [x.id for x in pools]
+        total, free = self._slots(pool_ids)
+        ahead = len(self.queue)
+        predicted = self.service.predicted_start_ms(ahead, total, free)
+        if self.tpot.samples:
+            tokens = spec.expected_tokens or spec.max_tokens
+            finish = predicted + self.ttft.mean_ms + max(0, tokens - 1) * self.tpot.mean_ms
+            if finish > spec.deadline_ms:
+                raise OrchdError(
+                    Code.DEADLINE_UNMET,
+                    f"deadline_ms: predicted finish in {finish:.0f} ms (start {predicted} ms, "
+                    f"{tokens} tokens at {self.tpot.mean_ms:.2f} ms each) is past "
+                    f"{spec.deadline_ms} ms",
+                )
+        grant = self.sessions.admit(spec.session_id, spec.api_key_id, spec.max_tokens, now)
         try:
-            pushed = self.queue.push(spec.task_id, spec.priority, None)
+            pushed = self.queue.push(spec.task_id, spec.priority, None, spec.api_key_id)
         except QueueFull:
+            self.sessions.release(grant, now)
             retry = self.service.slot_interval_ms(total)
             raise OrchdError(
                 Code.ADMISSION_REJECT,
@@ -195,37 +278,85 @@ class SchedulerCore:
                 retry_after_ms=retry,
                 policy_label=self.queue.policy,
             ) from None
-        predicted = self.service.predicted_start_ms(pushed.position - 1, total, free)
-        self.tasks[spec.task_id] = Task(spec, now, pushed.position, predicted)
+        if pushed.dropped is not None:
+            self._drop(pushed.dropped, now, total, out)
+        t = Task(spec, now, pushed.position, predicted, model, pool_ids, grant)
+        self.tasks[spec.task_id] = t
         self.stats.enqueued += 1
         return pushed.position, predicted
+
+    def _drop(self, task_id: str, now: float, total: int, out: Out) -> None:
+        victim = self.tasks[task_id]
+        self.stats.bump(self.stats.backpressure, self.queue.policy)
+        self.stats.bump(self.stats.rejected, (victim.spec.engine, Code.QUEUE_FULL_DROP_LRU.value))
+        err = OrchdError(
+            Code.QUEUE_FULL_DROP_LRU,
+            "dropped from the full queue to admit a newer task (policy drop-lru)",
+            retry_after_ms=self.service.slot_interval_ms(total),
+            policy_label=self.queue.policy,
+        )
+        self.fail_task(victim, self.error_info(err), now, out)
+
+    def budgets(self, session_id: str) -> p.Budgets:
+        s = self.sessions.sessions.get(session_id)
+        if s is None:
+            return p.Budgets()
+        time_ms = None if s.time_left_ms is None else int(s.time_left_ms)
+        return p.Budgets(s.tokens_available(), time_ms, s.cost_available())
 
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> Out:
         out: Out = []
+        chosen: dict[str, object] = {}
+
+        def fits(task_id: str, _: None) -> bool:
+            t = self.tasks[task_id]
+            sess = self.sessions.sessions.get(t.spec.session_id)
+            warm = sess.last_replica if sess is not None and t.spec.kv_hint != "cold" else ""
+            c = self.pools.choose(t.pools, t.model_ref, t.spec.placement, self.place, warm)
+            chosen["c"] = c
+            return c is not None
+
         while True:
-            head = self.queue.peek()
-            if head is None:
+            got = self.queue.pop_first(fits)
+            if got is None:
                 return out
-            t = self.tasks[head[0]]
-            cands = eligible(list(self.replicas.values()), t.spec.engine)
-            if not cands:
-                return out  # FIFO: the head waits for a slot, and so does everyone behind it
-            self.queue.pop()
-            r = self.place(cands)
+            t = self.tasks[got[0]]
+            c = chosen["c"]
+            assert c is not None
+            r = c.replica  # type: ignore[attr-defined]
             r.active.add(t.spec.task_id)
             t.state = State.RUNNING
             t.replica = r.id
+            t.placement_reason = c.reason  # type: ignore[attr-defined]
             t.started_ms = now
-            self.stats.started += 1
             t.attached = t.frontend >= 0
-            out.append(
-                (
-                    sup(r.id),
-                    p.Dispatch(t.spec, t.queue_position, t.predicted_start_ms, t.frontend, t.slot),
-                )
-            )
+            self.stats.started += 1
+            self.stats.bump(self.stats.placements, (r.pool_id, r.id))
+            out.append((sup(r.id), self._dispatch_msg(t, r, now)))
+
+    def _dispatch_msg(self, t: Task, r: ReplicaView, now: float) -> p.Dispatch:
+        sess = self.sessions.sessions.get(t.spec.session_id)
+        kv_warm = bool(sess and sess.last_replica == r.id)
+        return p.Dispatch(
+            t.spec,
+            t.queue_position,
+            t.predicted_start_ms,
+            t.frontend,
+            t.slot,
+            model_ref=t.model_ref,
+            placement_reason=t.placement_reason,
+            queue_depth=len(self.queue),
+            deadline_left_ms=int(t.spec.deadline_ms - (now - t.enqueued_ms)),
+            tokens_budget=sess.tokens_left if sess else None,
+            time_budget_ms=None
+            if sess is None or sess.time_left_ms is None
+            else int(sess.time_left_ms),
+            cost_budget=sess.cost_left if sess else None,
+            cost_per_token=self.cost_per_token,
+            kv_warm=kv_warm,
+        )
 
     # ------------------------------------------------------------------ streams
 
@@ -233,12 +364,12 @@ class SchedulerCore:
         t = self.tasks.get(msg.task_id)
         if t is None:
             err = OrchdError(Code.NOT_FOUND, f"no task {msg.task_id!r}")
-            return [(peer, p.Failed(msg.req_id, self._error(err)))]
+            return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
         if t.frontend >= 0:
             err = OrchdError(Code.INVALID_PARAMS, f"task {msg.task_id!r} is already streamed")
-            return [(peer, p.Failed(msg.req_id, self._error(err)))]
+            return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
         t.frontend, t.slot = msg.frontend, msg.slot
-        out: Out = [(peer, p.Subscribed(msg.req_id, msg.task_id))]
+        out: Out = [(peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id)))]
         if t.state is State.RUNNING or t.transcript_at_supervisor:
             # The supervisor replays the transcript so far, then streams live.
             t.attached = True
@@ -253,7 +384,7 @@ class SchedulerCore:
         t = self.tasks.get(msg.task_id)
         if t is None:
             err = OrchdError(Code.NOT_FOUND, f"no task {msg.task_id!r}")
-            return [(peer, p.Failed(msg.req_id, self._error(err)))]
+            return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
         out: Out = []
         if peer:  # internal cancels (peer "") want no answer
             t.waiting_cancels.append((peer, msg.req_id))
@@ -261,15 +392,15 @@ class SchedulerCore:
             self._settle(t, out)
             return out
         if t.state is State.QUEUED:
-            self.stats.cancel(msg.reason)
+            self.stats.bump(self.stats.canceled, msg.reason)
             self._end(t, "canceled", now)
             self._terminal_by_frontend(t, out)
             self._settle(t, out)
             return out
         if t.spec.task_id not in self._aborts.values():
-            self.stats.cancel(msg.reason)
+            self.stats.bump(self.stats.canceled, msg.reason)
             # Running: the supervisor aborts the engine request and publishes the terminal.
-            rid = next(self._ids)
+            rid = self.next_id()
             self._aborts[rid] = t.spec.task_id
             out.append((sup(t.replica), p.Abort(rid, t.spec.task_id, msg.reason)))
         return out
@@ -282,7 +413,7 @@ class SchedulerCore:
         out: Out = []
         if t.state is not State.ENDED:
             self.stats.tokens_out += msg.tokens_out
-            self._end(t, "canceled", now)
+            self._end(t, "canceled", now, tokens_out=msg.tokens_out)
             t.transcript_at_supervisor = True
             if t.attached:
                 t.terminal = "ring"
@@ -309,11 +440,14 @@ class SchedulerCore:
         self.stats.tokens_in += msg.tokens_in
         if msg.first_token_ms:
             self.stats.first_token_ms.append(msg.first_token_ms)
+            self.ttft.observe(msg.first_token_ms)
         if msg.decode_ms:
             self.stats.decode_ms.append(msg.decode_ms)
+        if msg.tokens_out > 1 and msg.decode_ms and not msg.error_code:
+            self.tpot.observe((msg.decode_ms - msg.first_token_ms) / (msg.tokens_out - 1))
         self.service.observe(now - t.started_ms)
         error = p.ErrorInfo(msg.error_code, msg.reason) if msg.error_code else None
-        self._end(t, msg.reason, now, error)
+        self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out)
         t.transcript_at_supervisor = True
         if t.attached:
             t.terminal = "ring"
@@ -327,10 +461,15 @@ class SchedulerCore:
         r = self.replicas.get(msg.replica_id)
         if r is None:
             return []
-        r.ready = msg.ready
+        r.connected = True
         r.engine_version = msg.engine_version
-        if msg.last_error:
-            r.last_error = msg.last_error
+        r.last_error = msg.last_error
+        r.ready = msg.ready
+        if msg.ready:
+            refusal = self.pools.accept_version(r, msg.engine_version)
+            if refusal:
+                r.ready = False
+                r.last_error = refusal
         return self.dispatch(now) if r.ready else []
 
     def peer_down(self, ident: str, reason: str, now: float) -> Out:
@@ -340,6 +479,7 @@ class SchedulerCore:
             if r is None:
                 return out
             r.ready = False
+            r.connected = False
             r.last_error = reason
             err = p.ErrorInfo(
                 Code.WORKER_RESET.value,
@@ -354,9 +494,7 @@ class SchedulerCore:
                 if t.replica != r.id:
                     continue
                 if t.state is State.RUNNING:
-                    self._end(t, "error", now, err)
-                    self._terminal_by_frontend(t, out)
-                    self._settle(t, out)
+                    self.fail_task(t, err, now, out)
                 if t.transcript_at_supervisor and not t.attached:
                     t.transcript_at_supervisor = False  # lost with the process
                     t.error = err
@@ -369,9 +507,12 @@ class SchedulerCore:
                     fenced.fencing = False
                     fenced.frontend = -1
                     self._settle(fenced, out)
-            # Its clients are gone with it: cancel what they were streaming.
+            # Its clients are gone with it: cancel what they were streaming (and write to it
+            # no more: nobody would answer).
             for t in list(self.tasks.values()):
                 if t.frontend == index and t.state is not State.ENDED:
+                    t.frontend = -1
+                    t.attached = False
                     out += self.cancel("", p.Cancel(0, t.spec.task_id, "frontend_lost"), now)
         return out
 
@@ -382,13 +523,36 @@ class SchedulerCore:
         self._drain = (peer, msg.req_id, now + msg.deadline_ms)
         return self.tick(now)
 
+    def running_on(self, pool_id: str) -> list[Task]:
+        reps = set(self.pools.pools[pool_id].replicas)
+        return [t for t in self.tasks.values() if t.state is State.RUNNING and t.replica in reps]
+
+    def abort_tasks(self, tasks: list[Task], reason: str, now: float) -> Out:
+        out: Out = []
+        for t in tasks:
+            out += self.cancel("", p.Cancel(0, t.spec.task_id, reason), now)
+        return out
+
     def tick(self, now: float) -> Out:
         out: Out = []
+        keep = []
         while self._ended and self._ended[0][0] + self.retention_ms <= now:
             _, tid = self._ended.popleft()
             t = self.tasks.get(tid)
-            if t is not None and t.state is State.ENDED and not t.waiting_cancels:
-                del self.tasks[tid]
+            if t is not None and t.state is State.ENDED:
+                if t.waiting_cancels:
+                    keep.append((now, tid))  # forget it once its cancels are answered
+                else:
+                    del self.tasks[tid]
+        self._ended.extend(keep)
+        self.sessions.evict_expired(now)
+        for pool in self.pools.pools.values():
+            if (
+                pool.draining
+                and pool.drain_deadline_ms is not None
+                and now >= pool.drain_deadline_ms
+            ):
+                out += self.abort_tasks(self.running_on(pool.id), "drained", now)
         if self._drain is not None:
             peer, req_id, deadline = self._drain
             busy = [t for t in self.tasks.values() if t.state is not State.ENDED]
@@ -398,10 +562,10 @@ class SchedulerCore:
                 )
                 for t in busy:
                     if t.state is State.QUEUED:
-                        self._end(t, "error", now, err)
-                        self._terminal_by_frontend(t, out)
-                    else:
-                        out += self.cancel("", p.Cancel(0, t.spec.task_id, "shutdown"), now)
+                        self.fail_task(t, err, now, out)
+                out += self.abort_tasks(
+                    [t for t in busy if t.state is State.RUNNING], "shutdown", now
+                )
                 busy = [t for t in self.tasks.values() if t.state is not State.ENDED]
             if not busy and not self._fences:
                 self._drain = None

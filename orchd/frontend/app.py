@@ -18,11 +18,23 @@ from orchd import log
 from orchd.config import Resolved, effective_api_keys
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.client import SchedulerClient
+from orchd.frontend.control import routes as control_routes
 from orchd.frontend.http import JSON, error_response, read_body
 from orchd.frontend.middleware import Gate
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
+
+
+def budget_headers(b: p.Budgets) -> dict[str, str]:
+    def fmt(v: float | None) -> str:
+        return "unlimited" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+    return {
+        "X-Budget-Tokens-Remaining": fmt(b.tokens),
+        "X-Budget-Time-Remaining-Ms": fmt(b.time_ms),
+        "X-Budget-Cost-Remaining": fmt(b.cost),
+    }
 
 
 class Frontend:
@@ -94,6 +106,7 @@ class Frontend:
                 "backoff_ms": reply.backoff_ms,
             },
             status_code=202,
+            headers=budget_headers(reply.budgets),
         )
 
     async def stream(self, request: Request) -> Response | SSEResponse:
@@ -103,15 +116,19 @@ class Frontend:
         except OrchdError as e:
             return error_response(e)
         try:
-            await self.client.request(
+            reply = await self.client.request(
                 p.Subscribe(self.client.next_id(), task_id, self.index, s.slot)
             )
         except OrchdError as e:
             self.table.close(s)
             return error_response(e)
+        assert isinstance(reply, p.Subscribed)
         self.m_open.inc()
         log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-        return SSEResponse(s, [], self._stream_done)
+        headers = [
+            (k.lower().encode(), v.encode()) for k, v in budget_headers(reply.budgets).items()
+        ]
+        return SSEResponse(s, headers, self._stream_done)
 
     def _stream_done(self, s: Stream) -> None:
         left_early = not s.sent_terminal
@@ -140,14 +157,6 @@ class Frontend:
             return error_response(e)
         return Response(status_code=204)
 
-    async def capabilities(self, request: Request) -> Response:
-        try:
-            reply = await self.client.request(p.CapabilitiesQuery(self.client.next_id()))
-        except OrchdError as e:
-            return error_response(e)
-        assert isinstance(reply, p.Capabilities)
-        return JSON(reply.body)
-
     async def metrics(self, request: Request) -> Response:
         try:
             reply = await self.client.request(p.MetricsQuery(self.client.next_id()))
@@ -164,8 +173,8 @@ class Frontend:
             Route("/v1/tasks", self.submit, methods=["POST"]),
             Route("/v1/tasks/{task_id}/stream", self.stream, methods=["GET"]),
             Route("/v1/tasks/{task_id}/cancel", self.cancel, methods=["POST"]),
-            Route("/v1/capabilities", self.capabilities, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            *control_routes(self.client, self.cfg.limits.max_body_bytes),
         ]
         star = Starlette(
             routes=routes,

@@ -61,7 +61,7 @@ class SchedulerClient:
     def next_id(self) -> int:
         return next(self.ids)
 
-    async def request(self, msg: p.Message) -> p.Message:
+    async def request(self, msg: p.Message, timeout: float = REQUEST_TIMEOUT_S) -> p.Message:
         """Send ``msg`` (its ``req_id`` taken from :meth:`next_id`) and await the answer;
         a ``Failed`` answer is raised as the :class:`OrchdError` it carries."""
         req_id: int = msg.req_id  # type: ignore[union-attr]
@@ -69,7 +69,7 @@ class SchedulerClient:
         self.pending[req_id] = fut
         self.send(msg)
         try:
-            reply = await asyncio.wait_for(fut, REQUEST_TIMEOUT_S)
+            reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise OrchdError(Code.INTERNAL, "the scheduler did not answer in time") from None
         finally:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import uuid
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchd.config import key_id
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 
@@ -25,7 +25,7 @@ class Gate:
         self.app = app
         self.frontend_header = (b"x-orchd-frontend", str(frontend).encode())
         self.keys = [k.encode() for k in api_keys]
-        self.key_ids = [hashlib.sha256(k).hexdigest()[:12] for k in self.keys]
+        self.key_ids = [key_id(k.decode()) for k in self.keys]
 
     def _key_id(self, given: bytes) -> str | None:
         """A non-secret id of the matching key, or None. Every key is compared, each in

@@ -80,3 +80,43 @@ def parse_task(body: bytes, limits: Limits, api_key_id: str) -> TaskSpec:
         kv_hint=t.kv_hint,
         placement=placement,
     )
+
+
+# ---------------------------------------------------------------- control-plane bodies
+
+
+class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)]
+
+
+class ReloadBody(msgspec.Struct, forbid_unknown_fields=True):
+    new_model_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class ModelBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: Id
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    digest: str | None = None
+    signature: str | None = None
+    signing_key: str | None = None
+
+
+class StateBody(msgspec.Struct, forbid_unknown_fields=True):
+    state: Literal["Active", "Retired"]
+
+
+class ArtifactBody(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.\-]*$")]
+    content: Any
+
+
+def parse_body(body: bytes, cls: type[msgspec.Struct]) -> dict[str, Any]:
+    """Validate ``body`` as ``cls``; INVALID_PARAMS naming the field otherwise."""
+    try:
+        obj = msgspec.json.decode(body or b"null", type=cls)
+    except msgspec.ValidationError as e:
+        raise OrchdError(Code.INVALID_PARAMS, f"invalid body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise OrchdError(Code.INVALID_PARAMS, f"body is not valid JSON: {e}") from None
+    out: dict[str, Any] = msgspec.to_builtins(obj)
+    return out

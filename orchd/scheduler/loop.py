@@ -18,11 +18,12 @@ import zmq
 from ipc import protocol as p
 from orchd import log
 from orchd.config import Resolved, load_resolved
-from orchd.core.placement import ReplicaView
-from orchd.core.scheduler import Out, SchedulerCore
+from orchd.core.errors import Code, OrchdError
+from orchd.core.scheduler import Out
+from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
+from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
 
-API_VERSION = "1.0.0"
 TICK_S = 0.25
 
 
@@ -34,12 +35,12 @@ class SchedulerShell:
     def __init__(self, res: Resolved) -> None:
         cfg = res.config
         self.cfg = cfg
-        self.core = SchedulerCore(
-            [ReplicaView(r.id, r.pool_id, r.engine, r.slots) for r in cfg.replicas],
-            queue_capacity=cfg.limits.queue_capacity,
-            retention_ms=cfg.limits.transcript_retention_ms,
-        )
+        self.core, self.control = build_core(cfg)
+        self.control.wall_offset_ms = time.time() * 1000.0 - _now_ms()
         self.metrics = SchedulerMetrics(self.core)
+        self.store = make_store(cfg, res.runtime.run_dir)
+        self.catalog_disk = CatalogDisk(self.core.catalog, cfg.catalog.catalog_dir)
+        self.verifier = Verifier()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -49,6 +50,7 @@ class SchedulerShell:
         self.frontends: set[str] = set()
         self.announced = False
         self.running = True
+        self.last_depth = -1
 
     # ---------------------------------------------------------------- plumbing
 
@@ -87,10 +89,25 @@ class SchedulerShell:
         for peer, last in list(self.seen.items()):
             if peer != "launcher" and now - last > timeout:
                 log.warning("peer missed its heartbeats; treating it as dead", peer=peer)
-                del self.seen[peer]
-                self.frontends.discard(peer)
-                self.send(self.core.peer_down(peer, "heartbeat timeout", now))
+                self._peer_down(peer, "heartbeat timeout", now)
+        for model_id, digest, error in self.verifier.done():
+            if model_id in self.core.catalog.models:
+                wall = now + self.control.wall_offset_ms
+                m = self.core.catalog.record_verification(model_id, digest, wall, error)
+                log.info("model verified", model_id=model_id, verified=m.verified, error=error)
+                self.catalog_disk.save()
         self.send(self.core.tick(now))
+        self.send(self.control.tick(now))
+        depth = len(self.core.queue)
+        if depth != self.last_depth:
+            self.last_depth = depth
+            self.send([(f"sup-{r}", p.QueueDepth(depth)) for r in self.core.replicas])
+
+    def _peer_down(self, peer: str, reason: str, now: float) -> None:
+        self.seen.pop(peer, None)
+        self.frontends.discard(peer)
+        self.send(self.core.peer_down(peer, reason, now))
+        self.send(self.control.peer_down(peer))
 
     # ---------------------------------------------------------------- messages
 
@@ -122,36 +139,63 @@ class SchedulerShell:
                 out = core.abort_done(peer, msg, now)
             case p.TaskEnded():
                 out = core.task_ended(peer, msg, now)
+            case p.PutArtifact():
+                self.store.put(msg.doc)
+                return
+            case p.Query():
+                out = self.query(peer, msg, now)
+            case p.ReloadReady():
+                out = self.control.reload_ready(peer, msg, now)
             case p.ReplicaStatus():
                 out = core.replica_status(peer, msg, now)
+                rep = core.replicas.get(msg.replica_id)
                 log.info(
-                    "replica is ready" if msg.ready else "replica is not ready",
+                    "replica is ready" if rep is not None and rep.ready else "replica is not ready",
                     replica_id=msg.replica_id,
                     engine_version=msg.engine_version,
-                    last_error=msg.last_error,
+                    last_error=rep.last_error if rep is not None else msg.last_error,
                 )
                 self._maybe_announce()
             case p.Hello():
                 out = self._hello(peer, msg, now)
             case p.Goodbye():
-                self.seen.pop(peer, None)
-                self.frontends.discard(peer)
-                out = core.peer_down(peer, f"said goodbye: {msg.reason}", now)
+                self._peer_down(peer, f"said goodbye: {msg.reason}", now)
+                return
             case p.PeerDown():
-                self.seen.pop(msg.ident, None)
-                self.frontends.discard(msg.ident)
-                out = core.peer_down(msg.ident, msg.reason, now)
+                self._peer_down(msg.ident, msg.reason, now)
+                return
             case p.DrainAll():
                 log.info("draining: admission closed", deadline_ms=msg.deadline_ms)
                 out = core.drain_all(peer, msg, now)
             case p.CapabilitiesQuery():
-                out = [(peer, p.Capabilities(msg.req_id, self.capabilities()))]
+                out = self.control.handle(peer, p.Query(msg.req_id, "capabilities", {}), now)
             case p.MetricsQuery():
                 out = [(peer, p.MetricsText(msg.req_id, self.metrics.render()))]
             case _:
                 log.warning("unexpected message", peer=peer, type=type(msg).__name__)
                 return
         self.send(out)
+
+    def query(self, peer: str, q: p.Query, now: float) -> Out:
+        if q.op == "artifact.put":
+            return [(peer, p.Reply(q.req_id, {"id": self.store.put(q.args["doc"])}, 201))]
+        if q.op == "artifact.get":
+            doc = self.store.get(q.args["id"])
+            if doc is None:
+                err = OrchdError(Code.NOT_FOUND, f"no artifact {q.args['id']!r}")
+                return [(peer, p.Failed(q.req_id, self.core.error_info(err)))]
+            return [(peer, p.Reply(q.req_id, doc, 200))]
+        out = self.control.handle(peer, q, now)
+        if q.op.startswith("catalog.") and q.op != "catalog.get":
+            ok = any(isinstance(m, p.Reply) for _, m in out)
+            if ok:
+                self.catalog_disk.save()
+                if q.op == "catalog.verify":
+                    m = self.core.catalog.models[q.args["model_id"]]
+                    self.verifier.start(m.id, m.ref)
+        if q.op.startswith("pool.") or q.op.startswith("catalog."):
+            log.info("control", op=q.op, args={k: v for k, v in q.args.items() if k != "doc"})
+        return out
 
     def _hello(self, peer: str, msg: p.Hello, now: float) -> Out:
         if msg.version != p.PROTOCOL_VERSION:
@@ -164,6 +208,8 @@ class SchedulerShell:
             if rep is not None and (rep.active or rep.ready):
                 # A new incarnation: whatever the old one ran is lost.
                 out += self.core.peer_down(peer, "supervisor restarted", now)
+            if rep is not None:
+                rep.connected = True
         elif msg.role == "frontend":
             self.frontends.add(peer)
             self._maybe_announce()
@@ -183,7 +229,7 @@ class SchedulerShell:
 
     def _narrate_admission(self, msg: p.Submit, out: Out) -> None:
         t = msg.task
-        for _, m in out:
+        for peer, m in out:
             if isinstance(m, p.Admitted):
                 log.info(
                     "admitted",
@@ -199,29 +245,10 @@ class SchedulerShell:
                 log.info(
                     "placed",
                     task_id=m.task.task_id,
-                    replica_id=_.removeprefix("sup-"),
+                    replica_id=peer.removeprefix("sup-"),
                     queue_position=m.queue_position,
+                    why=m.placement_reason,
                 )
-
-    def capabilities(self) -> dict[str, object]:
-        engines: dict[str, dict[str, object]] = {}
-        for r in self.cfg.replicas:
-            rep = self.core.replicas[r.id]
-            e = engines.setdefault(
-                r.engine,
-                {
-                    "engine": r.engine,
-                    "engine_version": rep.engine_version or r.mock.engine_version,
-                    "ctx_max": self.cfg.limits.ctx_limit,
-                    "max_tokens_out": self.cfg.limits.max_tokens_limit,
-                    "supported_workloads": ["completion"],
-                    "concurrency": 0,
-                    "rate_limits": {"queue_capacity": self.cfg.limits.queue_capacity},
-                    "features": {"seeded_determinism": True, "cancel": True, "sse_resume": False},
-                },
-            )
-            e["concurrency"] = int(e["concurrency"]) + r.slots  # type: ignore[call-overload]
-        return {"api_version": API_VERSION, "engines": list(engines.values())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support import contract
+
 
 @dataclass
 class Event:
@@ -69,7 +71,9 @@ class SSEParser:
                     eid = v
                 elif k == "data":
                     data_lines.append(v)
-            events.append(Event(ev, eid, "\n".join(data_lines)))
+            data = "\n".join(data_lines)
+            contract.check_event(ev, data)
+            events.append(Event(ev, eid, data))
 
 
 def _head(sock_bytes: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -117,6 +121,15 @@ class SyncStream:
         self.body = b""
         self.eof = False
         self._feed(rest)
+        if self.status != 200:
+            # An error: read its whole (Content-Length) body, then hold it to the contract.
+            want = int(self.headers.get("content-length", "0"))
+            while len(self.body) < want:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                self.body += chunk
+        contract.check_response("GET", path, self.status, self.headers, self.body)
 
     def _feed(self, data: bytes) -> None:
         if self.status != 200:
@@ -183,6 +196,7 @@ def sync_request(
     status, hdrs, rest = _head(buf)
     if hdrs.get("transfer-encoding") == "chunked":
         rest = Dechunker().feed(rest)
+    contract.check_response(method, path, status, hdrs, rest)
     return status, hdrs, rest
 
 
@@ -205,6 +219,8 @@ async def async_stream(
         writer.write(_request_bytes("GET", path, host, port, headers, None))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
         status, hdrs, _ = _head(head)
+        if status == 200:
+            contract.check_response("GET", path, status, hdrs, b"")
         res = StreamResult(status, hdrs)
         dechunk, sse = Dechunker(), SSEParser()
         deadline = time.monotonic() + timeout
@@ -234,4 +250,5 @@ async def async_request(
     status, hdrs, rest = _head(data)
     if hdrs.get("transfer-encoding") == "chunked":
         rest = Dechunker().feed(rest)
+    contract.check_response(method, path, status, hdrs, rest)
     return status, hdrs, rest

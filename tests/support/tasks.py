@@ -9,7 +9,7 @@ from typing import Any
 def task_body(**over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task_id": f"t-{uuid.uuid4().hex[:12]}",
-        "session_id": "s-test",
+        "session_id": f"s-{uuid.uuid4().hex[:12]}",
         "workload": "completion",
         "model_ref": "mock:tiny",
         "engine": "mock",

@@ -177,8 +177,8 @@ def test_other_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unique"):
         load(str(dup), env={})
     eng = tmp_path / "eng.toml"
-    eng.write_text('[[replicas]]\nid = "a"\nengine = "vllm"\n')
-    with pytest.raises(ConfigError, match="unknown engine adapter"):
+    eng.write_text('[[replicas]]\nid = "a"\nengine = "nosuch"\n')
+    with pytest.raises(ConfigError, match="unknown engine"):
         load(str(eng), env={})
 
 

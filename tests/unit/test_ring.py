@@ -433,7 +433,7 @@ _op = st.one_of(
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -16,8 +16,8 @@ FE = "fe0"
 
 def make_core(*, ready: bool = True, queue_capacity: int = 8, **kw: Any) -> SchedulerCore:
     reps = [
-        ReplicaView(id="r0", pool_id="p0", engine="mock", slots=2),
-        ReplicaView(id="r1", pool_id="p1", engine="mock", slots=2),
+        ReplicaView(id="r0", pool_id="default", engine="mock", slots=2),
+        ReplicaView(id="r1", pool_id="default", engine="mock", slots=2),
     ]
     core = SchedulerCore(reps, queue_capacity=queue_capacity, **kw)
     if ready:
@@ -32,7 +32,7 @@ def make_core(*, ready: bool = True, queue_capacity: int = 8, **kw: Any) -> Sche
 def spec(tid: str, priority: str = "interactive", engine: str = "mock") -> p.TaskSpec:
     return p.TaskSpec(
         task_id=tid,
-        session_id="s",
+        session_id=f"s-{tid}",
         workload="completion",
         model_ref="mock:tiny",
         engine=engine,
@@ -101,10 +101,11 @@ def test_submit_admits_and_dispatches() -> None:
     core = make_core()
     s = spec("t1")
     out = core.submit(FE, p.Submit(7, s), 0)
-    assert out == [
-        (FE, p.Admitted(7, "t1", queue_position=1, predicted_start_ms=0)),
-        ("sup-r0", p.Dispatch(s, queue_position=1, predicted_start_ms=0, frontend=-1, slot=0)),
-    ]
+    assert [(peer, type(m)) for peer, m in out] == [(FE, p.Admitted), ("sup-r0", p.Dispatch)]
+    adm, d = out[0][1], out[1][1]
+    assert (adm.req_id, adm.task_id, adm.queue_position, adm.predicted_start_ms) == (7, "t1", 1, 0)
+    assert d.task == s
+    assert (d.queue_position, d.predicted_start_ms, d.frontend, d.slot) == (1, 0, -1, 0)
     t = core.tasks["t1"]
     assert t.state is State.RUNNING
     assert t.replica == "r0"
@@ -146,9 +147,10 @@ def test_queueing_when_full_and_dispatch_when_slot_frees() -> None:
 
     # t1 ends on r0 at 500 ms: q1 (head of the queue) takes its slot.
     out = ended(core, "t1", 500, tokens_out=10)
-    assert out == [
-        ("sup-r0", p.Dispatch(spec("q1"), queue_position=1, predicted_start_ms=1000)),
-    ]
+    assert [(peer, type(m)) for peer, m in out] == [("sup-r0", p.Dispatch)]
+    d = out[0][1]
+    assert d.task == spec("q1")
+    assert (d.queue_position, d.predicted_start_ms, d.frontend, d.slot) == (1, 1000, -1, 0)
     assert core.tasks["t1"].state is State.ENDED
     assert core.tasks["q1"].state is State.RUNNING
     assert core.service.mean_ms == 500
@@ -441,7 +443,7 @@ def test_supervisor_down_fails_streams_and_moves_work() -> None:
     assert (peer, sf.slot, sf.task_id) == (FE, 4, "t1")
     assert sf.error.code == "WORKER_RESET"
     assert sf.error.engine == "mock"
-    assert sf.error.pool_id == "p0"
+    assert sf.error.pool_id == "default"
     assert "exit status 1" in sf.error.message
     assert dispatched(out) == []  # nothing goes to the dead replica
 
@@ -622,6 +624,22 @@ def test_tick_forgets_ended_tasks_after_retention() -> None:
     core.tick(1500)
     assert "t2" not in core.tasks
     assert "t1" in core.tasks  # the new t1 is running
+
+
+def test_task_fencing_at_retention_time_is_forgotten_later() -> None:
+    """A task whose cancel is still waiting on a fence when its retention runs out must be
+    forgotten once the fence is answered, not kept for ever."""
+    core = make_core(retention_ms=1000)
+    submit(core, "t1")
+    sub(core, "t1", slot=2)
+    ended(core, "t1", 0)
+    ((_, fence),) = core.cancel("fe1", p.Cancel(300, "t1"), 999)
+    assert isinstance(fence, p.Fence)
+    core.tick(1000)
+    assert "t1" in core.tasks  # still owed an answer: kept
+    assert core.fence_done(FE, p.FenceDone(fence.req_id), 1001) == [("fe1", p.Done(300))]
+    core.tick(1_000_000)
+    assert "t1" not in core.tasks, "ended task leaked: never forgotten after its fence"
 
 
 def test_tick_keeps_running_tasks() -> None:

@@ -1,0 +1,93 @@
+"""A task running on a supervisor: its stream state, its budgets, and what it leaves behind
+(the `metrics` frames it interleaves, the transcript stored as a `trace` artifact)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_procs.frames import frame
+from ipc import protocol as p
+from orchd.core.artifacts import artifact_id, canonical
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    task_id: str
+    rid: int
+    spec: p.TaskSpec
+    frontend: int
+    slot: int
+    t_start: float
+    adapter: Any = None  # the engine adapter serving it (two coexist during a reload)
+    seq: int = 0
+    tokens: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    t_metrics: float = 0.0
+    ended: bool = False
+    ended_at: float = 0.0
+    dirty: bool = False
+    transcript: list[bytes] = field(default_factory=list)
+    outbox: list[bytes] = field(default_factory=list)
+    # from the dispatch
+    deadline_left_ms: int = 0
+    tokens_budget: int | None = None
+    time_budget_ms: int | None = None
+    cost_budget: float | None = None
+    cost_per_token: float = 0.0
+    kv_warm: bool = False
+
+    def over_budget(self, now: float) -> str:
+        """Which budget ran out, or ''."""
+        if self.tokens_budget is not None and self.tokens >= self.tokens_budget:
+            return "tokens"
+        if self.cost_budget is not None and self.tokens * self.cost_per_token >= self.cost_budget:
+            return "cost"
+        if self.time_budget_ms is not None and (now - self.t_start) * 1000 >= self.time_budget_ms:
+            return "time"
+        return ""
+
+    def metrics_frame(self, now: float, queue_depth: int, itl_ms: float) -> bytes:
+        elapsed_ms = (now - self.t_start) * 1000.0
+        left = self.spec.max_tokens - self.tokens
+        need_ms = left * itl_ms
+        slack_ms = self.deadline_left_ms - elapsed_ms
+        on_time = 1.0 if need_ms <= 0 else max(0.0, min(1.0, slack_ms / need_ms))
+
+        def rem(v: float | None, used: float) -> float | None:
+            return None if v is None else round(max(0.0, v - used), 6)
+
+        self.seq += 1
+        return frame(
+            "metrics",
+            self.seq,
+            {
+                "queue_depth": queue_depth,
+                "on_time_probability": round(on_time, 4),
+                "kv_warmth": self.kv_warm,
+                "tokens_budget_remaining": rem(self.tokens_budget, self.tokens),
+                "time_budget_remaining_ms": rem(self.time_budget_ms, elapsed_ms),
+                "cost_budget_remaining": rem(self.cost_budget, self.tokens * self.cost_per_token),
+            },
+        )
+
+    def transcript_doc(self, replica: Any, engine_version: str, reason: str) -> tuple[str, bytes]:
+        """The `trace` artifact of this stream (every event before `end`) and its id."""
+        doc = canonical(
+            "trace",
+            {
+                "task_id": self.task_id,
+                "session_id": self.spec.session_id,
+                "engine": replica.engine,
+                "engine_version": engine_version,
+                "pool_id": replica.pool_id,
+                "replica_id": replica.id,
+                "model_ref": self.spec.model_ref,
+                "seed": self.spec.seed,
+                "tokens_out": self.tokens,
+                "reason": reason,
+                "events": [f.decode() for f in self.transcript],
+            },
+        )
+        return artifact_id(doc), doc
