@@ -89,9 +89,11 @@ class NvmlCollector(Collector):
         self.versions: dict[str, str] = {}
         self.driver_version = ""
         self.available = False
+        self.asleep = False  # the sampler is idle (nobody read for idle_after_s)
         self._nvml = nvml
         self._handles: list[Any] = []
         self._samples: tuple[DeviceSample, ...] = ()
+        self._sampled_at = float("-inf")
         self._last_read = clock()
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -141,16 +143,33 @@ class NvmlCollector(Collector):
 
     def _run(self) -> None:
         while not self._closed.is_set():
-            if self.clock() - self._last_read > self.idle_after_s:
+            if self._idle():
                 self._wake.clear()
-                self._wake.wait()  # nobody reads: sleep until someone does
+                if self._idle():
+                    self.asleep = True
+                    self._wake.wait()  # nobody reads: sleep until someone does
+                    self.asleep = False
                 if self._closed.is_set():
                     return
             self._sample_now()
             self._closed.wait(self.interval_s)
 
+    def _idle(self) -> bool:
+        return self.clock() - self._last_read > self.idle_after_s
+
     def _sample_now(self) -> None:
         self._samples = tuple(self._sample(i, h) for i, h in enumerate(self._handles))
+        self._sampled_at = self.clock()
+
+    def _fresh(self) -> tuple[DeviceSample, ...]:
+        """The latest samples, or none if they are stale (the sampler was idle: it wakes now,
+        and the next read has fresh ones; an old reading is not served as current)."""
+        self._last_read = self.clock()
+        if not self._wake.is_set():
+            self._wake.set()
+        if self.clock() - self._sampled_at > max(5 * self.interval_s, 5.0):
+            return ()
+        return self._samples
 
     def _sample(self, index: int, h: Any) -> DeviceSample:
         nv = self._nvml
@@ -178,14 +197,8 @@ class NvmlCollector(Collector):
         )
 
     def snapshot(self) -> list[DeviceSample]:
-        """The latest sample of every device (at most ~``interval_s`` old while read)."""
-        self._touch()
-        return list(self._samples)
-
-    def _touch(self) -> None:
-        self._last_read = self.clock()
-        if not self._wake.is_set():
-            self._wake.set()
+        """The latest sample of every device (about ``interval_s`` old while read)."""
+        return list(self._fresh())
 
     # ------------------------------------------------------------ ownership
 
@@ -233,9 +246,8 @@ class NvmlCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         if not self.available:
             return []
-        self._touch()
         fams = {f.name: f for f in self._families()}
-        for s in self._samples:
+        for s in self._fresh():
             own = self.owners(s)
             labels = [str(s.index), *(own[k] for k in OWNER_LABELS)]
             for name, value in (
