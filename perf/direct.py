@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 import shutil
@@ -128,7 +129,11 @@ class Direct:
             bar.update((now - t0) / 1e9, tokens_seen, done, phase == 2)
             if now >= t0:
                 if spec.mode == "closed":
-                    while len(runs) < spec.concurrency:
+                    # Workers join one by one over the ramp, as the HTTP client's do.
+                    joined = spec.concurrency
+                    if spec.ramp_s > 0:
+                        joined = min(joined, int((now - t0) / 1e9 / spec.ramp_s * joined) + 1)
+                    while len(runs) < joined:
                         submit(time.monotonic_ns())
                 else:
                     while now >= next_arrival and (
@@ -139,9 +144,11 @@ class Direct:
                         gap = rng.gammavariate(b, 1.0 / (spec.request_rate * b))
                         next_arrival += int(gap * 1e9)
             timeout = 20.0
+            if spec.mode == "closed" and spec.ramp_s > 0 and now < t0 + spec.ramp_s * 1e9:
+                timeout = 1.0
             if spec.mode == "rate" and now < next_arrival:
                 timeout = min(timeout, (next_arrival - now) / 1e6)
-            for sock, _ in poller.poll(max(timeout, 0.0)):
+            for sock, _ in poller.poll(max(math.ceil(timeout), 0)):
                 while True:
                     try:
                         data = sock.recv(zmq.NOBLOCK)

@@ -55,6 +55,7 @@ class LoadSpec:
     warmup_s: float = 1.0
     duration_s: float = 5.0
     drain_cap_s: float = 30.0
+    ramp_s: float = 0.0  # closed: spread the workers' first requests evenly over this time
     stamps: bool = False  # the engine stamps tokens: measure emission -> receipt
     seed: int = 0
 
@@ -180,7 +181,9 @@ class Shard:
                     self.win.stamps_us += rec.stamps
         return backoff
 
-    async def worker(self) -> None:
+    async def worker(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
         while not self.stop.is_set():
             backoff = await self.one()
             if backoff:
@@ -238,8 +241,9 @@ class Shard:
             n = s.concurrency // self.nshards + (
                 1 if self.idx < s.concurrency % self.nshards else 0
             )
-            for _ in range(n):
-                t = loop.create_task(self.worker())
+            for j in range(n):
+                g = self.idx + j * self.nshards  # this worker's place among all shards' workers
+                t = loop.create_task(self.worker(s.ramp_s * g / max(1, s.concurrency)))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
         else:
@@ -376,13 +380,13 @@ class LoadClient:
         return out
 
     def close(self) -> None:
-        for p in self.pipes:
+        for pipe in self.pipes:
             with contextlib.suppress(OSError):
-                p.send(None)
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+                pipe.send(None)
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
 
     def __enter__(self) -> LoadClient:
         return self

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import psutil
@@ -47,15 +48,21 @@ class Orchd:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         self.port = 0
+        self.log: deque[str] = deque(maxlen=30)
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(60):
-            self.stop()
-            raise RuntimeError("orchd did not become ready")
+        deadline = time.monotonic() + 60
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "".join(self.log)
+                raise RuntimeError(f"orchd did not become ready; its last words:\n{tail}")
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.log.append(line)
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -154,7 +161,7 @@ class CpuSampler:
         for pid, role in self.roles.items():
             used = self.c1.get(pid, 0.0) - self.c0.get(pid, 0.0)
             out[role] = out.get(role, 0.0) + (100.0 * used / wall if wall > 0 else 0.0)
-        return {k: round(v, 1) for k, v in sorted(out.items())}
+        return {k: round(v, 2) for k, v in sorted(out.items())}
 
     def total(self) -> float:
         return round(sum(self.by_role().values()), 2)

@@ -257,9 +257,13 @@ class Bench:
             f"[latency] {p.lat_streams} streams x {rate:.0f} tok/s, {p.lat_tokens} tokens: "
             "orchd vs direct (same engines, same arrivals)"
         )
+        # Workers start evenly over one request's length, so arrivals are steady (not one
+        # burst of 64 every request length); the warm-up covers the ramp and one request.
+        req_s = p.lat_tokens * p.lat_itl_ms / 1000.0
         kw = dict(
-            max_tokens=p.lat_tokens, warmup_s=max(2.0, p.warmup_s), duration_s=p.lat_duration_s
-        )
+            max_tokens=p.lat_tokens, ramp_s=req_s, warmup_s=2 * req_s + 0.5,
+            duration_s=p.lat_duration_s,
+        )  # fmt: skip
         o = self.orchd(mock, p.lat_streams)
         try:
             orr = self.run_orchd(
