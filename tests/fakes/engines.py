@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import random
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from tests.fakes.dialects import DIALECTS, MODEL, Dialect, Seen, tokens_for
 from tests.fakes.http import HttpServer, Request
 
-VOCAB = [" hello", " world", '"', "\\", "\n", "é", " 日本", " 🙂", " the", " a", " b", "</x>"]
-MODEL = "fake-model"
-
-
-def tokens_for(seed: int, prompt: str, n: int) -> list[str]:
-    rng = random.Random(f"{seed}\0{prompt}")
-    return [rng.choice(VOCAB) for _ in range(n)]
+__all__ = ["MODEL", "FakeEngine", "Faults", "Seen", "tokens_for"]
 
 
 @dataclass
@@ -47,14 +39,6 @@ class Faults:
     retry_after: str = "2"
     loading_s: float = 0.0  # health says "loading" for this long after start
     exit_after: int = 0  # process mode: exit after N finished generation requests
-
-
-@dataclass
-class Seen:
-    path: str
-    body: dict[str, Any]
-    canceled: bool = False  # the client went away before the stream ended
-    finished: bool = False
 
 
 @dataclass
@@ -154,6 +138,7 @@ class FakeEngine:
         toks = tokens_for(seed, prompt, n)
         if f.eos_at:
             toks = toks[: f.eos_at]
+        seen.toks = toks
         await req.start_stream()
         if f.first_token_delay_s:
             if self.dialect == "llamacpp":
@@ -184,224 +169,6 @@ class FakeEngine:
             return
         await req.end_stream()
         seen.finished = True
-
-
-def sse(obj: Any, prefix: bytes = b"data: ") -> bytes:
-    return prefix + json.dumps(obj).encode() + b"\n\n"
-
-
-class Dialect:
-    """How one engine names things on the wire."""
-
-    def is_generate(self, path: str) -> bool:
-        raise NotImplementedError
-
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        raise NotImplementedError
-
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        raise NotImplementedError
-
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        raise NotImplementedError
-
-    def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
-        return b""
-
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        raise NotImplementedError
-
-
-class LlamaCpp(Dialect):
-    def is_generate(self, path: str) -> bool:
-        return path == "/completion"
-
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        return body["prompt"], body["seed"], body["n_predict"]
-
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        if path == "/health":
-            if fake.loading:
-                err = {"code": 503, "message": "Loading model", "type": "unavailable_error"}
-                return 503, {"error": err}
-            return 200, {"status": "ok"}
-        if path == "/props":
-            return 200, {
-                "default_generation_settings": {"id": 0, "n_ctx": fake.n_ctx, "params": {}},
-                "total_slots": fake.slots,
-                "model_path": f"/models/{MODEL}.gguf",
-                "build_info": f"b{fake.version}",
-                "is_sleeping": False,
-            }
-        return 404, {"error": "not found"}
-
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        return sse({"index": 0, "content": text, "tokens": [i], "stop": False, "id_slot": 0})
-
-    def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
-        return sse(
-            {
-                "index": 0,
-                "content": "",
-                "tokens": [],
-                "id_slot": 0,
-                "stop": True,
-                "model": MODEL,
-                "tokens_predicted": len(toks),
-                "tokens_evaluated": len(s.body["prompt"].split()),
-                "stop_type": "eos" if eos else "limit",
-                "stopping_word": "",
-                "truncated": False,
-                "timings": {"predicted_n": len(toks), "predicted_ms": 1.0},
-            }
-        )
-
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        return sse({"code": 500, "message": message, "type": "server_error"}, b"error: ")
-
-
-class OpenAI(Dialect):
-    def is_generate(self, path: str) -> bool:
-        return path in ("/v1/completions", "/v1/chat/completions")
-
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        prompt = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
-        return prompt, body["seed"], body["max_tokens"]
-
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        if path == "/health":
-            return (503, b"") if fake.loading else (200, b"")
-        if path == "/v1/models":
-            model = {"id": MODEL, "object": "model", "owned_by": "vllm", "root": MODEL}
-            return 200, {"object": "list", "data": [{**model, "max_model_len": fake.n_ctx}]}
-        if path == "/version":
-            return 200, {"version": fake.version}
-        return 404, {"detail": "Not Found"}
-
-    def _chunk(self, s: Seen, choice: dict[str, Any]) -> bytes:
-        chat = s.path.endswith("chat/completions")
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        return sse(
-            {
-                "id": "cmpl-fake",
-                "object": kind,
-                "created": 1700000000,
-                "model": MODEL,
-                "choices": [{"index": 0, "logprobs": None, **choice}],
-            }
-        )
-
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        reason = ("stop" if eos else "length") if last else None
-        if s.path.endswith("chat/completions"):
-            out = b""
-            if i == 0:
-                out = self._chunk(s, {"delta": {"role": "assistant", "content": ""}})
-            return out + self._chunk(s, {"delta": {"content": text}, "finish_reason": None})
-        return self._chunk(s, {"text": text, "finish_reason": reason, "stop_reason": None})
-
-    def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
-        out = b""
-        if s.path.endswith("chat/completions"):
-            reason = "stop" if eos else "length"
-            out = self._chunk(s, {"delta": {}, "finish_reason": reason})
-        return out + b"data: [DONE]\n\n"
-
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        err = {"object": "error", "message": message, "type": "InternalServerError", "code": 500}
-        return sse({"error": err}) + b"data: [DONE]\n\n"
-
-
-class Tgi(Dialect):
-    def is_generate(self, path: str) -> bool:
-        return path == "/generate_stream"
-
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        p = body["parameters"]
-        return body["inputs"], p["seed"], p["max_new_tokens"]
-
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        if path == "/health":
-            if fake.loading:
-                return 503, {"error": "unhealthy", "error_type": "healthcheck"}
-            return 200, b""
-        if path == "/info":
-            return 200, {
-                "model_id": MODEL,
-                "model_sha": None,
-                "max_concurrent_requests": fake.slots,
-                "max_best_of": 2,
-                "max_stop_sequences": 4,
-                "max_input_tokens": fake.n_ctx - 1,
-                "max_total_tokens": fake.n_ctx,
-                "validation_workers": 2,
-                "max_client_batch_size": 4,
-                "router": "text-generation-router",
-                "version": fake.version,
-                "sha": None,
-            }
-        return 404, {"error": "not found", "error_type": "not_found"}
-
-    def _event(self, i: int, text: str, special: bool, end: dict[str, Any] | None) -> bytes:
-        token = {"id": i, "text": text, "logprob": -0.5, "special": special}
-        obj = {"index": i + 1, "token": token, "generated_text": None, "details": None}
-        if end is not None:
-            obj.update(end)
-        return sse(obj, b"data:")  # TGI (axum) writes no space after "data:"
-
-    def _end(self, s: Seen, toks: list[str], reason: str) -> dict[str, Any]:
-        details = {"finish_reason": reason, "generated_tokens": len(toks), "input_length": 3}
-        return {"generated_text": "".join(toks), "details": {**details, "seed": None}}
-
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        if last and not eos:  # the last token's event carries the end
-            return self._event(i, text, False, self._end(s, s_toks(s), "length"))
-        return self._event(i, text, False, None)
-
-    def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
-        if not eos:
-            return b""
-        return self._event(len(toks), "</s>", True, self._end(s, toks, "eos_token"))
-
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        return sse({"error": message, "error_type": "generation"}, b"data:")
-
-
-def s_toks(s: Seen) -> list[str]:
-    prompt, seed, n = Tgi().params(s.body)
-    return tokens_for(seed, prompt, n)
-
-
-class Triton(Dialect):
-    def is_generate(self, path: str) -> bool:
-        return path == f"/v2/models/{MODEL}/generate_stream"
-
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        p = body["parameters"]
-        return body["text_input"], p["random_seed"], p["max_tokens"]
-
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        if path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready"):
-            return (400, b"") if fake.loading else (200, b"")
-        if path == "/v2/health/live":
-            return 200, b""
-        if path == "/v2":
-            return 200, {"name": "triton", "version": fake.version, "extensions": ["generate"]}
-        return 404, {"error": f"Request for unknown model: '{path}' is not found"}
-
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        return sse({"model_name": MODEL, "model_version": "1", "text_output": text})
-
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        return sse({"error": message})
-
-
-DIALECTS: dict[str, Dialect] = {
-    "llamacpp": LlamaCpp(),
-    "openai": OpenAI(),
-    "tgi": Tgi(),
-    "triton": Triton(),
-}
 
 
 def main(argv: list[str] | None = None) -> int:
