@@ -184,6 +184,11 @@ class HttpAdapter(EngineAdapter, abc.ABC):
         """Start the engine command (if any), then wait until it serves. A configured
         command waits up to ``endpoint.ready_timeout_s`` (models take long to load)."""
         ep = self.replica.endpoint
+        if not (ep.url or ep.port or ep.command):
+            raise RuntimeError(
+                f"replica {self.replica.id}: the {self.name} adapter needs endpoint.url, "
+                "endpoint.port or endpoint.command"
+            )
         self._stopping = False
         self._dead_reported = False
         port = ep.port or (free_port() if ep.command else 0)

@@ -139,3 +139,13 @@ def test_engine_command_that_cannot_run() -> None:
             await a.start(timeout_s=1.0)
 
     asyncio.run(main())
+
+
+def test_an_endpoint_is_required() -> None:
+    a = LlamaCppAdapter(Replica(id="r9", engine="llamacpp"), "", RecordingSink())
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="r9: the llamacpp adapter needs endpoint.url"):
+            await a.start(timeout_s=1.0)
+
+    asyncio.run(main())
