@@ -213,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: the load client was saturated in: {sat}")
     for name, err in errors.items():
         print(f"scenario {name} failed: {err}")
-    print(f"results: {base}.json" + (f" {png}" if png else " (no PNG: pip install '.[bench]')"))
+    if png:
+        print(f"results: {base}.json {png}")
+    else:
+        why = "no sweep in this run" if "sweep" not in b.results else "pip install '.[bench]'"
+        print(f"results: {base}.json (no PNG: {why})")
     return 1 if errors else 0
 
 

@@ -216,6 +216,8 @@ class Direct:
                 win.completed += 1
             if r.measured:
                 win.reqs.append(q)
+                if not q.ok:
+                    win.fail("engine error" if q.end_ns else "aborted at the drain cap")
                 if q.ok and len(r.reads) > 1:
                     win.gaps_us += array("q", (np.diff(r.reads) // 1000).tolist())
                 if r.stamps is not None:

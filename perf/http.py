@@ -26,13 +26,14 @@ _STAMP = re.compile(rb'"t":"(\d+)"')
 class StreamRec:
     """What one streamed response delivered: reads that carried tokens, and how it ended."""
 
-    __slots__ = ("reads", "counts", "tokens", "errors", "done", "stamps", "_frag")
+    __slots__ = ("reads", "counts", "tokens", "errors", "error_text", "done", "stamps", "_frag")
 
     def __init__(self, stamps: array | None = None) -> None:
         self.reads = array("q")  # CLOCK_MONOTONIC ns of each read that carried >= 1 token
         self.counts = array("l")  # tokens in that read
         self.tokens = 0
         self.errors = 0  # `error` events seen
+        self.error_text = b""  # the first one's frame (as far as that read had it)
         self.done = False  # the chunked body ended
         # Engine-emission stamps (mock engine with stamp_tokens): receipt - stamp, in us.
         self.stamps = stamps
@@ -138,6 +139,9 @@ class Conn(asyncio.Protocol):
                 rec.feed_stamps(now, data)
         if ERROR in data or (tail and ERROR in tail + data[:12]):
             rec.errors += 1
+            if not rec.error_text:
+                i = data.find(ERROR)
+                rec.error_text = data[i : i + 300] if i >= 0 else b"event: error"
         done = DONE in data or (tail and DONE in tail[-6:] + data[:6])
         self._tail = data[-12:] if len(data) >= 12 else (tail + data)[-12:]
         if done:

@@ -25,7 +25,9 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import time
+import traceback
 from array import array
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -86,6 +88,7 @@ class Shard:
         self.done = 0
         self.my_pending = 0
         self.ids = itertools.count()
+        self.tag = f"{os.getpid()}-{idx}-{random.getrandbits(32):08x}"  # task ids unique per run
         self.rng = random.Random(spec.seed * 1000 + idx)
         prompt = " ".join(f"w{i}" for i in range(spec.input_len))
         self.cpu = [0.0, 0.0]
@@ -117,6 +120,7 @@ class Shard:
         self.sent += 1
         req = Req(t_send, 0, 0, 0, 0, False)
         rec: StreamRec | None = None
+        why = ""
         backoff = 0.0
         try:
             conn = await self.pool.acquire()
@@ -126,8 +130,8 @@ class Shard:
             t_send = req.send_ns = time.monotonic_ns()
             if s.target == "orchd" or s.mode == "admit":
                 n = next(self.ids)
-                tid = f"b{os.getpid()}-{self.idx}-{n}"
-                status, headers, _ = await conn.simple(self._post(tid, n))
+                tid = f"b{self.tag}-{n}"
+                status, headers, body = await conn.simple(self._post(tid, n))
                 req.admit_ns = time.monotonic_ns()
                 if status != 202:
                     if status in (429, 503):
@@ -137,6 +141,7 @@ class Shard:
                         backoff = min(0.05, int(ms) / 1000.0) if ms.isdigit() else 0.01
                     elif measured:
                         self.win.failed += 1
+                        self.win.fail(f"POST {status} {_code(body)}")
                     return backoff
                 if s.mode == "admit":
                     req.ok = True
@@ -151,11 +156,22 @@ class Shard:
                 get = self._ceiling_get
             rec = StreamRec(array("q") if s.stamps and measured else None)
             self.recs.append(rec)
-            status, _, _ = await conn.stream(get, rec)
+            status, _, body = await conn.stream(get, rec)
             req.end_ns = time.monotonic_ns()
             req.ok = status == 200 and rec.done and rec.errors == 0 and rec.tokens > 0
-        except (ConnectionError, OSError):
+            if not req.ok:
+                why = (
+                    f"GET {status} {_code(body)}"
+                    if status != 200
+                    else f"error event {_code(rec.error_text)}"
+                    if rec.errors
+                    else "stream cut short"
+                    if not rec.done
+                    else "no token"
+                )
+        except (ConnectionError, OSError) as e:
             req.ok = False
+            why = type(e).__name__
         finally:
             if conn is not None:
                 self.pool.release(conn)
@@ -173,7 +189,10 @@ class Shard:
         if measured:
             if self.stop.is_set() and not req.ok:
                 self.win.failed += 1  # cut off at the drain cap
+                self.win.fail("cut off at the drain cap")
             else:
+                if not req.ok:
+                    self.win.fail(why)
                 self.win.reqs.append(req)
                 if req.ok and rec is not None and len(rec.reads) > 1:
                     self.win.gaps_us += array("q", (np.diff(rec.reads) // 1000).tolist())
@@ -283,6 +302,15 @@ class Shard:
         w.buckets = buckets.tolist()
 
 
+def _code(body: bytes) -> str:
+    """The error code of an orchd error body or `error` frame, if it has one."""
+    m = _CODE.search(body)
+    return m.group(1).decode() if m else ""
+
+
+_CODE = re.compile(rb'"code":\s*"([A-Z_]+)"')
+
+
 def _shard_main(conn: Connection, idx: int, nshards: int, progress: Any, pending: Any) -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -293,8 +321,10 @@ def _shard_main(conn: Connection, idx: int, nshards: int, progress: Any, pending
         if job is None:
             return
         spec, t0 = job
-        win, cpu = asyncio.run(Shard(spec, idx, nshards, t0, progress, pending).run())
-        conn.send((win, cpu))
+        try:
+            conn.send(asyncio.run(Shard(spec, idx, nshards, t0, progress, pending).run()))
+        except Exception:
+            conn.send(traceback.format_exc())
 
 
 # ------------------------------------------------------------------------------ the client
@@ -304,12 +334,16 @@ class LoadClient:
     """Persistent client processes (spawned once), each running its share of every run."""
 
     def __init__(self, shards: int = 2) -> None:
-        ctx = mp.get_context("spawn")
         self.n = shards
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        shards = self.n
         self.progress = ctx.RawArray("d", shards * 4)
         self.pending = ctx.RawArray("q", shards)
         self.pipes: list[Connection] = []
-        self.procs = []
+        self.procs: list[Any] = []
         for i in range(shards):
             a, b = ctx.Pipe()
             p = ctx.Process(
@@ -326,6 +360,20 @@ class LoadClient:
         slo: dict[str, float] | None = None,
         hooks: Hooks | None = None,
     ) -> dict[str, Any]:
+        try:
+            return self._run(spec, label, slo, hooks)
+        except Exception:
+            self.close()  # shards may be mid-run: start afresh for the next run
+            self._spawn()
+            raise
+
+    def _run(
+        self,
+        spec: LoadSpec,
+        label: str,
+        slo: dict[str, float] | None,
+        hooks: Hooks | None,
+    ) -> dict[str, Any]:
         for i in range(self.n):
             self.pending[i] = 0
             for j in range(4):
@@ -335,6 +383,7 @@ class LoadClient:
             p.send((spec, t0))
         w0, w1 = t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s
         results: dict[int, tuple[Window, float]] = {}
+        give_up = w1 + spec.drain_cap_s + 60.0
         bar = Bar(label, spec.warmup_s + spec.duration_s)
         phase = 0
         try:
@@ -355,7 +404,14 @@ class LoadClient:
                 bar.update(now - t0, tok, done, draining=phase == 2)
                 for i, p in enumerate(self.pipes):
                     if i not in results and p.poll(0.05):
-                        results[i] = p.recv()
+                        got = p.recv()
+                        if isinstance(got, str):
+                            raise RuntimeError(f"load client process {i} failed:\n{got}")
+                        results[i] = got
+                    elif i not in results and not self.procs[i].is_alive():
+                        raise RuntimeError(f"load client process {i} died")
+                if now > give_up:
+                    raise RuntimeError("the load client did not finish its run")
         finally:
             bar.close()
         if phase < 2 and hooks:  # a run shorter than its window (should not happen)
@@ -384,9 +440,10 @@ class LoadClient:
             with contextlib.suppress(OSError):
                 pipe.send(None)
         for proc in self.procs:
-            proc.join(5)
+            proc.join(2)
             if proc.is_alive():
                 proc.kill()
+                proc.join(2)
 
     def __enter__(self) -> LoadClient:
         return self

@@ -46,9 +46,15 @@ class Window:
     buckets: list[int] = field(default_factory=list)  # tokens per whole second of the window
     input_tokens_per_req: int = 0
     connections: int = 0  # TCP connections the client opened (keep-alive reuses them)
+    errors: dict[str, int] = field(default_factory=dict)  # why cohort requests failed
+
+    def fail(self, why: str) -> None:
+        self.errors[why] = self.errors.get(why, 0) + 1
 
     def merge(self, o: Window) -> None:
         self.connections += o.connections
+        for k, v in o.errors.items():
+            self.errors[k] = self.errors.get(k, 0) + v
         self.reqs += o.reqs
         self.gaps_us += o.gaps_us
         self.stamps_us += o.stamps_us
@@ -142,6 +148,7 @@ def summarize(w: Window, slo: dict[str, float]) -> dict[str, Any]:
     out["tokens_per_chunk"] = w.tokens / w.chunks if w.chunks else 0.0
     out["goodput_slo_ms"] = slo
     out["connections_opened"] = w.connections
+    out["errors"] = w.errors
     _stats(out, "itl_chunk", gaps_ms)
     admit = np.array([(r.admit_ns - r.send_ns) / 1e6 for r in ok if r.admit_ns])
     if admit.size:

@@ -65,18 +65,18 @@ async def _open_streams(port: int, n: int, tag: str) -> list[Conn]:
             _, c = await loop.create_connection(Conn, "127.0.0.1", port)
             tid = f"hold-{tag}-{i}"
             body = {
-                "task_id": tid, "session_id": "hold", "workload": "completion",
+                "task_id": tid, "session_id": tid, "workload": "completion",
                 "model_ref": "mock:tiny", "engine": "mock", "ctx": 2048,
                 "priority": "interactive", "max_tokens": 16, "deadline_ms": 3_600_000,
                 "seed": i, "prompt": "hold",
             }  # fmt: skip
             h = "127.0.0.1"
-            status, _, _ = await c.simple(
+            status, _, text = await c.simple(
                 request("POST", "/v1/tasks", h, "dev", json.dumps(body).encode())
             )
             if status != 202:
                 c.close()
-                raise RuntimeError(f"POST answered {status} while opening idle streams")
+                raise RuntimeError(f"POST answered {status} while opening idle streams: {text!r}")
             c.got_head = asyncio.Event()
             c.transport.write(request("GET", f"/v1/tasks/{tid}/stream", h, "dev"))  # type: ignore[union-attr]
             await c.got_head.wait()
@@ -203,7 +203,7 @@ def soak(b: Bench, capacity_rps: float) -> None:
     b.results["soak"] = {"run": r, "rss_mb": s.samples, "drift_pct": drift, "spread_pct": spread}
     b.say(f"    {brief(r)}")
     b.row(
-        f"frontend RSS drift over {p.soak_s / 60:.0f} min at 80% capacity",
+        f"frontend RSS drift over {p.soak_s:.0f} s at 80% capacity",
         drift,
         "%",
         target="within 5%",
