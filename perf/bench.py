@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"==== summary: profile {a.profile}, {out['elapsed_s']:.0f} s ====")
     for r in b.headline:
+        if r["value"] is None:
+            print(f"{r['name']}: not run; target {r['target'] or '-'} ({r['note']})")
+            continue
         rel = ""
         if "ratio" in r:
             rel = f" = {r['ratio']} x {r['baseline']:.6g}"

@@ -3,6 +3,7 @@ plain one-line bar."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any
 
@@ -17,7 +18,10 @@ class Bar:
         try:
             from tqdm import tqdm
 
+            size = shutil.get_terminal_size((100, 20))  # a pty may say 0 x 0: tqdm then hides
             self._tqdm = tqdm(
+                ncols=min(size.columns or 100, 120),
+                nrows=size.lines or 20,
                 total=round(total_s, 1),
                 desc=f"{label:<28}",
                 unit="s",

@@ -94,7 +94,7 @@ class Bench:
     def row(
         self,
         name: str,
-        value: float,
+        value: float | None,
         unit: str,
         *,
         baseline: float | None = None,
@@ -103,7 +103,16 @@ class Bench:
         met: bool | None = None,
         note: str = "",
     ) -> None:
-        r: dict[str, Any] = {"name": name, "value": round(value, 3), "unit": unit}
+        r: dict[str, Any] = {
+            "name": name,
+            "value": None if value is None else round(value, 3),
+            "unit": unit,
+        }
+        if value is None:  # not measured in this run: say so, never print a made-up 0
+            r.update(target=target, met=None, note=note)
+            self.headline.append(r)
+            self.say(f"  {name:<44} {'not run':>12}            target {target or '-'}  {note}")
+            return
         if baseline is not None:
             r["baseline"] = round(baseline, 3)
             if how == "ratio":
@@ -222,7 +231,7 @@ class Bench:
             self.results["coalesce"] = {"skipped": "no --coalesce-toml given"}
             self.row(
                 "stream tok events/s with coalescing",
-                0.0,
+                None,
                 "ev/s",
                 target=">= 2 x ceiling",
                 note="not run: orchd has no stream_interval-style setting yet",
