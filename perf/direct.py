@@ -197,7 +197,7 @@ class Direct:
                         s.recv(zmq.NOBLOCK)
         out = summarize(self._window(spec, finished, w0, w1), slo or parse_slo(None))
         out.update(spec_fields(spec))
-        out["backend"] = "direct"
+        out["backend"] = out["endpoint_type"] = "direct"
         out["server_cpu_pct_by_role"] = sampler.by_role()
         return out
 

@@ -456,8 +456,11 @@ def spec_fields(spec: LoadSpec) -> dict[str, Any]:
     """The traffic keys of a vLLM result file, plus ours."""
     d = asdict(spec)
     return {
+        "date": time.strftime("%Y%m%d-%H%M%S"),
+        "endpoint_type": spec.target,
         "backend": spec.target,
         "model_id": "mock:tiny",
+        "tokenizer_id": None,
         "request_rate": spec.request_rate if spec.mode == "rate" else "inf",
         "burstiness": spec.burstiness,
         "max_concurrency": spec.concurrency or None,

@@ -123,6 +123,7 @@ def summarize(w: Window, slo: dict[str, float]) -> dict[str, Any]:
     total_out = sum(r.tokens for r in ok)
     total_in = w.input_tokens_per_req * len(ok)
     out: dict[str, Any] = {
+        "num_prompts": len(w.reqs) + w.failed + w.rejected,  # the cohort: requests sent in it
         "duration": dur,
         "completed": len(ok),
         "failed": sum(1 for r in w.reqs if not (r.ok and r.first_ns)) + w.failed,
