@@ -27,10 +27,10 @@ from engine_procs.adapters import adapter_class
 from engine_procs.adapters.base import EngineAdapter, EngineRequest
 from engine_procs.engine_process import RestartPolicy
 from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
-from engine_procs.runs import Run
 from engine_procs.frames import token_frame as _token_frame
-from ipc import protocol as p
 from engine_procs.publisher import Publisher
+from engine_procs.runs import Run
+from ipc import protocol as p
 from orchd import log
 from orchd.config import Replica, Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
@@ -99,6 +99,7 @@ class Supervisor:
         self.prepared: dict[int, EngineAdapter] = {}  # reload req id -> engine started
         self.queue_depth = 0
         self.stopping = asyncio.Event()
+        self.busy = asyncio.Event()  # set when a task arrives (wakes idle housekeeping)
         self._backlog_task: asyncio.Task[None] | None = None
 
     def _make_adapter(self, replica: Replica) -> EngineAdapter:
@@ -322,6 +323,7 @@ class Supervisor:
             kv_warm=msg.kv_warm,
         )
         run.t_metrics = run.t_start
+        self.busy.set()
         self.adapter_load[self.adapter] = self.adapter_load.get(self.adapter, 0) + 1
         self.queue_depth = msg.queue_depth
         self.runs[run.task_id] = run
@@ -517,7 +519,13 @@ class Supervisor:
         next_hb = 0.0
         timeout_s = self.replica.decode_timeout_ms / 1000.0
         while True:
-            await asyncio.sleep(HOUSEKEEPING_S if self.runs else IDLE_HOUSEKEEPING_S)
+            if self.runs:
+                await asyncio.sleep(HOUSEKEEPING_S)
+            else:
+                # Idle: sleep long, but wake as soon as a task arrives.
+                self.busy.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.busy.wait(), IDLE_HOUSEKEEPING_S)
             now = _now()
             if now >= next_hb:
                 self.send(p.Heartbeat())

@@ -50,7 +50,10 @@ def parse_ref(ref: str) -> tuple[str, str]:
             )
         return scheme, rest
     if scheme == "http":
-        raise OrchdError(Code.INVALID_PARAMS, f"model ref {ref!r}: plain http is not allowed")
+        raise OrchdError(
+            Code.INVALID_PARAMS,
+            f"model ref {ref!r}: plain http is not allowed; use https://<host>/<path>",
+        )
     if scheme not in checks:
         raise OrchdError(
             Code.INVALID_PARAMS,
@@ -141,7 +144,8 @@ class Catalog:
         m.actual_digest = actual
         m.verify_error = error or None
         if actual is None:
-            m.verified = None  # could not look: neither trusted nor refused on this account
+            # Could not look: no new trust on this account, and a known mismatch stays.
+            m.verified = False if m.verified is False else None
         else:
             m.verified = m.digest is None or actual == m.digest
             if m.digest is None:

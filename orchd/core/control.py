@@ -133,6 +133,10 @@ class Control:
         pool = core.pools.pools[rel.pool_id]
         pool.reloading = False
         out: Out = []
+        versions = set(rel.ready.values())
+        if not rel.errors and len(versions) > 1:
+            # Committing would leave replicas on different engine versions in one pool.
+            rel.errors["pool"] = f"replicas came up on different engine versions {sorted(versions)}"
         if rel.errors:
             for r in rel.ready:
                 out.append((sup(r), p.ReloadAbort(rid)))
@@ -160,7 +164,9 @@ class Control:
             Code.POOL_UNAVAILABLE.value, f"model {old} is no longer served by pool {pool.id}"
         )
         for t in list(core.tasks.values()):
-            if t.state is State.QUEUED and not core.pools.serving(t.spec.engine, t.model_ref):
+            if t.state is State.QUEUED and not any(
+                core.pools.pools[x].model_ref == t.model_ref for x in t.pools
+            ):
                 core.fail_task(t, err, now, out)
         body = {"pool_id": pool.id, "model_ref": pool.model_ref, "version": pool.version}
         out.append((rel.peer, p.Reply(rel.req_id, body, 200)))

@@ -24,6 +24,7 @@ class ReplicaView:
     last_error: str = ""
     devices: str = ""  # CUDA_VISIBLE_DEVICES of its engine
     connected: bool = False  # its supervisor process is up
+    gpus: list[dict[str, object]] = field(default_factory=list)  # NVML view of its devices
 
     @property
     def free_slots(self) -> int:

@@ -220,6 +220,7 @@ class Pools:
                 "sampler_profile_version": p.sampler_profile_version,
                 "version": p.version,
                 "reloading": p.reloading,
+                "gpus": [g for r in reps for g in r.gpus],
             },
             "last_error": p.last_error or next((r.last_error for r in reps if r.last_error), None),
         }

@@ -48,6 +48,7 @@ class _Entry(Generic[T]):
 class _Lane(Generic[T]):
     by_key: dict[str, OrderedDict[str, _Entry[T]]] = field(default_factory=dict)
     clock: dict[str, float] = field(default_factory=dict)  # virtual start time per key
+    vtime: float = 0.0  # the lane's virtual time: the clock of the last task served
     order: OrderedDict[str, None] = field(default_factory=OrderedDict)  # arrival order (LRU)
 
     def __len__(self) -> int:
@@ -99,7 +100,7 @@ class AdmissionQueue(Generic[T]):
         q = lane.by_key.get(key)
         if q is None:
             q = lane.by_key[key] = OrderedDict()
-            floor = min((lane.clock[k] for k in lane.by_key if k != key), default=0.0)
+            floor = min((lane.clock[k] for k in lane.by_key if k != key), default=lane.vtime)
             lane.clock[key] = max(lane.clock.get(key, 0.0), floor)
         q[task_id] = _Entry(key, next(self._seq), item)
         lane.order[task_id] = None
@@ -152,6 +153,7 @@ class AdmissionQueue(Generic[T]):
             for _, _, key, task_id in self._candidates(lane):
                 item = lane.by_key[key][task_id].item
                 if fits is None or fits(task_id, item):
+                    lane.vtime = max(lane.vtime, lane.clock[key])
                     lane.clock[key] += 1.0 / self.weight(key)
                     self.remove(task_id)
                     return task_id, item

@@ -165,14 +165,15 @@ class SchedulerCore:
         tokens_in: int = 0,
         tokens_out: int = 0,
     ) -> None:
-        if t.state is State.RUNNING:
+        ran = t.state is State.RUNNING
+        if ran:
             r = self.replicas.get(t.replica)
             if r is not None:
                 r.active.discard(t.spec.task_id)
         elif t.state is State.QUEUED:
             self.queue.remove(t.spec.task_id)
         if t.grant is not None:
-            if t.started_ms:
+            if ran:
                 pool = self.pools.pools.get(self.replicas[t.replica].pool_id) if t.replica else None
                 self.sessions.settle(
                     t.grant,

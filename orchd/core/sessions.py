@@ -89,10 +89,10 @@ class SessionTable:
     def admit(self, session_id: str, key: str, max_tokens: int, now: float) -> Grant:
         """Check and reserve; raises the typed error that says why a task cannot run."""
         s = self.get(session_id, now)
-        if s is None:
+        new = s is None
+        if s is None:  # kept only if the task is admitted
             lim = self.limits_for(key)
             s = Session(session_id, key, now, now, self.ttl_ms, lim.tokens, lim.time_ms, lim.cost)
-            self.sessions[session_id] = s
         elif s.owner != key:
             raise OrchdError(Code.FORBIDDEN, f"session {session_id} belongs to another API key")
         if s.turns >= self.max_turns:
@@ -122,6 +122,8 @@ class SessionTable:
                 "the session's time budget is spent",
                 policy_label="budget:time",
             )
+        if new:
+            self.sessions[session_id] = s
         s.turns += 1
         s.active += 1
         s.reserved_tokens += max_tokens

@@ -179,13 +179,18 @@ class Frontend:
         star = Starlette(
             routes=routes,
             lifespan=self.lifespan,
-            exception_handlers={404: _not_found, 405: _not_allowed},
+            exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
         )
         return Gate(star, effective_api_keys(self.cfg), self.index)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     return error_response(OrchdError(Code.NOT_FOUND, f"no route for {request.url.path}"))
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", path=request.url.path, error=repr(exc))
+    return error_response(OrchdError(Code.INTERNAL, "internal error; see the server log"))
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:

@@ -61,7 +61,10 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
     async def put_artifact(request: Request) -> Response:
         try:
             a = parse_body(await read_body(request, max_body), ArtifactBody)
-            doc = canonical(a["kind"], a["content"])
+            try:
+                doc = canonical(a["kind"], a["content"])
+            except (OverflowError, msgspec.EncodeError) as e:
+                raise OrchdError(Code.INVALID_PARAMS, f"content: {e}") from None
             return await ask("artifact.put", {"doc": doc}, request)
         except OrchdError as e:
             return error_response(e)

@@ -28,16 +28,16 @@ class TaskBody(msgspec.Struct, forbid_unknown_fields=True):
     workload: Literal["completion", "embedding", "rerank"]
     model_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
     engine: Literal["llamacpp", "vllm", "tgi", "triton", "mock", "torch"]
-    ctx: Annotated[int, msgspec.Meta(ge=1)]
+    ctx: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
     priority: Literal["interactive", "batch"]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
-    deadline_ms: Annotated[int, msgspec.Meta(ge=1)]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+    deadline_ms: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     determinism: Literal["strict", "best_effort"] | None = None
     sampler_profile_version: str | None = None
     prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)] | None = None
     inputs: list[str] | None = None
-    expected_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    expected_tokens: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     kv_hint: Literal["reuse", "cold"] | None = None
     placement: Placement | None = None
 

@@ -23,6 +23,7 @@ from orchd.core.scheduler import Out
 from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
 from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
+from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
 
@@ -37,7 +38,8 @@ class SchedulerShell:
         self.cfg = cfg
         self.core, self.control = build_core(cfg)
         self.control.wall_offset_ms = time.time() * 1000.0 - _now_ms()
-        self.metrics = SchedulerMetrics(self.core)
+        self.gpus = NvmlCollector(cfg.replicas)
+        self.metrics = SchedulerMetrics(self.core, self.gpus if self.gpus.available else None)
         self.store = make_store(cfg, res.runtime.run_dir)
         self.catalog_disk = CatalogDisk(self.core.catalog, cfg.catalog.catalog_dir)
         self.verifier = Verifier()
@@ -56,6 +58,16 @@ class SchedulerShell:
 
     def send(self, out: Out) -> None:
         for peer, msg in out:
+            if isinstance(msg, p.Dispatch):
+                log.info(
+                    "placed",
+                    task_id=msg.task.task_id,
+                    session_id=msg.task.session_id,
+                    replica_id=peer.removeprefix("sup-"),
+                    queue_position=msg.queue_position,
+                    predicted_start_ms=msg.predicted_start_ms,
+                    why=msg.placement_reason,
+                )
             if peer:
                 try:
                     self.sock.send_multipart([peer.encode(), p.encode(msg)], zmq.NOBLOCK)
@@ -82,6 +94,7 @@ class SchedulerShell:
                 self.tick()
         self.sock.close(0)
         self.ctx.term()
+        self.gpus.close()
 
     def tick(self) -> None:
         now = _now_ms()
@@ -96,12 +109,33 @@ class SchedulerShell:
                 m = self.core.catalog.record_verification(model_id, digest, wall, error)
                 log.info("model verified", model_id=model_id, verified=m.verified, error=error)
                 self.catalog_disk.save()
+        if self.gpus.available:
+            self._gpu_view()
         self.send(self.core.tick(now))
         self.send(self.control.tick(now))
         depth = len(self.core.queue)
         if depth != self.last_depth:
             self.last_depth = depth
             self.send([(f"sup-{r}", p.QueueDepth(depth)) for r in self.core.replicas])
+
+    def _gpu_view(self) -> None:
+        """Free VRAM for placement and per-device figures for pool health, from the sampler."""
+        free = self.gpus.free_vram_by_replica()
+        samples = self.gpus.snapshot()
+        for rep in self.core.replicas.values():
+            rep.free_vram_bytes = free.get(rep.id, 0)
+            rep.gpus = [
+                {
+                    "device": s.index,
+                    "uuid": s.uuid,
+                    "name": s.name,
+                    "utilization": s.utilization,
+                    "vram_used_bytes": s.vram_used,
+                    "vram_total_bytes": s.vram_total,
+                }
+                for s in samples
+                if rep.id in self.gpus.owners(s)["replica_id"].split(",")
+            ]
 
     def _peer_down(self, peer: str, reason: str, now: float) -> None:
         self.seen.pop(peer, None)
@@ -148,6 +182,7 @@ class SchedulerShell:
                 out = self.control.reload_ready(peer, msg, now)
             case p.ReplicaStatus():
                 out = core.replica_status(peer, msg, now)
+                self.gpus.set_engine_version(msg.replica_id, msg.engine_version)
                 rep = core.replicas.get(msg.replica_id)
                 log.info(
                     "replica is ready" if rep is not None and rep.ready else "replica is not ready",
@@ -217,19 +252,18 @@ class SchedulerShell:
         return [(peer, p.Welcome()), *out]
 
     def _maybe_announce(self) -> None:
-        ready = sum(1 for r in self.core.replicas.values() if r.ready)
-        want_fe = self.cfg.server.frontends
-        if (
-            not self.announced
-            and ready == len(self.core.replicas)
-            and len(self.frontends) >= want_fe
-        ):
+        """Ready once every frontend is up and every replica has reported (ready, or failing
+        with its reason: a broken engine must not keep the rest of orchd from serving)."""
+        reps = self.core.replicas.values()
+        reported = all(r.ready or r.last_error for r in reps)
+        if not self.announced and reported and len(self.frontends) >= self.cfg.server.frontends:
             self.announced = True
+            ready = sum(1 for r in reps if r.ready)
             self.send([("launcher", p.ClusterReady(len(self.frontends), ready))])
 
     def _narrate_admission(self, msg: p.Submit, out: Out) -> None:
         t = msg.task
-        for peer, m in out:
+        for _, m in out:
             if isinstance(m, p.Admitted):
                 log.info(
                     "admitted",
@@ -241,14 +275,6 @@ class SchedulerShell:
                 )
             elif isinstance(m, p.Failed):
                 log.info("rejected", task_id=t.task_id, code=m.error.code, message=m.error.message)
-            elif isinstance(m, p.Dispatch):
-                log.info(
-                    "placed",
-                    task_id=m.task.task_id,
-                    replica_id=peer.removeprefix("sup-"),
-                    queue_position=m.queue_position,
-                    why=m.placement_reason,
-                )
 
 
 def main(argv: list[str] | None = None) -> int:

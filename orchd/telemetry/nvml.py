@@ -29,7 +29,6 @@ engine_version, pool_id, replica_id`` of the replica(s) whose ``devices`` name i
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,9 +39,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchd import log
 from orchd.config import Replica
-
-log = logging.getLogger("orchd.telemetry.nvml")
 
 OWNER_LABELS = ("engine", "engine_version", "pool_id", "replica_id")
 LABELS = ("device", *OWNER_LABELS)
@@ -114,10 +112,10 @@ class NvmlCollector(Collector):
             self._handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
             self.driver_version = _text(nv.nvmlSystemGetDriverVersion())
         except Exception as e:  # NVMLError (no driver/GPU) or no library at all
-            log.info("NVML unavailable, GPU metrics are off: %s", e)
+            log.info("NVML unavailable: GPU metrics are off, orchd runs on", reason=str(e))
             return
         if not self._handles:
-            log.info("NVML found no GPU, GPU metrics are off")
+            log.info("NVML found no GPU: GPU metrics are off, orchd runs on")
             return
         self.available = True
         self._sample_now()
@@ -133,7 +131,7 @@ class NvmlCollector(Collector):
             try:
                 self._nvml.nvmlShutdown()
             except Exception as e:
-                log.debug("nvmlShutdown failed: %s", e)
+                log.debug("nvmlShutdown failed", error=str(e))
             self.available = False
 
     def set_engine_version(self, replica_id: str, version: str) -> None:

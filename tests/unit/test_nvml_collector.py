@@ -3,7 +3,7 @@ device missing a reading, no driver, sampling off the scrape path, idling."""
 
 from __future__ import annotations
 
-import logging
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -175,14 +175,14 @@ def test_free_vram_for_placement() -> None:
         c.close()
 
 
-def test_no_driver_means_no_gpu_series_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+def test_no_driver_means_no_gpu_series_and_one_log_line(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeNvml([], init_error="Driver Not Loaded")
-    with caplog.at_level(logging.INFO, logger="orchd.telemetry.nvml"):
-        c = NvmlCollector(REPLICAS, nvml=fake)  # type: ignore[arg-type]
+    c = NvmlCollector(REPLICAS, nvml=fake)  # type: ignore[arg-type]
     assert not c.available
-    assert [r.getMessage() for r in caplog.records] == [
-        "NVML unavailable, GPU metrics are off: Driver Not Loaded"
-    ]
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1
+    assert lines[0]["narration"] == "NVML unavailable: GPU metrics are off, orchd runs on"
+    assert lines[0]["reason"] == "Driver Not Loaded"
     assert scrape(c) == {}
     assert c.snapshot() == [] and c.free_vram_by_replica() == {}
     c.close()

@@ -1,0 +1,77 @@
+"""The contracts themselves: OpenAPI documents that validate, an API version that matches,
+live /metrics linted against contracts/metrics.lint.json, and a schemathesis fuzz run against
+the running daemon that finds no 5xx and no response outside the contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import run_task
+from tests.support import contract
+from tests.support.daemon import Daemon
+from tests.support.sse import sync_request
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_openapi_documents_are_valid() -> None:
+    for name in contract.FILES:
+        validate(contract._doc(name), base_uri=(contract.ROOT / name).as_uri())
+
+
+def test_api_version_matches_openapi(daemon: Daemon) -> None:
+    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/v1/capabilities", daemon.headers)
+    assert status == 200
+    assert json.loads(raw)["api_version"] == contract.api_version()
+    assert contract._doc("control.yaml")["info"]["version"] == contract.api_version()
+
+
+def test_live_metrics_match_the_lint_file(daemon: Daemon) -> None:
+    run_task(daemon, max_tokens=3)  # so that histograms and counters have samples
+    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/metrics", {})
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    lint = json.loads((ROOT / "contracts" / "metrics.lint.json").read_text())
+    for m in lint["metrics"]:
+        base = m["name"].removesuffix("_total") if m["type"] == "counter" else m["name"]
+        fam = families.get(base)
+        if fam is None:
+            assert not m["required"], f"{m['name']} is missing from /metrics"
+            continue
+        assert fam.type == m["type"], (m["name"], fam.type)
+        for sample in fam.samples:
+            labels = set(sample.labels) - {"le"}
+            assert labels == set(m["labels"]), (m["name"], sample.labels)
+
+
+def test_fuzz_finds_no_5xx_and_nothing_outside_the_contract(daemon: Daemon, tmp_path: Path) -> None:
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
+    st = [sys.executable, "-m", "schemathesis.cli"]
+    base = f"http://{daemon.host}:{daemon.port}"
+    for name in contract.FILES:
+        r = subprocess.run(
+            [
+                *st, "run", str(contract.ROOT / name), "--url", base,
+                "-H", f"X-API-Key: {daemon.key}",
+                "--checks", "not_a_server_error,status_code_conformance,"
+                "content_type_conformance,response_schema_conformance,"
+                "response_headers_conformance",
+                "--max-examples", "25", "--seed", "7", "--workers", "1",
+                "--request-timeout", "20", "--max-time", "90",
+                "--exclude-path", "/v1/tasks/{task_id}/stream",
+                "--generation-codec", "ascii",
+                "--phases", "examples,coverage,fuzzing",
+                "--report", "junit", "--report-dir", str(tmp_path),
+            ],
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, f"schemathesis found problems in {name}:\n{out[-6000:]}"
+        assert "passed" in out.lower()
