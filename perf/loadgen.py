@@ -172,6 +172,7 @@ class Shard:
         except (ConnectionError, OSError) as e:
             req.ok = False
             why = type(e).__name__
+            backoff = 0.02  # a server that is not there must not spin the client
         finally:
             if conn is not None:
                 self.pool.release(conn)

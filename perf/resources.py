@@ -209,4 +209,5 @@ def soak(b: Bench, capacity_rps: float) -> None:
         target="within 5%",
         met=abs(drift) <= 5.0,
         note=f"first {first:.1f} MB, last {last:.1f} MB, max-min {spread:.1f}%",
+        runs=[r],
     )

@@ -66,6 +66,16 @@ PROFILES = {
 }
 
 
+def invalid(run: dict[str, Any]) -> str:
+    """Why a run's figures cannot be trusted ("" if they can): nothing completed, or more
+    than 1% of its cohort failed."""
+    n, failed = run.get("num_prompts", 0), run.get("failed", 0)
+    if run.get("completed", 0) == 0 or failed > 0.01 * max(n, 1):
+        errs = run.get("errors") or {}
+        return f"{run.get('label', '?')}: {failed} of {n} failed {errs}"
+    return ""
+
+
 def brief(run: dict[str, Any]) -> dict[str, Any]:
     return {k: run[k] for k in SUMMARY_KEYS if k in run}
 
@@ -102,7 +112,12 @@ class Bench:
         target: str = "",
         met: bool | None = None,
         note: str = "",
+        runs: list[dict[str, Any]] | None = None,
     ) -> None:
+        bad = [why for r in runs or [] if (why := invalid(r))]
+        if bad:  # a figure from a broken run is reported, never scored
+            met = None
+            note = "INVALID: " + "; ".join(bad) + (f"; {note}" if note else "")
         r: dict[str, Any] = {
             "name": name,
             "value": None if value is None else round(value, 3),
@@ -152,6 +167,8 @@ class Bench:
         r["label"] = label
         r["server_cpu_pct_by_role"] = s.by_role()
         r["server_cpu_pct_total"] = s.total()
+        if r["failed"]:
+            r["orchd_log_tail"] = list(o.log)
         return r
 
     def run_plain(self, port: int, spec: LoadSpec, label: str, pid: int) -> dict[str, Any]:
@@ -213,6 +230,7 @@ class Bench:
                 target=">= 0.8 x ceiling",
                 met=med >= 0.8,
                 note=f"ratios per round {[round(x, 2) for x in ratios]}",
+                runs=ho + hc,
             )
             dh = [r for r in runs["direct"] if r["concurrency"] == p.headline_conc]
             if dh:
@@ -222,6 +240,7 @@ class Bench:
                     "ev/s",
                     how="value",
                     note="the mock engine's own rate, read by a bare ZeroMQ driver",
+                    runs=dh,
                 )
 
     def coalesced(self) -> None:
@@ -256,6 +275,7 @@ class Bench:
             baseline=cr["token_events_per_s"],
             target=">= 2 x ceiling",
             met=ratio >= 2.0,
+            runs=[cr, orr],
         )
 
     def latency(self) -> None:
@@ -299,6 +319,7 @@ class Bench:
                 how="delta",
                 target=target,
                 met=orr[key] - dr[key] <= limit,
+                runs=[orr, dr],
             )
         if "p99_engine_to_client_ms" in orr:
             self.row(
@@ -308,6 +329,7 @@ class Bench:
                 baseline=dr.get("median_engine_to_client_ms", 0.0),
                 how="delta",
                 note="baseline: engine -> bare ZeroMQ driver",
+                runs=[orr, dr],
             )
             self.row(
                 "engine write -> client receipt p99",
@@ -315,6 +337,7 @@ class Bench:
                 "ms",
                 baseline=dr.get("p99_engine_to_client_ms", 0.0),
                 how="delta",
+                runs=[orr, dr],
             )
 
     def admission(self) -> None:
@@ -353,6 +376,7 @@ class Bench:
             baseline=cr["request_throughput"],
             target=">= 0.6 x bare starlette",
             met=ratio >= 0.6,
+            runs=[cr, orr],
         )
 
     def arrivals(self, capacity_rps: float) -> None:
@@ -406,4 +430,5 @@ class Bench:
                 target=">= 3x at 4 fe on 16 cores" if r["frontends"] == 4 else "",
                 met=None if owed or r["frontends"] != 4 else r["token_events_per_s"] >= 3 * one,
                 note=f"{cores}-core host: the 16-core run is still owed" if owed else "",
+                runs=[runs[0], r],
             )
