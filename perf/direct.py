@@ -99,6 +99,7 @@ class Direct:
         pending = 0
         sampler = CpuSampler(None, self.pids())
         phase = 0
+        cpu0 = cpu1 = 0.0
         bar = Bar(label, spec.warmup_s + spec.duration_s)
         tokens_seen = done = 0
         prompt = " ".join(f"w{i}" for i in range(spec.input_len))
@@ -120,9 +121,11 @@ class Direct:
             now = time.monotonic_ns()
             if phase == 0 and now >= w0:
                 sampler.window_start()
+                cpu0 = time.process_time()
                 phase = 1
             if phase == 1 and now >= w1:
                 sampler.window_end()
+                cpu1 = time.process_time()
                 phase = 2
             if phase == 2 and (pending == 0 or now >= cap):
                 break
@@ -199,6 +202,9 @@ class Direct:
         out.update(spec_fields(spec))
         out["backend"] = out["endpoint_type"] = "direct"
         out["server_cpu_pct_by_role"] = sampler.by_role()
+        out["server_cpu_pct_total"] = sampler.total()
+        out["client_cpu_cores"] = round((cpu1 - cpu0) / spec.duration_s, 3)  # the driver
+        out["client_saturated"] = out["client_cpu_cores"] > 0.8
         return out
 
     def _window(self, spec: LoadSpec, runs: list[_Run], w0: int, w1: int) -> Window:

@@ -239,7 +239,9 @@ class Bench:
                     dh[0]["token_events_per_s"],
                     "ev/s",
                     how="value",
-                    note="the mock engine's own rate, read by a bare ZeroMQ driver",
+                    note="the mock engine's own rate, read by a bare ZeroMQ driver using "
+                    f"{dh[0]['client_cpu_cores']} of a core"
+                    + (" (the driver may be the limit)" if dh[0]["client_saturated"] else ""),
                     runs=dh,
                 )
 
