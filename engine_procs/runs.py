@@ -28,6 +28,8 @@ class Run:
     ended: bool = False
     ended_at: float = 0.0
     dirty: bool = False
+    held: int = 0  # token frames held back by coalescing
+    timer: Any = None  # the coalescing deadline (an asyncio TimerHandle)
     transcript: list[bytes] = field(default_factory=list)
     outbox: list[bytes] = field(default_factory=list)
     # from the dispatch

@@ -98,6 +98,8 @@ class Supervisor:
         self.retiring: set[EngineAdapter] = set()  # replaced by a reload; stop when idle
         self.prepared: dict[int, EngineAdapter] = {}  # reload req id -> engine started
         self.queue_depth = 0
+        self.coalesce = max(1, self.cfg.scheduling.stream_interval_tokens)
+        self.coalesce_s = self.cfg.scheduling.stream_interval_ms / 1000.0
         self.stopping = asyncio.Event()
         self.busy = asyncio.Event()  # set when a task arrives (wakes idle housekeeping)
         self._backlog_task: asyncio.Task[None] | None = None
@@ -158,10 +160,37 @@ class Supervisor:
             if run.frontend >= 0:
                 run.outbox.append(f)
         run.seq, run.tokens = seq, i
-        self._mark(run)
+        if run.frontend >= 0 and self.coalesce > 1 and self._hold(run, len(texts_json)):
+            pass  # coalescing: these frames go out with the next batch or on the timer
+        else:
+            self._mark(run)
         if (run.tokens_budget is not None or run.cost_budget is not None) and run.over_budget(now):
             run.adapter.abort(rid)
             self._end(run, "budget")
+
+    def _hold(self, run: Run, n: int) -> bool:
+        """Coalescing (``stream_interval_tokens``): the first token goes at once, then every
+        N tokens or after ``stream_interval_ms``, whichever comes first."""
+        if run.tokens == n:
+            return False  # the first token(s): never held
+        run.held += n
+        if run.held >= self.coalesce:
+            run.held = 0
+            if run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
+            return False
+        if run.timer is None:
+            run.timer = asyncio.get_running_loop().call_later(
+                self.coalesce_s, self._release_held, run
+            )
+        return True
+
+    def _release_held(self, run: Run) -> None:
+        run.timer = None
+        run.held = 0
+        if not run.ended:
+            self._mark(run)
 
     def on_finish(self, rid: int, reason: str) -> None:
         run = self.by_rid.get(rid)
@@ -220,6 +249,9 @@ class Supervisor:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def _close(self, run: Run) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
+            run.timer = None
         run.ended = True
         run.ended_at = _now()
         self.runs.pop(run.task_id, None)

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080; 0 picks a free one)")
     serve.add_argument("--frontends", type=int, help="frontend processes sharing the port")
+    serve.add_argument("--gpus", choices=["auto"], help="one replica per GPU that NVML finds")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         from orchd.launcher import serve as run_serve
@@ -23,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load(
                 args.config,
-                cli={"host": args.host, "port": args.port, "frontends": args.frontends},
+                cli={
+                    "host": args.host,
+                    "port": args.port,
+                    "frontends": args.frontends,
+                    "gpus": args.gpus,
+                },
             )
             return run_serve(cfg)
         except ConfigError as e:

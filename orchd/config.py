@@ -93,6 +93,9 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     restart_backoff_max_ms: int = 5_000
     heartbeat_ms: int = 1_000
     peer_timeout_ms: int = 5_000
+    # "auto": one replica per GPU that NVML finds, each a copy of the first [[replicas]]
+    # entry with devices set to that GPU ("" = the replicas exactly as configured).
+    gpus: str = ""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,6 +138,11 @@ class Scheduling(msgspec.Struct, forbid_unknown_fields=True):
     # Weighted fairness across API keys: key -> weight (default 1.0).
     key_weights: dict[str, float] = msgspec.field(default_factory=dict)
     metrics_interval_ms: int = 1000  # SSE `metrics` frames per stream; 0 = none
+    # Token coalescing: after the first token, a stream's frames are written every N tokens
+    # or every stream_interval_ms, whichever comes first (1 = every token at once). Each token
+    # is still its own SSE event; only the writes are batched.
+    stream_interval_tokens: int = 1
+    stream_interval_ms: float = 10.0
 
 
 class Sessions(msgspec.Struct, forbid_unknown_fields=True):

@@ -31,6 +31,7 @@ from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
 from orchd import log
 from orchd.config import Config, ConfigError, Resolved, Runtime, child_env, write_resolved
 from orchd.frontend.main import listen_socket
+from orchd.telemetry.gpus import expand_gpus
 
 STABLE_S = 10.0  # a child that lived this long restarts with the initial backoff again
 
@@ -295,4 +296,4 @@ class Launcher:
 
 def serve(cfg: Config) -> int:
     log.setup("launcher", cfg.server.log_level)
-    return Launcher(cfg).run()
+    return Launcher(expand_gpus(cfg)).run()

@@ -73,7 +73,12 @@ class Pools:
     # ---------------------------------------------------------------- admission checks
 
     def targets(
-        self, engine: str, model_ref: str, workload: str, placement: dict[str, Any] | None
+        self,
+        engine: str,
+        model_ref: str,
+        workload: str,
+        placement: dict[str, Any] | None,
+        sampler_profile_version: str | None = None,
     ) -> list[PoolState]:
         """Pools a task may use, most preferred first; raises the typed reason if none."""
         pl = placement or {}
@@ -90,6 +95,14 @@ class Pools:
                 Code.INVALID_PARAMS,
                 f"workload: no pool serving {model_ref} supports workload {workload!r}",
             )
+        if sampler_profile_version is not None:
+            pools = [p for p in pools if p.sampler_profile_version == sampler_profile_version]
+            if not pools:
+                raise OrchdError(
+                    Code.INVALID_PARAMS,
+                    f"sampler_profile_version: no pool serving {model_ref} runs sampler "
+                    f"profile {sampler_profile_version!r}",
+                )
         fallback = bool(pl.get("allow_fallback", True))
         if pl.get("mode") == "pin":
             pin = pl.get("pin_pool_id")

@@ -252,7 +252,9 @@ class SchedulerCore:
         if spec.task_id in self.tasks:
             raise OrchdError(Code.INVALID_PARAMS, f"task_id: {spec.task_id!r} already exists")
         model = self.catalog.check(spec.model_ref)
-        pools = self.pools.targets(spec.engine, model, spec.workload, spec.placement)
+        pools = self.pools.targets(
+            spec.engine, model, spec.workload, spec.placement, spec.sampler_profile_version
+        )
         pool_ids = [x.id for x in pools]
         total, free = self._slots(pool_ids)
         ahead = len(self.queue)

@@ -247,16 +247,23 @@ class SchedulerShell:
                 rep.connected = True
         elif msg.role == "frontend":
             self.frontends.add(peer)
-            self._maybe_announce()
         log.info("peer joined", peer=peer, role=msg.role, pid=msg.pid)
-        return [(peer, p.Welcome()), *out]
+        self.send([(peer, p.Welcome()), *out])
+        self._maybe_announce()  # the launcher may be the last to say hello
+        return []
 
     def _maybe_announce(self) -> None:
         """Ready once every frontend is up and every replica has reported (ready, or failing
         with its reason: a broken engine must not keep the rest of orchd from serving)."""
         reps = self.core.replicas.values()
         reported = all(r.ready or r.last_error for r in reps)
-        if not self.announced and reported and len(self.frontends) >= self.cfg.server.frontends:
+        launcher_known = "launcher" in self.seen
+        if (
+            not self.announced
+            and launcher_known
+            and reported
+            and len(self.frontends) >= self.cfg.server.frontends
+        ):
             self.announced = True
             ready = sum(1 for r in reps if r.ready)
             self.send([("launcher", p.ClusterReady(len(self.frontends), ready))])

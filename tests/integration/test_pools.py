@@ -107,6 +107,9 @@ def test_placement_errors_have_their_real_causes(pools: Daemon) -> None:
     assert status == 400 and "model_ref" in body["message"]
     status, body, _ = submit(pools, workload="embedding")
     assert status == 400 and "workload" in body["message"]
+    status, body, _ = submit(pools, sampler_profile_version="v9")
+    assert status == 400 and "sampler_profile_version" in body["message"]
+    assert started(pools, sampler_profile_version="v1")["sampler_profile_version"] == "v1"
 
 
 def test_health(pools: Daemon) -> None:

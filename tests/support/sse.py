@@ -30,6 +30,7 @@ class Dechunker:
     def __init__(self) -> None:
         self.buf = b""
         self.done = False
+        self.chunks = 0  # HTTP chunks seen: one per write by the server
 
     def feed(self, data: bytes) -> bytes:
         self.buf += data
@@ -43,6 +44,7 @@ class Dechunker:
                 break
             out += self.buf[nl + 2 : nl + 2 + size]
             self.buf = self.buf[nl + 2 + size + 2 :]
+            self.chunks += 1
             if size == 0:
                 self.done = True
         return bytes(out)
