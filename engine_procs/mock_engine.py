@@ -13,6 +13,7 @@ stalls the engine instead of letting steps pile up.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import os
 import random
@@ -69,6 +70,7 @@ class _Req:
     max_tokens: int
     due: float
     produced: int = 0
+    queued: bool = False  # has a live entry in the due heap
 
 
 class MockEngineProcess:
@@ -82,58 +84,75 @@ class MockEngineProcess:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(addr)
         self.reqs: dict[int, _Req] = {}
-        self.stalled: set[int] = set()
+        self.due: list[tuple[float, int]] = []  # (due time, rid): a heap
 
     def run(self) -> None:
         cfg = self.cfg
         self.sock.send(p.encode(p.EngReady(cfg.engine_version, cfg.vocab_size, os.getpid())))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        itl = cfg.itl_ms / 1000.0
+        due = self.due
         while True:
-            live = [r for r in self.reqs.values() if r.rid not in self.stalled]
-            if live:
-                wait = max(0.0, min(r.due for r in live) - time.monotonic())
+            if due:
+                wait = max(0.0, due[0][0] - time.monotonic())
                 timeout: int | None = math.ceil(wait * 1000.0)
             else:
-                timeout = None  # idle: block until a request comes
+                timeout = None  # idle (or every request stalled): block until a message
             if poller.poll(timeout):
                 while True:
                     try:
-                        self.handle(p.decode_engine(self.sock.recv(zmq.NOBLOCK)))
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-            now = time.monotonic()
-            step = p.EngStep([])
-            for r in list(self.reqs.values()):
-                if r.due > now or r.rid in self.stalled:
-                    continue
-                n = cfg.tokens_per_step
-                if itl > 0:
-                    # Catch up on whole intervals missed, as an engine under load would.
-                    n = max(1, min(64, int((now - r.due) / itl) + 1))
-                n = min(n, r.max_tokens - r.produced)
-                toks = [r.rng.randrange(cfg.vocab_size) for _ in range(n)]
-                r.produced += n
-                r.due = r.due + itl * n if itl > 0 else now
-                step.tokens.append((r.rid, toks))
-                if cfg.error_after_tokens and r.produced >= cfg.error_after_tokens:
-                    step.errors.append((r.rid, "mock engine error (fault injection)"))
-                    del self.reqs[r.rid]
-                elif r.produced >= r.max_tokens:
-                    step.finished.append((r.rid, "length"))
-                    del self.reqs[r.rid]
-                elif cfg.stall_after_tokens and r.produced >= cfg.stall_after_tokens:
-                    self.stalled.add(r.rid)
-                if cfg.crash_after_tokens and r.produced >= cfg.crash_after_tokens:
-                    step.t_ns = time.monotonic_ns()
-                    self.sock.send(p.encode(step))
-                    sys.stderr.write("mock engine: crashing (fault injection)\n")
-                    sys.stderr.flush()
-                    os._exit(3)
+                    for frame in frames:
+                        self.handle(p.decode_engine(frame))
+            step = self.step(time.monotonic())
             if step.tokens or step.finished or step.errors:
                 step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
+
+    def step(self, now: float) -> p.EngStep:
+        """One engine step: the next token(s) of every request that is due."""
+        cfg = self.cfg
+        itl = cfg.itl_ms / 1000.0
+        step = p.EngStep([])
+        due = self.due
+        ready = []
+        while due and due[0][0] <= now:
+            _, rid = heapq.heappop(due)
+            r = self.reqs.get(rid)
+            if r is not None and r.queued:
+                ready.append(r)
+        for r in ready:
+            r.queued = False
+            n = cfg.tokens_per_step
+            if itl > 0:
+                # Catch up on whole intervals missed, as an engine under load would.
+                n = max(1, min(64, int((now - r.due) / itl) + 1))
+            n = min(n, r.max_tokens - r.produced)
+            toks = [r.rng.randrange(cfg.vocab_size) for _ in range(n)]
+            r.produced += n
+            r.due = r.due + itl * n if itl > 0 else now
+            step.tokens.append((r.rid, toks))
+            if cfg.error_after_tokens and r.produced >= cfg.error_after_tokens:
+                step.errors.append((r.rid, "mock engine error (fault injection)"))
+                del self.reqs[r.rid]
+            elif r.produced >= r.max_tokens:
+                step.finished.append((r.rid, "length"))
+                del self.reqs[r.rid]
+            elif not (cfg.stall_after_tokens and r.produced >= cfg.stall_after_tokens):
+                self._schedule(r)  # (a stalled request is never scheduled again)
+            if cfg.crash_after_tokens and r.produced >= cfg.crash_after_tokens:
+                step.t_ns = time.monotonic_ns()
+                self.sock.send(p.encode(step))
+                sys.stderr.write("mock engine: crashing (fault injection)\n")
+                sys.stderr.flush()
+                os._exit(3)
+        return step
+
+    def _schedule(self, r: _Req) -> None:
+        r.queued = True
+        heapq.heappush(self.due, (r.due, r.rid))
 
     def handle(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, p.EngSubmit):
@@ -141,10 +160,10 @@ class MockEngineProcess:
                 self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens, self.model
             )
             due = time.monotonic() + self.cfg.ttft_ms / 1000.0
-            self.reqs[msg.rid] = _Req(msg.rid, rng, max(1, msg.max_tokens), due)
+            r = self.reqs[msg.rid] = _Req(msg.rid, rng, max(1, msg.max_tokens), due)
+            self._schedule(r)
         elif isinstance(msg, p.EngAbort):
-            self.reqs.pop(msg.rid, None)
-            self.stalled.discard(msg.rid)
+            self.reqs.pop(msg.rid, None)  # its heap entry is skipped when it comes up
 
 
 def main(argv: list[str] | None = None) -> int:

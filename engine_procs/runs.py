@@ -28,6 +28,7 @@ class Run:
     ended: bool = False
     ended_at: float = 0.0
     dirty: bool = False
+    check_at: float = 0.0  # its live entry in the supervisor's timer heap
     held: int = 0  # token frames held back by coalescing
     timer: Any = None  # the coalescing deadline (an asyncio TimerHandle)
     transcript: list[bytes] = field(default_factory=list)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import os
 import signal
@@ -98,8 +99,12 @@ class Supervisor:
         self.retiring: set[EngineAdapter] = set()  # replaced by a reload; stop when idle
         self.prepared: dict[int, EngineAdapter] = {}  # reload req id -> engine started
         self.queue_depth = 0
+        self.checks: list[tuple[float, int, Run]] = []  # (when, rid, run): a heap
+        self.decode_timeout_s = self.replica.decode_timeout_ms / 1000.0
+        self.metrics_s = self.cfg.scheduling.metrics_interval_ms / 1000.0
         self.coalesce = max(1, self.cfg.scheduling.stream_interval_tokens)
         self.coalesce_s = self.cfg.scheduling.stream_interval_ms / 1000.0
+        self._out: list[bytes] = []
         self.stopping = asyncio.Event()
         self.busy = asyncio.Event()  # set when a task arrives (wakes idle housekeeping)
         self._backlog_task: asyncio.Task[None] | None = None
@@ -128,7 +133,15 @@ class Supervisor:
     # ---------------------------------------------------------------- messages out
 
     def send(self, msg: p.Message) -> None:
-        self.sock.send(p.encode(msg))
+        """Queue ``msg`` for the scheduler; one ZeroMQ message per event-loop turn."""
+        self._out.append(p.encode(msg))
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        if self._out:
+            frames, self._out = self._out, []
+            self.sock.send_multipart(frames)
 
     def status(self) -> None:
         self.send(
@@ -402,6 +415,8 @@ class Supervisor:
         run.frontend, run.slot = msg.frontend, msg.slot
         run.outbox = [b"".join(run.transcript)]  # replay everything so far, then live
         self._mark(run)
+        if not run.ended:
+            self._schedule_check(run, _now())  # now it may owe `metrics` frames
         if run.ended:
             self.ended.pop(run.task_id, None)
 
@@ -433,29 +448,33 @@ class Supervisor:
 
     async def recv_loop(self) -> None:
         while True:
-            msg = p.decode(await self.sock.recv())
-            match msg:
-                case p.Dispatch():
-                    self.on_dispatch(msg)
-                case p.Attach():
-                    self.on_attach(msg)
-                case p.Abort():
-                    self.on_abort(msg)
-                case p.QueueDepth():
-                    self.queue_depth = msg.depth
-                case p.ReloadPrepare():
-                    asyncio.get_running_loop().create_task(self.reload_prepare(msg))
-                case p.ReloadCommit():
-                    self.reload_commit(msg)
-                case p.ReloadAbort():
-                    new = self.prepared.pop(msg.req_id, None)
-                    if new is not None:
-                        await new.stop()
-                case p.Welcome(accepted=False):
-                    log.error("scheduler refused us", reason=msg.reason)
-                    self.stopping.set()
-                case _:
-                    pass
+            for frame in await self.sock.recv_multipart():
+                self.on_message(p.decode(frame))
+
+    def on_message(self, msg: p.Message) -> None:
+        loop = asyncio.get_running_loop()
+        match msg:
+            case p.Dispatch():
+                self.on_dispatch(msg)
+            case p.Attach():
+                self.on_attach(msg)
+            case p.Abort():
+                self.on_abort(msg)
+            case p.QueueDepth():
+                self.queue_depth = msg.depth
+            case p.ReloadPrepare():
+                loop.create_task(self.reload_prepare(msg))
+            case p.ReloadCommit():
+                self.reload_commit(msg)
+            case p.ReloadAbort():
+                new = self.prepared.pop(msg.req_id, None)
+                if new is not None:
+                    loop.create_task(new.stop())
+            case p.Welcome(accepted=False):
+                log.error("scheduler refused us", reason=msg.reason)
+                self.stopping.set()
+            case _:
+                pass
 
     # ---------------------------------------------------------------- reload
 
@@ -538,18 +557,48 @@ class Supervisor:
             self.restarting = False
 
     def _itl_ms(self) -> float:
-        """Recent per-token time across running tasks (for on-time estimates)."""
+        """Recent per-token time across (a sample of) running tasks, for on-time estimates."""
         spans = [
             (r.t_last - r.t_first) * 1000.0 / (r.tokens - 1)
-            for r in self.runs.values()
+            for r in itertools.islice(self.runs.values(), 64)
             if r.tokens > 1
         ]
         return sum(spans) / len(spans) if spans else 0.0
 
+    def _schedule_check(self, run: Run, now: float) -> None:
+        """Queue the run's next timer: decode timeout, time budget or `metrics` frame."""
+        at = (run.t_last or run.t_start) + self.decode_timeout_s
+        if run.time_budget_ms is not None:
+            at = min(at, run.t_start + run.time_budget_ms / 1000.0)
+        if self.metrics_s > 0 and run.frontend >= 0:
+            at = min(at, run.t_metrics + self.metrics_s)
+        run.check_at = max(at, now)
+        heapq.heappush(self.checks, (run.check_at, run.rid, run))
+
+    def _check(self, run: Run, now: float, itl: list[float]) -> None:
+        if run.time_budget_ms is not None and run.over_budget(now) == "time":
+            run.adapter.abort(run.rid)
+            self._end(run, "budget")
+        elif now - (run.t_last or run.t_start) >= self.decode_timeout_s:
+            err = OrchdError(
+                Code.DECODE_TIMEOUT,
+                f"no token for {self.replica.decode_timeout_ms} ms",
+                engine=self.replica.engine,
+                pool_id=self.replica.pool_id,
+            )
+            self._fail(run, err)
+        else:
+            if self.metrics_s > 0 and run.frontend >= 0 and now - run.t_metrics >= self.metrics_s:
+                if not itl:
+                    itl.append(self._itl_ms())
+                run.t_metrics = now
+                self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
+            self._schedule_check(run, now)
+
     async def housekeeping(self) -> None:
+        """Timers without scanning every task: a heap of each run's next check."""
         hb = self.cfg.server.heartbeat_ms / 1000.0
         next_hb = 0.0
-        timeout_s = self.replica.decode_timeout_ms / 1000.0
         while True:
             if self.runs:
                 await asyncio.sleep(HOUSEKEEPING_S)
@@ -562,32 +611,19 @@ class Supervisor:
             if now >= next_hb:
                 self.send(p.Heartbeat())
                 next_hb = now + hb
-            interval = self.cfg.scheduling.metrics_interval_ms / 1000.0
-            itl_ms = self._itl_ms()
-            for run in list(self.runs.values()):
-                if run.time_budget_ms is not None and run.over_budget(now) == "time":
-                    run.adapter.abort(run.rid)
-                    self._end(run, "budget")
-                    continue
-                if interval > 0 and now - run.t_metrics >= interval:
-                    run.t_metrics = now
-                    self._emit(run, run.metrics_frame(now, self.queue_depth, itl_ms))
-                if now - (run.t_last or run.t_start) > timeout_s:
-                    self._fail(
-                        run,
-                        OrchdError(
-                            Code.DECODE_TIMEOUT,
-                            f"no token for {self.replica.decode_timeout_ms} ms",
-                            engine=self.replica.engine,
-                            pool_id=self.replica.pool_id,
-                        ),
-                    )
+            checks = self.checks
+            itl: list[float] = []
+            while checks and checks[0][0] <= now:
+                at, _, run = heapq.heappop(checks)
+                if not run.ended and at == run.check_at:  # else: a stale entry
+                    self._check(run, now, itl)
             while self.ended_order and now - self.ended_order[0].ended_at > self.retention_s:
                 run = self.ended_order.popleft()
                 self.ended.pop(run.task_id, None)
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
+        log.defer(lambda: loop.call_soon(log.flush))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.sock.connect(self.rt.scheduler_addr)
@@ -611,6 +647,7 @@ class Supervisor:
             t.cancel()
         await self.adapter.stop()
         self.send(p.Goodbye("stopping"))
+        self._flush_out()
         self.sock.close(linger=500)
         self.rings.close()
 

@@ -181,24 +181,29 @@ class Launcher:
     def _on_message(self, sock: zmq.Socket[bytes], res: Resolved) -> None:
         while True:
             try:
-                msg = p.decode(sock.recv(zmq.NOBLOCK))
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if isinstance(msg, p.ClusterReady):
-                s = self.cfg.server
-                host = f"[{s.host}]" if ":" in s.host else s.host
-                log.info(
-                    "ready",
-                    url=f"http://{host}:{s.port}",
-                    frontends=msg.frontends,
-                    replicas=msg.replicas,
-                    run_dir=res.runtime.run_dir,
-                )
-                if not s.api_keys:
-                    log.warning(
-                        "no API keys configured: accepting the development key 'dev' "
-                        "(loopback only); set ORCHD_API_KEYS for anything else"
-                    )
+            for frame in frames:
+                self._on_notice(p.decode(frame), res)
+
+    def _on_notice(self, msg: p.Message, res: Resolved) -> None:
+        if not isinstance(msg, p.ClusterReady):
+            return
+        s = self.cfg.server
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        log.info(
+            "ready",
+            url=f"http://{host}:{s.port}",
+            frontends=msg.frontends,
+            replicas=msg.replicas,
+            run_dir=res.runtime.run_dir,
+        )
+        if not s.api_keys:
+            log.warning(
+                "no API keys configured: accepting the development key 'dev' "
+                "(loopback only); set ORCHD_API_KEYS for anything else"
+            )
 
     def _reap(self, sock: zmq.Socket[bytes]) -> None:
         now = time.monotonic()
@@ -248,10 +253,11 @@ class Launcher:
             events = dict(poller.poll(200))
             if sock in events:
                 try:
-                    if isinstance(p.decode(sock.recv(zmq.NOBLOCK)), p.Done):
-                        return
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
-                    pass
+                    continue
+                if any(isinstance(p.decode(f), p.Done) for f in frames):
+                    return
 
     def _stop_child(self, c: Child, sig: int | None, wait_s: float) -> None:
         if c.proc is None:

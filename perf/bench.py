@@ -77,6 +77,10 @@ def git_rev() -> str:
         return "unknown"
 
 
+# orchd's stream_interval: first token at once, then every 16 tokens or 20 ms.
+DEFAULT_COALESCE = "[scheduling]\nstream_interval_tokens = 16\nstream_interval_ms = 20\n"
+
+
 def _coalesce(arg: str | None) -> dict[str, Any] | None:
     if not arg:
         return None
@@ -108,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=2, help="load client processes")
     ap.add_argument("--replicas", type=int, default=2, help="mock replicas (and direct engines)")
     ap.add_argument("--goodput", nargs="*", help="SLOs as ttft:MS tpot:MS e2el:MS")
-    ap.add_argument("--coalesce-toml", help="extra orchd config (TOML text or @file; a [replica]"
-                    " table applies to every replica) for the coalescing scenario")  # fmt: skip
+    ap.add_argument("--coalesce-toml", default=DEFAULT_COALESCE,
+                    help="extra orchd config (TOML text or @file; a [replica] table applies to"
+                    " every replica) for the coalescing scenario")  # fmt: skip
     ap.add_argument("--sweep", help="concurrency levels, e.g. 16,64,256")
     ap.add_argument("--tokens", type=int, help="max_tokens of the throughput runs")
     ap.add_argument("--duration", type=float, help="measurement window of each run (s)")

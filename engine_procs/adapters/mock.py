@@ -33,8 +33,10 @@ class MockAdapter(EngineAdapter):
         self._resume = asyncio.Event()
         self._resume.set()
         self._stopping = False
+        self._out: list[bytes] = []
 
     async def start(self, timeout_s: float) -> None:
+        self._out = []  # nothing queued for a previous engine goes to this one
         path = self.engine_addr.removeprefix("ipc://")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -129,11 +131,22 @@ class MockAdapter(EngineAdapter):
     def submit(self, req: EngineRequest) -> None:
         assert self._sock is not None
         msg = p.EngSubmit(req.rid, req.prompt, req.seed, req.max_tokens)
-        self._sock.send(p.encode(msg))
+        self._send(p.encode(msg))
+
+    def _send(self, frame: bytes) -> None:
+        """Requests and aborts queued in one event-loop turn reach the engine together."""
+        self._out.append(frame)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._out and self._sock is not None:
+            frames, self._out = self._out, []
+            self._sock.send_multipart(frames)
 
     def abort(self, rid: int) -> None:
         if self._sock is not None:
-            self._sock.send(p.encode(p.EngAbort(rid)))
+            self._send(p.encode(p.EngAbort(rid)))
 
     async def stop(self) -> None:
         self._stopping = True

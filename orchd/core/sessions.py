@@ -11,6 +11,7 @@ stream (the stream ends with reason ``budget``).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from orchd.core.errors import Code, OrchdError
@@ -75,6 +76,11 @@ class SessionTable:
         self.default = default or Limits()
         self.per_key = dict(per_key or {})
         self.sessions: dict[str, Session] = {}
+        self._expiry: list[tuple[float, str]] = []  # (expires_ms, id): a heap, lazily checked
+
+    def _touch(self, s: Session, now: float) -> None:
+        s.last_used_ms = now
+        heapq.heappush(self._expiry, (s.expires_ms(), s.id))
 
     def limits_for(self, key: str) -> Limits:
         return self.per_key.get(key, self.default)
@@ -128,7 +134,7 @@ class SessionTable:
         s.active += 1
         s.reserved_tokens += max_tokens
         s.reserved_cost += cost
-        s.last_used_ms = now
+        self._touch(s, now)
         return Grant(session_id, max_tokens, cost)
 
     def settle(
@@ -158,7 +164,7 @@ class SessionTable:
         s.kv_bytes += (tokens_in + tokens_out) * kv_bytes_per_token
         if replica:
             s.last_replica = replica
-        s.last_used_ms = now
+        self._touch(s, now)
 
     def release(self, grant: Grant, now: float) -> None:
         """A task that never ran gives its reservation and its turn back."""
@@ -169,14 +175,23 @@ class SessionTable:
         s.reserved_cost -= grant.cost
         s.active = max(0, s.active - 1)
         s.turns = max(0, s.turns - 1)
+        self._touch(s, s.last_used_ms)
 
     def delete(self, session_id: str) -> bool:
         return self.sessions.pop(session_id, None) is not None
 
     def evict_expired(self, now: float) -> list[str]:
-        gone = [sid for sid, s in self.sessions.items() if s.expires_ms() <= now and s.active == 0]
-        for sid in gone:
-            del self.sessions[sid]
+        """Sessions past their TTL and idle; O(expired log n), not a scan of all sessions."""
+        gone = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, sid = heapq.heappop(heap)
+            s = self.sessions.get(sid)
+            if s is not None and s.expires_ms() <= now and s.active == 0:
+                del self.sessions[sid]
+                gone.append(sid)
+            # else: gone already, or touched since (a later entry exists), or still busy
+            # (its end touches it again)
         return gone
 
     def view(self, s: Session, now: float, kv_warm: bool) -> dict[str, object]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
@@ -79,6 +81,8 @@ class Frontend:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        log.defer(lambda: loop.call_soon(log.flush))
         await self.client.start()
         self.table.start()
         log.info("frontend ready", frontend=self.index, pid=os.getpid())
@@ -181,7 +185,20 @@ class Frontend:
             lifespan=self.lifespan,
             exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
         )
-        return Gate(star, effective_api_keys(self.cfg), self.index)
+        fast = {"submit": self._guarded(self.submit), "stream": self._guarded(self.stream)}
+        return Gate(star, effective_api_keys(self.cfg), self.index, fast)
+
+    @staticmethod
+    def _guarded(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+        """A fast-path handler with the error handling Starlette would have given it."""
+
+        async def run(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except Exception as e:  # the same envelope as the app-wide handler
+                return await _internal(request, e)
+
+        return run
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -1,5 +1,11 @@
 """The frontend's line to the scheduler: requests matched to replies by ``req_id``, and
-notices (fences, stream terminations) handed to the stream table."""
+notices (fences, stream terminations) handed to the stream table.
+
+Per-request cost matters here (every admission crosses it), so the socket is a plain
+ZeroMQ DEALER driven by ``loop.add_reader`` rather than zmq.asyncio futures: everything sent
+in one event-loop turn goes as one multipart message, everything waiting is read in one go,
+and request deadlines are swept by one timer instead of a timer per request.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,17 @@ import asyncio
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Callable
 
 import zmq
-import zmq.asyncio
 
 from ipc import protocol as p
 from orchd import log
 from orchd.core.errors import Code, OrchdError
 
 REQUEST_TIMEOUT_S = 10.0
+SWEEP_S = 0.5
 
 Notice = p.Fence | p.StreamFail | p.StreamEnd
 
@@ -27,36 +34,64 @@ class SchedulerClient:
         self.index = index
         self.ident = f"fe{index}"
         self.heartbeat_s = heartbeat_s
-        self.ctx = zmq.asyncio.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident.encode())
         self.sock.setsockopt(zmq.LINGER, 200)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block: requests are bounded upstream
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[p.Message]] = {}
+        # req_id -> (future, deadline)
+        self.pending: dict[int, tuple[asyncio.Future[p.Message], float]] = {}
         self.on_notice: Callable[[Notice], None] = lambda m: None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._out: list[bytes] = []  # sent together once per event-loop turn
+        self._timers: list[asyncio.TimerHandle] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, timeout_s: float = 30.0) -> None:
+        loop = self._loop = asyncio.get_running_loop()
         self.sock.connect(self.addr)
+        welcome = loop.create_future()
+        self.pending[0] = (welcome, time.monotonic() + timeout_s)  # Welcome has no req_id
+        loop.add_reader(self.fd, self._pump)
         self.send(p.Hello("frontend", self.ident, os.getpid()))
-        welcome = p.decode(await asyncio.wait_for(self.sock.recv(), timeout_s))
-        if not isinstance(welcome, p.Welcome) or not welcome.accepted:
-            reason = getattr(welcome, "reason", type(welcome).__name__)
+        try:
+            msg = await asyncio.wait_for(welcome, timeout_s)
+        finally:
+            self.pending.pop(0, None)
+        if not isinstance(msg, p.Welcome) or not msg.accepted:
+            reason = getattr(msg, "reason", type(msg).__name__)
             raise RuntimeError(f"scheduler refused frontend {self.index}: {reason}")
-        self._tasks = [
-            asyncio.create_task(self._recv_loop()),
-            asyncio.create_task(self._heartbeat()),
+        self._timers = [
+            loop.call_later(self.heartbeat_s, self._heartbeat),
+            loop.call_later(SWEEP_S, self._sweep),
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in self._timers:
             t.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
         with contextlib.suppress(zmq.ZMQError):
             self.send(p.Goodbye("frontend stopping"))
+            self._flush()
         self.sock.close(200)
 
+    # ---------------------------------------------------------------- sending
+
     def send(self, msg: p.Message) -> None:
-        self.sock.send(p.encode(msg))
+        """Queue ``msg``; everything queued in one event-loop turn goes as one ZeroMQ
+        message (one wake-up of ZeroMQ's I/O thread instead of one per request)."""
+        self._out.append(p.encode(msg))
+        if len(self._out) == 1 and self._loop is not None:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._out:
+            frames, self._out = self._out, []
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self._pump()  # the FD is edge-triggered: a send can hide pending input
 
     def next_id(self) -> int:
         return next(self.ids)
@@ -64,14 +99,13 @@ class SchedulerClient:
     async def request(self, msg: p.Message, timeout: float = REQUEST_TIMEOUT_S) -> p.Message:
         """Send ``msg`` (its ``req_id`` taken from :meth:`next_id`) and await the answer;
         a ``Failed`` answer is raised as the :class:`OrchdError` it carries."""
+        assert self._loop is not None
         req_id: int = msg.req_id  # type: ignore[union-attr]
-        fut: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
-        self.pending[req_id] = fut
+        fut: asyncio.Future[p.Message] = self._loop.create_future()
+        self.pending[req_id] = (fut, time.monotonic() + timeout)
         self.send(msg)
         try:
-            reply = await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise OrchdError(Code.INTERNAL, "the scheduler did not answer in time") from None
+            reply = await fut
         finally:
             self.pending.pop(req_id, None)
         if isinstance(reply, p.Failed):
@@ -86,20 +120,39 @@ class SchedulerClient:
             )
         return reply
 
-    async def _recv_loop(self) -> None:
-        while True:
-            msg = p.decode(await self.sock.recv())
-            if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd):
-                self.on_notice(msg)
-                continue
-            req_id = getattr(msg, "req_id", None)
-            fut = self.pending.get(req_id) if req_id is not None else None
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif isinstance(msg, p.Welcome) and not msg.accepted:
-                log.error("scheduler refused this frontend", reason=msg.reason)
+    # ---------------------------------------------------------------- receiving
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self.send(p.Heartbeat())
+    def _pump(self) -> None:
+        sock = self.sock
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            for frame in sock.recv_multipart(zmq.NOBLOCK):
+                self._on_message(p.decode(frame))
+
+    def _on_message(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd):
+            self.on_notice(msg)
+            return
+        req_id = 0 if isinstance(msg, p.Welcome) else getattr(msg, "req_id", None)
+        entry = self.pending.get(req_id) if req_id is not None else None
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+        elif isinstance(msg, p.Welcome) and not msg.accepted:
+            log.error("scheduler refused this frontend", reason=msg.reason)
+
+    # ---------------------------------------------------------------- timers
+
+    def _sweep(self) -> None:
+        """Fail requests the scheduler has not answered in time (it may be restarting)."""
+        assert self._loop is not None
+        now = time.monotonic()
+        for fut, deadline in list(self.pending.values()):
+            if deadline <= now and not fut.done():
+                fut.set_exception(
+                    OrchdError(Code.INTERNAL, "the scheduler did not answer in time")
+                )
+        self._timers[1] = self._loop.call_later(SWEEP_S, self._sweep)
+
+    def _heartbeat(self) -> None:
+        assert self._loop is not None
+        self.send(p.Heartbeat())
+        self._timers[0] = self._loop.call_later(self.heartbeat_s, self._heartbeat)

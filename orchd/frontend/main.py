@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # orchd is the edge; X-Forwarded-* is not trusted here
         log_level="warning",
         timeout_graceful_shutdown=5,
         backlog=4096,

@@ -53,10 +53,12 @@ class SchedulerShell:
         self.announced = False
         self.running = True
         self.last_depth = -1
+        self.outbox: dict[str, list[bytes]] = {}
 
     # ---------------------------------------------------------------- plumbing
 
     def send(self, out: Out) -> None:
+        """Queue messages; :meth:`flush_out` sends each peer's as one ZeroMQ message."""
         for peer, msg in out:
             if isinstance(msg, p.Dispatch):
                 log.info(
@@ -69,10 +71,16 @@ class SchedulerShell:
                     why=msg.placement_reason,
                 )
             if peer:
-                try:
-                    self.sock.send_multipart([peer.encode(), p.encode(msg)], zmq.NOBLOCK)
-                except zmq.ZMQError as e:
-                    log.warning("dropped a message to a peer", peer=peer, error=str(e))
+                self.outbox.setdefault(peer, []).append(p.encode(msg))
+
+    def flush_out(self) -> None:
+        for peer, frames in self.outbox.items():
+            try:
+                self.sock.send_multipart([peer.encode(), *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                log.warning("dropped messages to a peer", peer=peer, n=len(frames), error=str(e))
+        self.outbox.clear()
+        log.flush()
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -85,13 +93,16 @@ class SchedulerShell:
                 # Take everything that is waiting before the next tick.
                 for _ in range(256):
                     try:
-                        ident, data = self.sock.recv_multipart(zmq.NOBLOCK)
+                        ident, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(ident.decode(), data)
+                    peer = ident.decode()
+                    for data in frames:
+                        self.handle(peer, data)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
                 self.tick()
+            self.flush_out()
         self.sock.close(0)
         self.ctx.term()
         self.gpus.close()
@@ -288,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     res = load_resolved(argv[0])
     log.setup("scheduler", res.config.server.log_level)
+    log.defer()  # flushed once per loop turn
     shell = SchedulerShell(res)
 
     def _stop(signum: int, frame: object) -> None:
