@@ -448,8 +448,8 @@ class Supervisor:
 
     async def recv_loop(self) -> None:
         while True:
-            for frame in await self.sock.recv_multipart():
-                self.on_message(p.decode(frame))
+            for data in await self.sock.recv_multipart():
+                self.on_message(p.decode(data))
 
     def on_message(self, msg: p.Message) -> None:
         loop = asyncio.get_running_loop()

@@ -60,13 +60,19 @@ class MockAdapter(EngineAdapter):
         proc = self._proc
         hello = asyncio.ensure_future(sock.recv())
         died = asyncio.ensure_future(proc.wait())
-        done, _ = await asyncio.wait({hello, died}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+        done, _ = await asyncio.wait(
+            {hello, died}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+        )
         if hello not in done:
             hello.cancel()
             died.cancel()
             why = f"mock engine not ready after {timeout_s}s"
             if died in done:
-                err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
+                err = (
+                    (await proc.stderr.read()).decode(errors="replace").strip()
+                    if proc.stderr
+                    else ""
+                )
                 why = f"mock engine exited with status {proc.returncode}: {err or 'no message'}"
             await self.stop()
             raise RuntimeError(why)

@@ -189,7 +189,9 @@ class Frontend:
         return Gate(star, effective_api_keys(self.cfg), self.index, fast)
 
     @staticmethod
-    def _guarded(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+    def _guarded(
+        handler: Callable[[Request], Awaitable[Any]],
+    ) -> Callable[[Request], Awaitable[Any]]:
         """A fast-path handler with the error handling Starlette would have given it."""
 
         async def run(request: Request) -> Any:

@@ -147,9 +147,7 @@ class SchedulerClient:
         now = time.monotonic()
         for fut, deadline in list(self.pending.values()):
             if deadline <= now and not fut.done():
-                fut.set_exception(
-                    OrchdError(Code.INTERNAL, "the scheduler did not answer in time")
-                )
+                fut.set_exception(OrchdError(Code.INTERNAL, "the scheduler did not answer in time"))
         self._timers[1] = self._loop.call_later(SWEEP_S, self._sweep)
 
     def _heartbeat(self) -> None:

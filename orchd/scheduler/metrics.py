@@ -44,7 +44,9 @@ class _CoreCollector:
             bp.add_metric([policy], n)
         yield bp
         pl = CounterMetricFamily(
-            "placement_decisions", "Tasks placed, by pool and replica.", labels=["pool_id", "replica_id"]
+            "placement_decisions",
+            "Tasks placed, by pool and replica.",
+            labels=["pool_id", "replica_id"],
         )
         for (pool_id, replica_id), n in sorted(s.placements.items()):
             pl.add_metric([pool_id, replica_id], n)
@@ -53,7 +55,9 @@ class _CoreCollector:
             "catalog_verifications", "Model digest verifications.", self.core.catalog.verifications
         )
         ms = GaugeMetricFamily(
-            "model_state", "1 for each catalogued model's lifecycle state.", labels=["model_id", "state"]
+            "model_state",
+            "1 for each catalogued model's lifecycle state.",
+            labels=["model_id", "state"],
         )
         for m in self.core.catalog.models.values():
             ms.add_metric([m.id, m.state], 1.0)

@@ -40,8 +40,6 @@ def expand_gpus(cfg: Config, nvml: ModuleType | None = None) -> Config:
         log.warning("gpus = auto but NVML found no GPU: serving the configured replicas")
         return cfg
     template = cfg.replicas[0]
-    replicas = [
-        msgspec.structs.replace(template, id=f"gpu{i}", devices=str(i)) for i in range(n)
-    ]
+    replicas = [msgspec.structs.replace(template, id=f"gpu{i}", devices=str(i)) for i in range(n)]
     log.info("gpus = auto: one replica per GPU", gpus=n, pool_id=template.pool_id)
     return msgspec.structs.replace(cfg, replicas=replicas)

@@ -37,7 +37,9 @@ def wait_verified(d: Daemon, mid: str) -> dict[str, Any]:
 
 def test_catalog_lifecycle_and_admission_checks(daemon: Daemon, tmp_path: Path) -> None:
     ref, digest = model_file(tmp_path, "good.bin", b"good weights")
-    status, m = call(daemon, "POST", "/v1/catalog/models", {"id": "good", "ref": ref, "digest": digest})
+    status, m = call(
+        daemon, "POST", "/v1/catalog/models", {"id": "good", "ref": ref, "digest": digest}
+    )
     assert status == 201 and m["state"] == "Active" and m["verified"] is None
     status, _ = call(daemon, "POST", "/v1/catalog/models/good/verify")
     assert status == 202
@@ -46,12 +48,18 @@ def test_catalog_lifecycle_and_admission_checks(daemon: Daemon, tmp_path: Path) 
 
     # A digest that does not match the file fails before admission.
     bad_ref, _ = model_file(tmp_path, "tampered.bin", b"tampered weights")
-    status, _ = call(daemon, "POST", "/v1/catalog/models", {"id": "tampered", "ref": bad_ref, "digest": digest})
+    status, _ = call(
+        daemon, "POST", "/v1/catalog/models", {"id": "tampered", "ref": bad_ref, "digest": digest}
+    )
     assert status == 201
     call(daemon, "POST", "/v1/catalog/models/tampered/verify")
     assert wait_verified(daemon, "tampered")["verified"] is False
     status, body, _ = submit(daemon, model_ref="tampered")
-    assert status == 400 and body["code"] == "UNTRUSTED_ARTIFACT" and "digest mismatch" in body["message"]
+    assert (
+        status == 400
+        and body["code"] == "UNTRUSTED_ARTIFACT"
+        and "digest mismatch" in body["message"]
+    )
 
     # A retired model is refused with MODEL_DEPRECATED.
     status, m = call(daemon, "POST", "/v1/catalog/models/good/state", {"state": "Retired"})
@@ -129,7 +137,13 @@ def test_strict_trust_and_catalog_survives_restart(tmp_path: Path) -> None:
         assert call(d, "POST", "/v1/catalog/models", unsigned)[0] == 201
         status, body, _ = submit(d, model_ref="unsigned")
         assert status == 400 and "not signed" in body["message"]
-        forged = {"id": "forged", "ref": ref, "digest": digest, "signature": "00" * 32, "signing_key": "ops"}
+        forged = {
+            "id": "forged",
+            "ref": ref,
+            "digest": digest,
+            "signature": "00" * 32,
+            "signing_key": "ops",
+        }
         assert call(d, "POST", "/v1/catalog/models", forged)[0] == 201
         assert submit(d, model_ref="forged")[1]["code"] == "UNTRUSTED_ARTIFACT"
         call(d, "DELETE", "/v1/catalog/models/unsigned")

@@ -27,7 +27,9 @@ def test_openapi_documents_are_valid() -> None:
 
 
 def test_api_version_matches_openapi(daemon: Daemon) -> None:
-    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/v1/capabilities", daemon.headers)
+    status, _, raw = sync_request(
+        daemon.host, daemon.port, "GET", "/v1/capabilities", daemon.headers
+    )
     assert status == 200
     assert json.loads(raw)["api_version"] == contract.api_version()
     assert contract._doc("control.yaml")["info"]["version"] == contract.api_version()

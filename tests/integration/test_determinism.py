@@ -67,9 +67,13 @@ def test_64_seeds_byte_identical_on_two_replicas_of_one_pool(tmp_path) -> None: 
         async def one(seed: int, device: str) -> tuple[int, str, list[bytes]]:
             body = task_body(seed=seed, prompt=f"prompt {seed % 7}", max_tokens=24,
                              placement={"require_device_mask": device})  # fmt: skip
-            status, _, raw = await async_request(d.host, d.port, "POST", "/v1/tasks", d.headers, body)
+            status, _, raw = await async_request(
+                d.host, d.port, "POST", "/v1/tasks", d.headers, body
+            )
             assert status == 202, raw
-            res = await async_stream(d.host, d.port, f"/v1/tasks/{body['task_id']}/stream", d.headers)
+            res = await async_stream(
+                d.host, d.port, f"/v1/tasks/{body['task_id']}/stream", d.headers
+            )
             return seed, res.events[0].json["replica_id"], token_frames(res.raw)
 
         async def main() -> list[tuple[int, str, list[bytes]]]:

@@ -66,7 +66,9 @@ def test_reject_policy_gives_retry_advice(reject: Daemon) -> None:
     assert status == 429 and body["code"] == "ADMISSION_REJECT"
     assert body["retriable"] is True and body["policy_label"] == "reject"
     assert body["retry_after_ms"] >= 1
-    assert int(headers["retry-after"]) >= 1 and int(headers["x-backoff-ms"]) == body["retry_after_ms"]
+    assert (
+        int(headers["retry-after"]) >= 1 and int(headers["x-backoff-ms"]) == body["retry_after_ms"]
+    )
 
 
 def test_drop_lru_drops_the_oldest_batch_task(tmp_path: Path) -> None:

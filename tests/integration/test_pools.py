@@ -149,7 +149,9 @@ def test_drain_ends_running_tasks_at_the_deadline_and_reload_brings_it_back(pool
 
 
 def test_failed_reload_is_409_and_the_old_model_keeps_serving(pools: Daemon) -> None:
-    status, body = post(pools, "/v1/pools/pool-c/reload", {"new_model_ref": "file:/nonexistent/x.bin"})
+    status, body = post(
+        pools, "/v1/pools/pool-c/reload", {"new_model_ref": "file:/nonexistent/x.bin"}
+    )
     assert status == 409 and body["code"] == "RELOAD_FAILED"
     assert "engine failed to start" in body["message"]
     assert started(pools, model_ref="mock:other")["pool_id"] == "pool-c"

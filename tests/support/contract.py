@@ -72,7 +72,9 @@ def operation(method: str, path: str) -> tuple[dict[str, Any], str] | None:
     return None
 
 
-def check_response(method: str, path: str, status: int, headers: dict[str, str], body: bytes) -> None:
+def check_response(
+    method: str, path: str, status: int, headers: dict[str, str], body: bytes
+) -> None:
     found = operation(method, path)
     if found is None:
         if status == 404 or status == 405:
@@ -83,7 +85,9 @@ def check_response(method: str, path: str, status: int, headers: dict[str, str],
     responses = op["responses"]
     spec = responses.get(str(status))
     if spec is None:
-        raise ContractViolation(f"{method} {path}: status {status} is not documented ({sorted(responses)})")
+        raise ContractViolation(
+            f"{method} {path}: status {status} is not documented ({sorted(responses)})"
+        )
     spec = _resolve(spec, doc)
     for name, h in (spec.get("headers") or {}).items():
         value = headers.get(name.lower())
@@ -94,14 +98,20 @@ def check_response(method: str, path: str, status: int, headers: dict[str, str],
         try:
             jsonschema.validate(value, h.get("schema", {}))
         except jsonschema.ValidationError as e:
-            raise ContractViolation(f"{method} {path} {status}: header {name}={value!r}: {e.message}") from None
+            raise ContractViolation(
+                f"{method} {path} {status}: header {name}={value!r}: {e.message}"
+            ) from None
     content = spec.get("content") or {}
     if "application/json" in content:
         if not headers.get("content-type", "").startswith("application/json"):
-            raise ContractViolation(f"{method} {path} {status}: content-type {headers.get('content-type')}")
+            raise ContractViolation(
+                f"{method} {path} {status}: content-type {headers.get('content-type')}"
+            )
         _check_json(body, doc, content["application/json"]["schema"])
     elif not content and body:
-        raise ContractViolation(f"{method} {path} {status}: body where none is documented: {body[:200]!r}")
+        raise ContractViolation(
+            f"{method} {path} {status}: body where none is documented: {body[:200]!r}"
+        )
 
 
 def _check_json(body: bytes, doc: str, schema: dict[str, Any]) -> None:
