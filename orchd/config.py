@@ -91,8 +91,8 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     log_level: str = "info"
     restart_backoff_ms: int = 200
     restart_backoff_max_ms: int = 5_000
-    heartbeat_ms: int = 1_000
-    peer_timeout_ms: int = 5_000
+    heartbeat_ms: int = 2_000  # a backup: the launcher sees a dead child at once
+    peer_timeout_ms: int = 10_000
     # "auto": one replica per GPU that NVML finds, each a copy of the first [[replicas]]
     # entry with devices set to that GPU ("" = the replicas exactly as configured).
     gpus: str = ""

@@ -23,7 +23,7 @@ from orchd import log
 from orchd.core.errors import Code, OrchdError
 
 REQUEST_TIMEOUT_S = 10.0
-SWEEP_S = 0.5
+SWEEP_S = 1.0
 
 Notice = p.Fence | p.StreamFail | p.StreamEnd
 

@@ -26,6 +26,7 @@ from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
 from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
+IDLE_TICK_S = 1.0
 
 
 def _now_ms() -> float:
@@ -100,7 +101,9 @@ class SchedulerShell:
                     for data in frames:
                         self.handle(peer, data)
             if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + TICK_S
+                # Tick fast while there is work (deadlines, retention), slowly when idle.
+                busy = bool(self.core.tasks) or bool(self.control.reloads)
+                next_tick = time.monotonic() + (TICK_S if busy else IDLE_TICK_S)
                 self.tick()
             self.flush_out()
         self.sock.close(0)
