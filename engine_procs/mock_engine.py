@@ -129,7 +129,16 @@ class MockEngineProcess:
             if itl > 0:
                 # Catch up on whole intervals missed, as an engine under load would.
                 n = max(1, min(64, int((now - r.due) / itl) + 1))
-            n = min(n, r.max_tokens - r.produced)
+            # Never step past a fault point: the fault happens exactly at its token.
+            stop = min(
+                [r.max_tokens]
+                + [
+                    t
+                    for t in (cfg.stall_after_tokens, cfg.error_after_tokens, cfg.crash_after_tokens)
+                    if t > r.produced
+                ]
+            )
+            n = min(n, stop - r.produced)
             toks = [r.rng.randrange(cfg.vocab_size) for _ in range(n)]
             r.produced += n
             r.due = r.due + itl * n if itl > 0 else now

@@ -40,6 +40,7 @@ class Run:
     cost_budget: float | None = None
     cost_per_token: float = 0.0
     kv_warm: bool = False
+    provisional: bool = False  # its stream is not claimed yet: keep the transcript
 
     def over_budget(self, now: float) -> str:
         """Which budget ran out, or ''."""

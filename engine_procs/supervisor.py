@@ -331,7 +331,7 @@ class Supervisor:
                 kind = KIND_TERMINAL if run.ended else KIND_DATA
                 rings.add(run.frontend, (run.slot, run.seq, kind, payload))
                 run.outbox = []
-            if run.ended and run.frontend >= 0:
+            if run.ended and run.frontend >= 0 and not run.provisional:
                 run.transcript = []  # delivered: nobody will replay it
         self.dirty.clear()
         if rings.publish() and self._backlog_task is None:
@@ -366,8 +366,10 @@ class Supervisor:
             cost_budget=msg.cost_budget,
             cost_per_token=msg.cost_per_token,
             kv_warm=msg.kv_warm,
+            provisional=msg.provisional,
         )
         run.t_metrics = run.t_start
+        self._schedule_check(run, run.t_start)
         self.busy.set()
         self.adapter_load[self.adapter] = self.adapter_load.get(self.adapter, 0) + 1
         self.queue_depth = msg.queue_depth
@@ -413,12 +415,27 @@ class Supervisor:
             self.flush()
             return
         run.frontend, run.slot = msg.frontend, msg.slot
+        run.provisional = False
         run.outbox = [b"".join(run.transcript)]  # replay everything so far, then live
         self._mark(run)
         if not run.ended:
             self._schedule_check(run, _now())  # now it may owe `metrics` frames
         if run.ended:
             self.ended.pop(run.task_id, None)
+
+    def on_claim(self, task_id: str) -> None:
+        run = self.runs.get(task_id) or self.ended.get(task_id)
+        if run is not None:
+            run.provisional = False
+            if run.ended:  # delivered in full: nobody will replay it
+                run.transcript = []
+                self.ended.pop(task_id, None)
+
+    def on_detach(self, task_id: str) -> None:
+        run = self.runs.get(task_id) or self.ended.get(task_id)
+        if run is not None:
+            run.frontend, run.provisional = -1, False
+            run.outbox = []
 
     def on_abort(self, msg: p.Abort) -> None:
         run = self.runs.get(msg.task_id)
@@ -462,6 +479,10 @@ class Supervisor:
                 self.on_abort(msg)
             case p.QueueDepth():
                 self.queue_depth = msg.depth
+            case p.Claim():
+                self.on_claim(msg.task_id)
+            case p.Detach():
+                self.on_detach(msg.task_id)
             case p.ReloadPrepare():
                 loop.create_task(self.reload_prepare(msg))
             case p.ReloadCommit():
@@ -565,21 +586,30 @@ class Supervisor:
         ]
         return sum(spans) / len(spans) if spans else 0.0
 
+    def _deadlines(self, run: Run) -> tuple[float, float, float]:
+        """(decode timeout, time budget, next `metrics` frame) of a run, inf when none."""
+        inf = float("inf")
+        timeout_at = (run.t_last or run.t_start) + self.decode_timeout_s
+        budget_at = inf
+        if run.time_budget_ms is not None:
+            budget_at = run.t_start + run.time_budget_ms / 1000.0
+        metrics_at = inf
+        if self.metrics_s > 0 and run.frontend >= 0:
+            metrics_at = run.t_metrics + self.metrics_s
+        return timeout_at, budget_at, metrics_at
+
     def _schedule_check(self, run: Run, now: float) -> None:
         """Queue the run's next timer: decode timeout, time budget or `metrics` frame."""
-        at = (run.t_last or run.t_start) + self.decode_timeout_s
-        if run.time_budget_ms is not None:
-            at = min(at, run.t_start + run.time_budget_ms / 1000.0)
-        if self.metrics_s > 0 and run.frontend >= 0:
-            at = min(at, run.t_metrics + self.metrics_s)
-        run.check_at = max(at, now)
+        run.check_at = max(min(self._deadlines(run)), now + 0.001)
         heapq.heappush(self.checks, (run.check_at, run.rid, run))
 
     def _check(self, run: Run, now: float, itl: list[float]) -> None:
-        if run.time_budget_ms is not None and run.over_budget(now) == "time":
+        timeout_at, budget_at, metrics_at = self._deadlines(run)
+        if now >= budget_at:
             run.adapter.abort(run.rid)
             self._end(run, "budget")
-        elif now - (run.t_last or run.t_start) >= self.decode_timeout_s:
+            return
+        if now >= timeout_at:
             err = OrchdError(
                 Code.DECODE_TIMEOUT,
                 f"no token for {self.replica.decode_timeout_ms} ms",
@@ -587,13 +617,13 @@ class Supervisor:
                 pool_id=self.replica.pool_id,
             )
             self._fail(run, err)
-        else:
-            if self.metrics_s > 0 and run.frontend >= 0 and now - run.t_metrics >= self.metrics_s:
-                if not itl:
-                    itl.append(self._itl_ms())
-                run.t_metrics = now
-                self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
-            self._schedule_check(run, now)
+            return
+        if now >= metrics_at:
+            if not itl:
+                itl.append(self._itl_ms())
+            run.t_metrics = now
+            self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
+        self._schedule_check(run, now)
 
     async def housekeeping(self) -> None:
         """Timers without scanning every task: a heap of each run's next check."""
@@ -621,6 +651,13 @@ class Supervisor:
                 run = self.ended_order.popleft()
                 self.ended.pop(run.task_id, None)
 
+    def _task_died(self, t: asyncio.Task[None]) -> None:
+        """A loop that must run for ever ended: say why, and stop (the launcher restarts us)."""
+        if t.cancelled() or self.stopping.is_set():
+            return
+        log.error("supervisor loop died", task=t.get_name(), error=repr(t.exception()))
+        self.stopping.set()
+
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         log.defer(lambda: loop.call_soon(log.flush))
@@ -642,6 +679,8 @@ class Supervisor:
             loop.create_task(self.housekeeping()),
             loop.create_task(self.start_engine()),
         ]
+        for t in tasks[:2]:
+            t.add_done_callback(self._task_died)
         await self.stopping.wait()
         for t in tasks:
             t.cancel()

@@ -94,6 +94,37 @@ class Goodbye(_Msg):
 class Submit(_Msg):
     req_id: int
     task: TaskSpec
+    # A provisional stream the admitting frontend opened for this task (-1: none): events go
+    # there from the start, so a GET on that frontend needs no round trip to the scheduler.
+    frontend: int = -1
+    slot: int = 0
+
+
+class Claim(_Msg):
+    """A client opened the provisional stream of ``task_id`` (frontend -> scheduler ->
+    supervisor): it is a real stream now, and its transcript need not be kept."""
+
+    task_id: str
+
+
+class Unsubscribe(_Msg):
+    """The frontend dropped the unclaimed provisional stream of ``task_id`` (it waited too long
+    or outgrew its buffer); a later GET replays the transcript."""
+
+    task_id: str
+
+
+class Release(_Msg):
+    """Drop the provisional stream in ``slot``: the task is being streamed elsewhere."""
+
+    task_id: str
+    slot: int
+
+
+class Detach(_Msg):
+    """Stop feeding the task's stream (its subscriber is gone); keep the transcript."""
+
+    task_id: str
 
 
 class Subscribe(_Msg):
@@ -229,6 +260,7 @@ class Dispatch(_Msg):
     cost_budget: float | None = None
     cost_per_token: float = 0.0
     kv_warm: bool = False
+    provisional: bool = False  # the subscriber has not claimed its stream yet
 
 
 class Attach(_Msg):
@@ -334,6 +366,10 @@ Message = (
     | Heartbeat
     | Goodbye
     | Submit
+    | Claim
+    | Unsubscribe
+    | Release
+    | Detach
     | Subscribe
     | Cancel
     | CapabilitiesQuery

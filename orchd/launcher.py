@@ -71,8 +71,15 @@ class Launcher:
                 f"{nrings} rings of {lim.ring_bytes >> 20} MiB: lower limits.ring_bytes, run "
                 "fewer frontends or replicas, or enlarge /dev/shm"
             )
-        # Reserve the port (port 0 picks one): frontends join it with SO_REUSEPORT.
+        # Reserve the port (port 0 picks one): frontends join it with SO_REUSEPORT. First make
+        # sure nobody holds it: SO_REUSEPORT would otherwise let a second orchd share it.
         try:
+            if s.port:
+                probe = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
+                try:
+                    probe.bind((s.host, s.port))
+                finally:
+                    probe.close()
             self.guard = listen_socket(s.host, s.port)
         except OSError as e:
             raise ConfigError(f"cannot bind {s.host}:{s.port}: {e.strerror}") from e

@@ -49,6 +49,7 @@ class Task:
     frontend: int = -1  # who streams it; -1 = nobody yet
     slot: int = 0
     attached: bool = False  # the supervisor knows the subscriber and feeds its ring
+    provisional: bool = False  # the subscriber is the admitting frontend, not yet claimed
     transcript_at_supervisor: bool = False  # a late subscriber can be replayed from there
     terminal: str = ""  # who writes the stream's terminal frame: "ring" | "frontend"
     fencing: bool = False  # waiting for the frontend to put the terminal on the wire
@@ -233,7 +234,8 @@ class SchedulerCore:
         spec = msg.task
         out: Out = []
         try:
-            pos, predicted = self._admit(spec, now, out)
+            prov = (msg.frontend, msg.slot) if msg.frontend >= 0 else None
+            pos, predicted = self._admit(spec, now, out, prov)
         except OrchdError as e:
             self.stats.bump(self.stats.rejected, (spec.engine, e.code.value))
             if e.code in (Code.ADMISSION_REJECT,):
@@ -244,7 +246,13 @@ class SchedulerCore:
         out += self.dispatch(now)
         return out
 
-    def _admit(self, spec: p.TaskSpec, now: float, out: Out) -> tuple[int, int]:
+    def _admit(
+        self,
+        spec: p.TaskSpec,
+        now: float,
+        out: Out,
+        provisional: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
         if not self.admitting:
             raise OrchdError(
                 Code.POOL_UNAVAILABLE, "orchd is shutting down; not admitting", retry_after_ms=5000
@@ -284,6 +292,9 @@ class SchedulerCore:
         if pushed.dropped is not None:
             self._drop(pushed.dropped, now, total, out)
         t = Task(spec, now, pushed.position, predicted, model, pool_ids, grant)
+        if provisional is not None:
+            t.frontend, t.slot = provisional
+            t.provisional = True
         self.tasks[spec.task_id] = t
         self.stats.enqueued += 1
         return pushed.position, predicted
@@ -359,6 +370,7 @@ class SchedulerCore:
             cost_budget=sess.cost_left if sess else None,
             cost_per_token=self.cost_per_token,
             kv_warm=kv_warm,
+            provisional=t.provisional,
         )
 
     # ------------------------------------------------------------------ streams
@@ -368,11 +380,20 @@ class SchedulerCore:
         if t is None:
             err = OrchdError(Code.NOT_FOUND, f"no task {msg.task_id!r}")
             return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
-        if t.frontend >= 0:
+        if t.frontend >= 0 and not t.provisional:
             err = OrchdError(Code.INVALID_PARAMS, f"task {msg.task_id!r} is already streamed")
             return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
+        out: Out = []
+        if t.provisional:
+            # Opened on another frontend than the one that admitted it: take the stream over.
+            out.append((fe(t.frontend), p.Release(t.spec.task_id, t.slot)))
+            t.provisional = False
+            if t.terminal == "frontend":
+                t.terminal = ""  # the released stream had it; write it again here
         t.frontend, t.slot = msg.frontend, msg.slot
-        out: Out = [(peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id)))]
+        out.append(
+            (peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id)))
+        )
         if t.state is State.RUNNING or t.transcript_at_supervisor:
             # The supervisor replays the transcript so far, then streams live.
             t.attached = True
@@ -433,6 +454,32 @@ class SchedulerCore:
             for cpeer, req_id in t.waiting_cancels:
                 out.append((cpeer, p.Done(req_id)))
             t.waiting_cancels.clear()
+        return out
+
+    def claim(self, peer: str, msg: p.Claim, now: float) -> Out:
+        """The admitting frontend's client opened the provisional stream."""
+        t = self.tasks.get(msg.task_id)
+        if t is None or not t.provisional or fe(t.frontend) != peer:
+            return []
+        t.provisional = False
+        if t.replica and (t.state is State.RUNNING or t.transcript_at_supervisor):
+            return [(sup(t.replica), p.Claim(msg.task_id))]
+        return []
+
+    def unsubscribe(self, peer: str, msg: p.Unsubscribe, now: float) -> Out:
+        """The admitting frontend gave up its unclaimed provisional stream."""
+        t = self.tasks.get(msg.task_id)
+        if t is None or not t.provisional or fe(t.frontend) != peer:
+            return []
+        return self._detach(t)
+
+    def _detach(self, t: Task) -> Out:
+        out: Out = []
+        if t.attached and t.replica:
+            out.append((sup(t.replica), p.Detach(t.spec.task_id)))
+        t.frontend, t.slot = -1, 0
+        t.provisional = t.attached = t.fencing = False
+        t.terminal = ""
         return out
 
     def task_ended(self, peer: str, msg: p.TaskEnded, now: float) -> Out:
@@ -513,7 +560,11 @@ class SchedulerCore:
             # Its clients are gone with it: cancel what they were streaming (and write to it
             # no more: nobody would answer).
             for t in list(self.tasks.values()):
-                if t.frontend == index and t.state is not State.ENDED:
+                if t.frontend != index:
+                    continue
+                if t.provisional:
+                    out += self._detach(t)  # nobody was streaming it yet: it runs on
+                elif t.state is not State.ENDED:
                     t.frontend = -1
                     t.attached = False
                     out += self.cancel("", p.Cancel(0, t.spec.task_id, "frontend_lost"), now)

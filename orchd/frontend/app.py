@@ -39,6 +39,10 @@ def budget_headers(b: p.Budgets) -> dict[str, str]:
     }
 
 
+def _header_list(b: p.Budgets) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in budget_headers(b).items()]
+
+
 class Frontend:
     """Everything one frontend process holds: its scheduler line, its streams, its metrics."""
 
@@ -56,6 +60,7 @@ class Frontend:
             max_streams=self.cfg.limits.max_streams,
             buffer_limit=self.cfg.limits.stream_buffer_bytes,
             on_overflow=self._on_overflow,
+            provisional_ttl_s=self.cfg.limits.transcript_retention_ms / 1000.0,
         )
         self.table.reply = self.client.send
         self.client.on_notice = self.table.on_notice
@@ -95,13 +100,24 @@ class Frontend:
     # ---------------------------------------------------------------- handlers
 
     async def submit(self, request: Request) -> Response:
+        s = None
         try:
             body = await read_body(request, self.cfg.limits.max_body_bytes)
             spec = parse_task(body, self.cfg.limits, request.scope["state"]["api_key_id"])
-            reply = await self.client.request(p.Submit(self.client.next_id(), spec))
+            # Feed a stream here from the start: a GET on this frontend then costs no round
+            # trip, and its first bytes are already waiting.
+            s = self.table.open_provisional(spec.task_id)
+            fe, slot = (self.index, s.slot) if s is not None else (-1, 0)
+            reply = await self.client.request(
+                p.Submit(self.client.next_id(), spec, fe, slot)
+            )
         except OrchdError as e:
+            if s is not None:
+                self.table.drop_provisional(s)
             return error_response(e)
         assert isinstance(reply, p.Admitted)
+        if s is not None:
+            s.budgets = reply.budgets
         return JSON(
             {
                 "task_id": reply.task_id,
@@ -115,6 +131,14 @@ class Frontend:
 
     async def stream(self, request: Request) -> Response | SSEResponse:
         task_id = request.path_params["task_id"]
+        s = self.table.claim(task_id)
+        if s is not None and s.budgets is not None:
+            self.client.send(p.Claim(task_id))
+            self.m_open.inc()
+            log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
+            return SSEResponse(s, _header_list(s.budgets), self._stream_done)
+        if s is not None:  # admitted but its reply not yet seen: go the ordinary way
+            self.table.close(s)
         try:
             s = self.table.open(task_id)
         except OrchdError as e:

@@ -25,7 +25,7 @@ from orchd.core.errors import Code, OrchdError
 REQUEST_TIMEOUT_S = 10.0
 SWEEP_S = 1.0
 
-Notice = p.Fence | p.StreamFail | p.StreamEnd
+Notice = p.Fence | p.StreamFail | p.StreamEnd | p.Release
 
 
 class SchedulerClient:
@@ -129,7 +129,7 @@ class SchedulerClient:
                 self._on_message(p.decode(frame))
 
     def _on_message(self, msg: p.Message) -> None:
-        if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd):
+        if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd | p.Release):
             self.on_notice(msg)
             return
         req_id = 0 if isinstance(msg, p.Welcome) else getattr(msg, "req_id", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import Callable
 
 from engine_procs.frames import KIND_TERMINAL, end_frame, error_frame
@@ -37,6 +38,9 @@ class Stream:
         "flushed",
         "client_gone",
         "overflow",
+        "provisional",
+        "opened_at",
+        "budgets",
     )
 
     def __init__(self, slot: int, task_id: str) -> None:
@@ -51,6 +55,9 @@ class Stream:
         self.flushed: list[asyncio.Future[None]] = []  # fences waiting for sent_terminal
         self.client_gone = False
         self.overflow = False
+        self.provisional = False  # opened at admission; no client has claimed it yet
+        self.opened_at = 0.0
+        self.budgets: p.Budgets | None = None
 
     def wake(self) -> None:
         w = self.waiter
@@ -83,6 +90,7 @@ class StreamTable:
         max_streams: int,
         buffer_limit: int,
         on_overflow: Callable[[Stream], None],
+        provisional_ttl_s: float = 60.0,
     ) -> None:
         self.readers = [RingReader(n, skip_existing=True) for n in ring_names]
         self.bell = BellReader(bell_path)
@@ -92,6 +100,9 @@ class StreamTable:
         self.on_overflow = on_overflow
         self.slots = itertools.count(1)
         self.reply: Callable[[p.Message], None] = lambda m: None
+        # Provisional streams by task id, oldest first (they expire after provisional_ttl_s).
+        self.provisional: dict[str, Stream] = {}
+        self.provisional_ttl_s = provisional_ttl_s
         self._recheck: asyncio.TimerHandle | None = None
         self.records_in = 0
         self.drains = 0
@@ -124,9 +135,44 @@ class StreamTable:
         self.streams[s.slot] = s
         return s
 
+    def open_provisional(self, task_id: str) -> Stream | None:
+        """A stream opened at admission, fed from the start; None when the table is full
+        (the task is then streamed the ordinary way)."""
+        if len(self.streams) >= self.max_streams or task_id in self.provisional:
+            return None
+        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id)
+        s.provisional = True
+        s.opened_at = time.monotonic()
+        self.streams[s.slot] = s
+        self.provisional[task_id] = s
+        return s
+
+    def claim(self, task_id: str) -> Stream | None:
+        """The provisional stream of ``task_id``, now a client's; None if there is none."""
+        s = self.provisional.pop(task_id, None)
+        if s is not None:
+            s.provisional = False
+        return s
+
+    def drop_provisional(self, s: Stream) -> None:
+        self.provisional.pop(s.task_id, None)
+        self.close(s)
+
     def close(self, s: Stream) -> None:
         self.streams.pop(s.slot, None)
+        if s.provisional:
+            self.provisional.pop(s.task_id, None)
         s.mark_sent()  # nothing more will be sent: release any fence
+
+    def expire_provisional(self, now: float) -> list[Stream]:
+        """Unclaimed provisional streams past their time: dropped (the caller unsubscribes)."""
+        gone = []
+        for s in list(self.provisional.values()):
+            if now - s.opened_at < self.provisional_ttl_s:
+                break  # (insertion order is age order)
+            self.drop_provisional(s)
+            gone.append(s)
+        return gone
 
     # ---------------------------------------------------------------- the drain
 
@@ -138,6 +184,8 @@ class StreamTable:
         # Recovers a wake-up lost to a park/publish race; costs a few loads when idle.
         if any(r.pending() for r in self.readers):
             self.drain()
+        for gone in self.expire_provisional(time.monotonic()):
+            self.reply(p.Unsubscribe(gone.task_id))
         self._schedule_recheck(loop)
 
     def _on_bell(self) -> None:
@@ -164,6 +212,11 @@ class StreamTable:
                     if kind == KIND_TERMINAL:
                         s.terminal = True
                     elif s.nbytes > limit and not s.overflow:
+                        if s.provisional:
+                            # Nobody reads it yet: let go (a later GET replays the transcript).
+                            self.drop_provisional(s)
+                            self.reply(p.Unsubscribe(s.task_id))
+                            continue
                         s.overflow = True
                         self.on_overflow(s)
                     s.wake()
@@ -177,9 +230,13 @@ class StreamTable:
 
     # ---------------------------------------------------------------- scheduler notices
 
-    def on_notice(self, msg: p.Fence | p.StreamFail | p.StreamEnd) -> None:
+    def on_notice(self, msg: p.Fence | p.StreamFail | p.StreamEnd | p.Release) -> None:
         self.drain()  # whatever the producer published comes first
         s = self.streams.get(msg.slot)
+        if isinstance(msg, p.Release):
+            if s is not None and s.provisional and s.task_id == msg.task_id:
+                self.drop_provisional(s)  # a client streams it from another frontend
+            return
         if isinstance(msg, p.StreamFail) and s is not None:
             err = OrchdError(
                 msg.error.code,
@@ -191,8 +248,8 @@ class StreamTable:
             s.push_terminal(error_frame(s.last_seq + 1, err.envelope()))
         elif isinstance(msg, p.StreamEnd) and s is not None:
             s.push_terminal(end_frame(s.last_seq + 1, 0, 0.0, 0.0, msg.reason))
-        if s is None or s.sent_terminal:
-            self.reply(p.FenceDone(msg.req_id))
+        if s is None or s.sent_terminal or s.provisional:
+            self.reply(p.FenceDone(msg.req_id))  # (an unclaimed stream has no wire yet)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         s.flushed.append(fut)

@@ -178,6 +178,10 @@ class SchedulerShell:
                 self._narrate_admission(msg, out)
             case p.Subscribe():
                 out = core.subscribe(peer, msg, now)
+            case p.Claim():
+                out = core.claim(peer, msg, now)
+            case p.Unsubscribe():
+                out = core.unsubscribe(peer, msg, now)
             case p.Cancel():
                 out = core.cancel(peer, msg, now)
                 log.info("cancel requested", task_id=msg.task_id, reason=msg.reason)

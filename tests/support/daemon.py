@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from engine_procs.proc import die_with_parent
+
 READY_TIMEOUT_S = 60.0
 
 
@@ -54,7 +56,11 @@ class Daemon:
             "--frontends", str(self.frontends),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=self.env
+            cmd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=self.env,
+            preexec_fn=die_with_parent,  # a killed test run leaves no daemon behind
         )
         threading.Thread(target=self._pump, daemon=True).start()
         ready = self.wait_log(lambda r: r.get("narration") == "ready", READY_TIMEOUT_S)
