@@ -134,7 +134,11 @@ class MockEngineProcess:
                 [r.max_tokens]
                 + [
                     t
-                    for t in (cfg.stall_after_tokens, cfg.error_after_tokens, cfg.crash_after_tokens)
+                    for t in (
+                        cfg.stall_after_tokens,
+                        cfg.error_after_tokens,
+                        cfg.crash_after_tokens,
+                    )
                     if t > r.produced
                 ]
             )

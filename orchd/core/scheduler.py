@@ -391,9 +391,7 @@ class SchedulerCore:
             if t.terminal == "frontend":
                 t.terminal = ""  # the released stream had it; write it again here
         t.frontend, t.slot = msg.frontend, msg.slot
-        out.append(
-            (peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id)))
-        )
+        out.append((peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id))))
         if t.state is State.RUNNING or t.transcript_at_supervisor:
             # The supervisor replays the transcript so far, then streams live.
             t.attached = True

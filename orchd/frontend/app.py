@@ -108,9 +108,7 @@ class Frontend:
             # trip, and its first bytes are already waiting.
             s = self.table.open_provisional(spec.task_id)
             fe, slot = (self.index, s.slot) if s is not None else (-1, 0)
-            reply = await self.client.request(
-                p.Submit(self.client.next_id(), spec, fe, slot)
-            )
+            reply = await self.client.request(p.Submit(self.client.next_id(), spec, fe, slot))
         except OrchdError as e:
             if s is not None:
                 self.table.drop_provisional(s)
