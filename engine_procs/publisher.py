@@ -7,6 +7,7 @@ doorbell only for a consumer that has parked since the last ring.
 
 from __future__ import annotations
 
+from engine_procs.frames import KIND_DATA
 from ipc.doorbell import BellWriter
 from ipc.ring import RingWriter
 
@@ -18,9 +19,27 @@ class Publisher:
         self.writers = [RingWriter(n) for n in ring_names]
         self.bells = [BellWriter(b) for b in bell_paths]
         self.backlog: list[list[Record]] = [[] for _ in ring_names]
+        # A record never takes more than a quarter of its ring (a long transcript replayed
+        # at once is cut into pieces; the frontend joins a stream's payloads in order).
+        self.max_payload = [w.capacity // 4 for w in self.writers]
 
     def add(self, frontend: int, record: Record) -> None:
-        self.backlog[frontend].append(record)
+        slot, seq, kind, payload = record
+        cap = self.max_payload[frontend]
+        if len(payload) <= cap:
+            self.backlog[frontend].append(record)
+            return
+        # Cut only between SSE frames: the frontend may append a frame of its own to a
+        # stream (an error), which must never land inside another.
+        start, n = 0, len(payload)
+        while start < n:
+            end = n
+            if n - start > cap:
+                cut = payload.rfind(b"\n\n", start, start + cap)
+                end = cut + 2 if cut >= start else start + cap
+            piece = payload[start:end]
+            self.backlog[frontend].append((slot, seq, kind if end == n else KIND_DATA, piece))
+            start = end
 
     def publish(self) -> bool:
         """Write what fits; True if some frontend's ring is still full (records wait)."""

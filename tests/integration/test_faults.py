@@ -178,3 +178,51 @@ def test_stalled_engine_gives_decode_timeout(tmp_path) -> None:  # type: ignore[
         assert sum(1 for e in s.events if e.event == "token") == 5
     finally:
         assert d.stop() == 0
+
+
+ERRORING = """
+[[replicas]]
+id = "erring"
+[replicas.mock]
+itl_ms = 1
+error_after_tokens = 3
+"""
+
+FIREHOSE = """
+[limits]
+stream_buffer_bytes = 65536
+max_tokens_limit = 100000000
+
+[[replicas]]
+id = "fast"
+[replicas.mock]
+itl_ms = 0
+tokens_per_step = 64
+"""
+
+
+def test_engine_error_is_internal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, ERRORING).start()
+    try:
+        s = run_task(d, max_tokens=50)
+        assert s.events[-1].event == "error" and s.events[-1].json["code"] == "INTERNAL"
+        assert sum(1 for e in s.events if e.event == "token") == 3
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_client_that_does_not_read_is_cut_off(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, FIREHOSE).start()
+    try:
+        status, body, _ = submit(d, max_tokens=50_000_000)
+        assert status == 202
+        s = stream(d, body["task_id"])
+        # Read nothing until the frontend has given up on us...
+        d.wait_log(
+            lambda r: r.get("narration") == "stream ended" and r.get("reason") == "canceled", 30
+        )
+        events = s.read_to_end(timeout=30)  # ...then everything that was sent
+        assert events[-1].event == "error" and events[-1].json["code"] == "STREAM_OVERFLOW"
+        assert sum(1 for e in events if e.event in ("end", "error")) == 1
+    finally:
+        assert d.stop() == 0

@@ -33,20 +33,22 @@ class Dechunker:
         self.chunks = 0  # HTTP chunks seen: one per write by the server
 
     def feed(self, data: bytes) -> bytes:
-        self.buf += data
+        buf = self.buf + data
         out = bytearray()
+        pos = 0
         while not self.done:
-            nl = self.buf.find(b"\r\n")
+            nl = buf.find(b"\r\n", pos)
             if nl < 0:
                 break
-            size = int(self.buf[:nl].split(b";")[0], 16)
-            if len(self.buf) < nl + 2 + size + 2:
+            size = int(buf[pos:nl].split(b";")[0], 16)
+            if len(buf) < nl + 2 + size + 2:
                 break
-            out += self.buf[nl + 2 : nl + 2 + size]
-            self.buf = self.buf[nl + 2 + size + 2 :]
+            out += buf[nl + 2 : nl + 2 + size]
+            pos = nl + 2 + size + 2
             self.chunks += 1
             if size == 0:
                 self.done = True
+        self.buf = buf[pos:]
         return bytes(out)
 
 
@@ -57,13 +59,10 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[Event]:
         self.raw += data
-        self.buf += data
+        blocks = (self.buf + data).split(b"\n\n")
+        self.buf = blocks.pop()  # an incomplete event, if any
         events = []
-        while True:
-            end = self.buf.find(b"\n\n")
-            if end < 0:
-                return events
-            block, self.buf = self.buf[:end], self.buf[end + 2 :]
+        for block in blocks:
             ev, eid, data_lines = "message", None, []
             for line in block.decode().split("\n"):
                 k, _, v = line.partition(": ")
@@ -73,9 +72,10 @@ class SSEParser:
                     eid = v
                 elif k == "data":
                     data_lines.append(v)
-            data = "\n".join(data_lines)
-            contract.check_event(ev, data)
-            events.append(Event(ev, eid, data))
+            text = "\n".join(data_lines)
+            contract.check_event(ev, text)
+            events.append(Event(ev, eid, text))
+        return events
 
 
 def _head(sock_bytes: bytes) -> tuple[int, dict[str, str], bytes]:
