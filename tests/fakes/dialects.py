@@ -6,6 +6,7 @@ OpenAI-compatible server; TGI docs/openapi.json; Triton docs/protocol/extension_
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 from dataclasses import dataclass, field
@@ -36,26 +37,28 @@ def sse(obj: Any, prefix: bytes = b"data: ") -> bytes:
     return prefix + json.dumps(obj).encode() + b"\n\n"
 
 
-class Dialect:
+class Dialect(abc.ABC):
     """How one engine names things on the wire."""
 
-    def is_generate(self, path: str) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_generate(self, path: str) -> bool: ...
 
-    def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def params(self, body: dict[str, Any]) -> tuple[str, int, int]: ...
 
-    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]: ...
 
-    def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def token(
+        self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool
+    ) -> bytes: ...
 
     def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
         return b""
 
-    def error(self, fake: FakeEngine, message: str) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def error(self, fake: FakeEngine, message: str) -> bytes: ...
 
 
 class LlamaCpp(Dialect):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from orchd.core.catalog import sign
 from tests.integration.conftest import run_task, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import sync_request
+from tests.support.wait import wait_for
 
 
 def call(d: Daemon, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -26,13 +26,11 @@ def model_file(tmp: Path, name: str, data: bytes) -> tuple[str, str]:
 
 
 def wait_verified(d: Daemon, mid: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status, m = call(d, "GET", f"/v1/catalog/models/{mid}")
-        if m["last_verified_ms"] is not None:
-            return m  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise TimeoutError(f"model {mid} never verified")
+    def verified() -> bool:
+        return call(d, "GET", f"/v1/catalog/models/{mid}")[1]["last_verified_ms"] is not None
+
+    wait_for(verified, 10, f"model {mid} to be verified")
+    return call(d, "GET", f"/v1/catalog/models/{mid}")[1]  # type: ignore[no-any-return]
 
 
 def test_catalog_lifecycle_and_admission_checks(daemon: Daemon, tmp_path: Path) -> None:

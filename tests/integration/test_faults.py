@@ -12,6 +12,7 @@ import pytest
 from tests.integration.conftest import run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import SyncStream
+from tests.support.wait import wait_for
 
 LONG = 1500  # tokens: a stream that outlives the fault by a few seconds
 
@@ -84,14 +85,6 @@ def ready_count(d: Daemon, replica: str) -> int:
     return d.count_log(
         lambda r: r.get("narration") == "engine ready" and r.get("replica_id") == replica
     )
-
-
-def wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 def assert_reset_and_others_untouched(victims: list[SyncStream], others: list[SyncStream]) -> None:

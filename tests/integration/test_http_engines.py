@@ -9,8 +9,7 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tests.fakes.engines import FakeEngine, Faults, tokens_for
 from tests.integration.conftest import run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import sync_request
+from tests.support.wait import wait_for
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -89,14 +89,6 @@ def daemon(
 
 def ready(rec: dict[str, object], replica: str) -> bool:
     return rec.get("narration") == "engine ready" and rec.get("replica_id") == replica
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.01)
 
 
 def texts(events: list) -> list[str]:  # type: ignore[type-arg]
