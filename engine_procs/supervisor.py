@@ -11,8 +11,6 @@ every running task gets one ``WORKER_RESET`` error event and the engine is resta
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import itertools
 import os
 import signal
@@ -20,49 +18,30 @@ import sys
 import time
 from collections import deque
 
-import msgspec
 import zmq
 import zmq.asyncio
 
-from engine_procs.adapters import adapter_class
 from engine_procs.adapters.base import EngineAdapter, EngineRequest
 from engine_procs.engine_process import RestartPolicy
 from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
 from engine_procs.frames import token_frame as _token_frame
 from engine_procs.publisher import Publisher
 from engine_procs.runs import Run
+from engine_procs.supervisor_engines import EngineLifecycle
+from engine_procs.supervisor_timers import Timers
 from ipc import protocol as p
 from orchd import log
-from orchd.config import Replica, Resolved, load_resolved
+from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
 
 BACKLOG_RETRY_S = 0.0005
-HOUSEKEEPING_S = 0.1  # while tasks run (decode timeouts are checked this often)
-IDLE_HOUSEKEEPING_S = 1.0
 
 
 def _now() -> float:
     return time.monotonic()
 
 
-class _EngineSink:
-    """What one engine reports into: the supervisor, told which engine is speaking (during a
-    reload two engines run side by side, and only the dead one's tasks fail)."""
-
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-        self.adapter: EngineAdapter | None = None
-        self.on_tokens = sup.on_tokens
-        self.on_finish = sup.on_finish
-        self.on_error = sup.on_error
-        self.flush = sup.flush
-
-    def on_engine_dead(self, reason: str) -> None:
-        assert self.adapter is not None
-        self.sup.on_engine_dead(reason, self.adapter)
-
-
-class Supervisor:
+class Supervisor(EngineLifecycle, Timers):
     def __init__(self, res: Resolved, index: int) -> None:
         self.cfg = res.config
         self.rt = res.runtime
@@ -108,27 +87,6 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.busy = asyncio.Event()  # set when a task arrives (wakes idle housekeeping)
         self._backlog_task: asyncio.Task[None] | None = None
-
-    def _make_adapter(self, replica: Replica) -> EngineAdapter:
-        n = next(self.engine_seq)
-        addr = self.rt.engine_addr(self.index) + (f".{n}" if n else "")
-        sink = _EngineSink(self)
-        adapter = adapter_class(replica.adapter_name)(replica, addr, sink)
-        sink.adapter = adapter
-        return adapter
-
-    def _release_adapter(self, run: Run) -> None:
-        a = run.adapter
-        if a is None:
-            return
-        run.adapter = None
-        left = self.adapter_load.get(a, 1) - 1
-        self.adapter_load[a] = left
-        if left <= 0:
-            self.adapter_load.pop(a, None)
-            if a in self.retiring:
-                self.retiring.discard(a)
-                asyncio.get_running_loop().create_task(a.stop())
 
     # ---------------------------------------------------------------- messages out
 
@@ -219,31 +177,6 @@ class Supervisor:
                 code, message, engine=self.replica.engine, retry_after_ms=retry_after_ms
             )
             self._fail(run, err)
-
-    def on_engine_dead(self, reason: str, adapter: EngineAdapter | None = None) -> None:
-        adapter = adapter or self.adapter
-        log.error("engine died", replica_id=self.replica.id, reason=reason)
-        current = adapter is self.adapter
-        if current:
-            self.ready = False
-            self.last_error = reason
-            self.restart_policy.died(_now())
-        for run in [r for r in self.runs.values() if r.adapter is adapter]:
-            self._fail(
-                run,
-                OrchdError(
-                    Code.WORKER_RESET,
-                    f"engine of replica {self.replica.id} died: {reason}",
-                    engine=self.replica.engine,
-                    pool_id=self.replica.pool_id,
-                ),
-            )
-        self.flush()
-        if not current:
-            return  # a retiring or prepared engine: the serving one is unaffected
-        self.status()
-        if not self.stopping.is_set() and not self.restarting:
-            asyncio.get_running_loop().create_task(self.start_engine())
 
     # ---------------------------------------------------------------- task events
 
@@ -496,160 +429,6 @@ class Supervisor:
                 self.stopping.set()
             case _:
                 pass
-
-    # ---------------------------------------------------------------- reload
-
-    async def reload_prepare(self, msg: p.ReloadPrepare) -> None:
-        """Start an engine with the new model beside the serving one; report, don't switch."""
-        replica = msgspec.structs.replace(self.replica, model_ref=msg.model_ref)
-        new = self._make_adapter(replica)
-        try:
-            await new.start(timeout_s=self.replica.endpoint.ready_timeout_s)
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                await new.stop()
-            log.error("reload: engine failed to start", model_ref=msg.model_ref, error=str(e))
-            self.send(p.ReloadReady(msg.req_id, False, error=f"engine failed to start: {e}"))
-            return
-        self.prepared[msg.req_id] = new
-        self.send(p.ReloadReady(msg.req_id, True, new.engine_version))
-
-    def reload_commit(self, msg: p.ReloadCommit) -> None:
-        new = self.prepared.pop(msg.req_id, None)
-        if new is None:
-            return
-        old = self.adapter
-        self.adapter = new
-        self.replica = new.replica
-        if self.adapter_load.get(old):
-            self.retiring.add(old)  # it finishes its running tasks first
-        else:
-            asyncio.get_running_loop().create_task(old.stop())
-        log.info("reloaded", replica_id=self.replica.id, model_ref=self.replica.model_ref)
-        self.ready = True
-        self.last_error = ""
-        self.status()
-
-    # ---------------------------------------------------------------- lifecycle
-
-    async def start_engine(self) -> None:
-        self.restarting = True
-        policy = self.restart_policy
-        try:
-            while not self.stopping.is_set():
-                delay = policy.delay()
-                if delay:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), delay)
-                    if self.stopping.is_set():
-                        return
-                with contextlib.suppress(Exception):
-                    await self.adapter.stop()
-                try:
-                    await self.adapter.start(timeout_s=30.0)
-                except Exception as e:
-                    policy.start_failed()
-                    self.last_error = f"engine failed to start: {e}"
-                    log.error("engine failed to start", replica_id=self.replica.id, error=str(e))
-                    if policy.open:
-                        self.last_error += (
-                            f" (circuit open after {policy.failures} failures in a row;"
-                            f" next try in {policy.cooldown_s:g}s)"
-                        )
-                        log.error(
-                            "engine circuit open",
-                            replica_id=self.replica.id,
-                            failures=policy.failures,
-                            cooldown_s=policy.cooldown_s,
-                        )
-                    self.status()
-                    continue
-                policy.ready(_now())
-                self.ready = True
-                log.info(
-                    "engine ready",
-                    replica_id=self.replica.id,
-                    engine_version=self.adapter.engine_version,
-                    engine_pid=self.adapter.engine_pid(),
-                )
-                self.status()
-                return
-        finally:
-            self.restarting = False
-
-    def _itl_ms(self) -> float:
-        """Recent per-token time across (a sample of) running tasks, for on-time estimates."""
-        spans = [
-            (r.t_last - r.t_first) * 1000.0 / (r.tokens - 1)
-            for r in itertools.islice(self.runs.values(), 64)
-            if r.tokens > 1
-        ]
-        return sum(spans) / len(spans) if spans else 0.0
-
-    def _deadlines(self, run: Run) -> tuple[float, float, float]:
-        """(decode timeout, time budget, next `metrics` frame) of a run, inf when none."""
-        inf = float("inf")
-        timeout_at = (run.t_last or run.t_start) + self.decode_timeout_s
-        budget_at = inf
-        if run.time_budget_ms is not None:
-            budget_at = run.t_start + run.time_budget_ms / 1000.0
-        metrics_at = inf
-        if self.metrics_s > 0 and run.frontend >= 0:
-            metrics_at = run.t_metrics + self.metrics_s
-        return timeout_at, budget_at, metrics_at
-
-    def _schedule_check(self, run: Run, now: float) -> None:
-        """Queue the run's next timer: decode timeout, time budget or `metrics` frame."""
-        run.check_at = max(min(self._deadlines(run)), now + 0.001)
-        heapq.heappush(self.checks, (run.check_at, run.rid, run))
-
-    def _check(self, run: Run, now: float, itl: list[float]) -> None:
-        timeout_at, budget_at, metrics_at = self._deadlines(run)
-        if now >= budget_at:
-            run.adapter.abort(run.rid)
-            self._end(run, "budget")
-            return
-        if now >= timeout_at:
-            err = OrchdError(
-                Code.DECODE_TIMEOUT,
-                f"no token for {self.replica.decode_timeout_ms} ms",
-                engine=self.replica.engine,
-                pool_id=self.replica.pool_id,
-            )
-            self._fail(run, err)
-            return
-        if now >= metrics_at:
-            if not itl:
-                itl.append(self._itl_ms())
-            run.t_metrics = now
-            self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
-        self._schedule_check(run, now)
-
-    async def housekeeping(self) -> None:
-        """Timers without scanning every task: a heap of each run's next check."""
-        hb = self.cfg.server.heartbeat_ms / 1000.0
-        next_hb = 0.0
-        while True:
-            if self.runs:
-                await asyncio.sleep(HOUSEKEEPING_S)
-            else:
-                # Idle: sleep long, but wake as soon as a task arrives.
-                self.busy.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.busy.wait(), IDLE_HOUSEKEEPING_S)
-            now = _now()
-            if now >= next_hb:
-                self.send(p.Heartbeat())
-                next_hb = now + hb
-            checks = self.checks
-            itl: list[float] = []
-            while checks and checks[0][0] <= now:
-                at, _, run = heapq.heappop(checks)
-                if not run.ended and at == run.check_at:  # else: a stale entry
-                    self._check(run, now, itl)
-            while self.ended_order and now - self.ended_order[0].ended_at > self.retention_s:
-                run = self.ended_order.popleft()
-                self.ended.pop(run.task_id, None)
 
     def _task_died(self, t: asyncio.Task[None]) -> None:
         """A loop that must run for ever ended: say why, and stop (the launcher restarts us)."""
