@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.conftest import run_task, stream, submit
 from tests.support.daemon import Daemon
+from tests.support.wait import wait_for
 
 ONE_SLOT = """
 [server]
@@ -83,7 +84,8 @@ def test_drop_lru_drops_the_oldest_batch_task(tmp_path: Path) -> None:
         events = old_stream.read_to_end(timeout=10)  # ...and the oldest batch task is dropped
         assert [e.event for e in events] == ["error"]
         assert events[0].json["code"] == "QUEUE_FULL_DROP_LRU" and events[0].json["retriable"]
-        assert d.count_log(lambda r: r.get("narration") == "admitted") == 4
+        admitted = lambda: d.count_log(lambda r: r.get("narration") == "admitted")  # noqa: E731
+        wait_for(lambda: admitted() == 4, 10, "four admissions in the log")
     finally:
         assert d.stop() == 0
 
