@@ -140,10 +140,6 @@ class Cancel(_Msg):
     reason: str = "client"
 
 
-class CapabilitiesQuery(_Msg):
-    req_id: int
-
-
 class MetricsQuery(_Msg):
     req_id: int
 
@@ -372,7 +368,6 @@ Message = (
     | Detach
     | Subscribe
     | Cancel
-    | CapabilitiesQuery
     | MetricsQuery
     | Query
     | FenceDone

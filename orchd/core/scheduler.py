@@ -1,8 +1,9 @@
-"""The scheduler's state machine: admission, dispatch, subscription, cancel, failure.
+"""The scheduler's state machine: admission, dispatch, task ends, failures, shutdown.
 
 Every entry point takes a message (and ``now`` in ms) and returns the messages to send, as
 ``(peer, message)`` pairs. The shell (``orchd/scheduler/loop.py``) only moves bytes.
-Control-plane operations (pools, sessions, catalog) live in ``orchd/core/control.py``.
+Who streams a task and how cancels are answered is ``orchd/core/streams.py``; control-plane
+operations (pools, sessions, catalog) are ``orchd/core/control.py``.
 
 Peers are named ``fe<N>`` (frontend N), ``sup-<replica id>`` and ``launcher``.
 """

@@ -151,10 +151,7 @@ class Frontend:
         assert isinstance(reply, p.Subscribed)
         self.m_open.inc()
         log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-        headers = [
-            (k.lower().encode(), v.encode()) for k, v in budget_headers(reply.budgets).items()
-        ]
-        return SSEResponse(s, headers, self._stream_done)
+        return SSEResponse(s, _header_list(reply.budgets), self._stream_done)
 
     def _stream_done(self, s: Stream) -> None:
         left_early = not s.sent_terminal

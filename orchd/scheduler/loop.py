@@ -220,8 +220,6 @@ class SchedulerShell:
             case p.DrainAll():
                 log.info("draining: admission closed", deadline_ms=msg.deadline_ms)
                 out = core.drain_all(peer, msg, now)
-            case p.CapabilitiesQuery():
-                out = self.control.handle(peer, p.Query(msg.req_id, "capabilities", {}), now)
             case p.MetricsQuery():
                 out = [(peer, p.MetricsText(msg.req_id, self.metrics.render()))]
             case _:
