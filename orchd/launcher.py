@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -62,6 +63,7 @@ class Launcher:
     def prepare(self) -> Resolved:
         cfg = self.cfg
         s, lim = cfg.server, cfg.limits
+        reclaim_stale_rings()
         nrings = len(cfg.replicas) * s.frontends
         need = nrings * (lim.ring_bytes + HEADER_BYTES)
         free = shm_free_bytes()
@@ -305,6 +307,35 @@ class Launcher:
                 if f.endswith((".sock", ".bell", ".json")):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.run_dir, f))
+
+
+_RING = re.compile(r"^orchd-(\d+)-[0-9a-f]{6}-r\d+-f\d+$")
+
+
+def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove rings left by an orchd that was killed with -9 (its launcher pid is gone)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _RING.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its orchd still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        if unlink_ring("/" + name):
+            removed.append(name)
+    if removed:
+        log.info("removed rings of orchd instances that are gone", rings=len(removed))
+    return removed
 
 
 def serve(cfg: Config) -> int:
