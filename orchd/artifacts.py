@@ -56,8 +56,8 @@ class MemoryStore:
 
 
 class FsStore:
-    """One file per artifact: written to a temp file, fsynced, renamed, directory fsynced,
-    so a crash leaves either the whole document or nothing."""
+    """One file per artifact, written by :func:`write_atomic` (temp file, fsync, rename,
+    directory fsync), so a crash leaves either the whole document or nothing."""
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -71,22 +71,7 @@ class FsStore:
         path = self._path(aid)
         if os.path.exists(path):
             return aid
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(doc)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, doc)
         return aid
 
     def get(self, aid: str) -> bytes | None:
@@ -100,7 +85,8 @@ class FsStore:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` crash-safely (used for the catalog index too)."""
+    """Replace ``path`` with ``data`` crash-safely: temp file, fsync, rename, directory fsync
+    (artifacts and the catalog index both go through here)."""
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -114,3 +100,8 @@ def write_atomic(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    dfd = os.open(d, os.O_RDONLY)  # the rename itself survives a crash only once synced
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -149,12 +149,9 @@ class SessionTable:
         now: float,
     ) -> None:
         """Release the reservation and charge what the task used."""
-        s = self.sessions.get(grant.session_id)
+        s = self._unreserve(grant)
         if s is None:
             return
-        s.reserved_tokens -= grant.tokens
-        s.reserved_cost -= grant.cost
-        s.active = max(0, s.active - 1)
         if s.tokens_left is not None:
             s.tokens_left -= tokens_out
         if s.cost_left is not None:
@@ -166,14 +163,20 @@ class SessionTable:
             s.last_replica = replica
         self._touch(s, now)
 
+    def _unreserve(self, grant: Grant) -> Session | None:
+        """Hand back what a task reserved at admission; its session, if it still exists."""
+        s = self.sessions.get(grant.session_id)
+        if s is not None:
+            s.reserved_tokens -= grant.tokens
+            s.reserved_cost -= grant.cost
+            s.active = max(0, s.active - 1)
+        return s
+
     def release(self, grant: Grant, now: float) -> None:
         """A task that never ran gives its reservation and its turn back."""
-        s = self.sessions.get(grant.session_id)
+        s = self._unreserve(grant)
         if s is None:
             return
-        s.reserved_tokens -= grant.tokens
-        s.reserved_cost -= grant.cost
-        s.active = max(0, s.active - 1)
         s.turns = max(0, s.turns - 1)
         self._touch(s, s.last_used_ms)
 

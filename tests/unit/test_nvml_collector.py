@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchd.config import Replica
 from orchd.telemetry import NvmlCollector
+from tests.support.wait import wait_for as wait_until
 
 
 class NVMLError(Exception):
@@ -131,14 +131,6 @@ def scrape(c: NvmlCollector) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
 def labels(**kw: str) -> frozenset[tuple[str, str]]:
     base = {"engine": "", "engine_version": "", "pool_id": "", "replica_id": ""}
     return frozenset({**base, **kw}.items())
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_series_per_device_labelled_with_the_owning_replica() -> None:
