@@ -6,10 +6,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-fast bench bench-full lint clean
 
+# torch for the built-in engine's tests: 2.13.0 is the CPU build this machine keeps on disk
+# (pip takes it from there); on a GPU host, `make TORCH=torch` gets PyPI's CUDA build.
+TORCH  ?= torch==2.13.0
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[dev,torch]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +30,7 @@ test-fast: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,torch,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -337,7 +337,16 @@ class Supervisor(EngineLifecycle, Timers):
             )
             return
         seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.adapter.submit(EngineRequest(run.rid, spec.prompt or "", seed, spec.max_tokens))
+        self.adapter.submit(
+            EngineRequest(
+                run.rid,
+                spec.prompt or "",
+                seed,
+                spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+            )
+        )
 
     def on_attach(self, msg: p.Attach) -> None:
         run = self.runs.get(msg.task_id) or self.ended.get(msg.task_id)

@@ -124,6 +124,14 @@ class EngineLifecycle:
         """Start an engine with the new model beside the serving one; report, don't switch."""
         replica = msgspec.structs.replace(self.replica, model_ref=msg.model_ref)
         new = self._make_adapter(replica)
+        if not new.can_reload():
+            error = (
+                f"replica {replica.id}'s {replica.engine} engine is a server orchd does not"
+                " start (no endpoint.command), so orchd cannot load another model into it;"
+                " reload that server yourself"
+            )
+            self.send(p.ReloadReady(msg.req_id, False, error=error))
+            return
         try:
             await new.start(timeout_s=self.replica.endpoint.ready_timeout_s)
         except Exception as e:
@@ -167,7 +175,7 @@ class EngineLifecycle:
                 with contextlib.suppress(Exception):
                     await self.adapter.stop()
                 try:
-                    await self.adapter.start(timeout_s=30.0)
+                    await self.adapter.start(timeout_s=self.replica.endpoint.ready_timeout_s)
                 except Exception as e:
                     policy.start_failed()
                     self.last_error = f"engine failed to start: {e}"

@@ -5,7 +5,7 @@ Topology (all over ZeroMQ ``ipc://`` sockets in the run directory):
     frontend  DEALER ──┐
     supervisor DEALER ─┼──▶ scheduler ROUTER   (request/reply by ``req_id``, plus notices)
     launcher  DEALER ──┘
-    supervisor PAIR ◀──▶ mock engine PAIR     (engine protocol, bottom of this file)
+    supervisor PAIR ◀──▶ engine PAIR          (mock or torch: engine protocol, at the end)
 
 Each peer opens with ``Hello``; the scheduler answers ``Welcome`` carrying the protocol version,
 and refuses a peer speaking another version. Peers send ``Heartbeat`` every second and a
@@ -49,6 +49,8 @@ class TaskSpec(msgspec.Struct, array_like=True, omit_defaults=True):
     expected_tokens: int | None = None
     kv_hint: str | None = None
     placement: dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -407,7 +409,7 @@ def decode(data: bytes) -> Message:
     return _decoder.decode(data)
 
 
-# ---------------------------------------------------------------- engine protocol (mock engine)
+# ------------------------------------------------- engine protocol (mock and torch engines)
 
 
 class EngSubmit(_Msg):
@@ -416,6 +418,8 @@ class EngSubmit(_Msg):
     seed: int
     max_tokens: int
     model: str = ""  # the model the engine has loaded perturbs its tokens
+    temperature: float | None = None  # None: the engine's default (greedy for torch)
+    top_p: float | None = None
 
 
 class EngAbort(_Msg):
@@ -431,13 +435,22 @@ class EngStep(_Msg):
     t_ns: int = 0  # CLOCK_MONOTONIC when the engine emitted the step
 
 
+class EngTextStep(_Msg):
+    """One step of an engine that detokenizes itself (torch): text pieces, one per token."""
+
+    tokens: list[tuple[int, list[str]]]
+    finished: list[tuple[int, str]] = []
+    errors: list[tuple[int, str]] = []
+    t_ns: int = 0
+
+
 class EngReady(_Msg):
     engine_version: str
     vocab_size: int
     pid: int
 
 
-EngineMessage = EngSubmit | EngAbort | EngStep | EngReady
+EngineMessage = EngSubmit | EngAbort | EngStep | EngTextStep | EngReady
 
 _eng_decoder = msgspec.msgpack.Decoder(EngineMessage)
 

@@ -38,6 +38,20 @@ class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
     error_after_tokens: int = 0  # a request fails with an engine error after N
 
 
+class TorchEngine(msgspec.Struct, forbid_unknown_fields=True):
+    """The built-in ``torch`` engine: a transformers causal LM in its own process, batched
+    greedy or seeded decoding with a KV cache. Its model is the replica's ``model_ref``: a
+    ``file:`` directory holding a transformers model (config, weights, tokenizer), or
+    ``random:<name>`` for random weights on a named config (engine_procs/torch_models.py)."""
+
+    device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu; or "cpu", "cuda:0"
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu; or float16, float32, ...
+    max_batch: int = 64  # requests decoded together; more wait in the engine
+    max_seq_len: int = 4096  # prompt + output tokens per request (prompts are cut at the left)
+    weights_seed: int = 0  # random: models draw their weights from this seed
+    engine_version: str = ""  # "" = "torch-<torch version>"
+
+
 class Endpoint(msgspec.Struct, forbid_unknown_fields=True):
     """How a supervisor reaches a real engine server, and optionally starts it."""
 
@@ -48,7 +62,7 @@ class Endpoint(msgspec.Struct, forbid_unknown_fields=True):
     command: list[str] = msgspec.field(default_factory=list)
     port: int = 0  # substituted into {port}; 0 = a free port picked at start
     model_path: str = ""
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = 120.0  # also how long a mock or torch engine may take to load
     request_timeout_s: float = 600.0
     chat: bool = False  # openai adapter: /v1/chat/completions instead of /v1/completions
 
@@ -74,6 +88,7 @@ class Replica(msgspec.Struct, forbid_unknown_fields=True):
     devices: str = ""  # CUDA_VISIBLE_DEVICES for the engine; "" = none
     decode_timeout_ms: int = 30_000  # no token for this long -> DECODE_TIMEOUT
     mock: MockEngine = msgspec.field(default_factory=MockEngine)
+    torch: TorchEngine = msgspec.field(default_factory=TorchEngine)
     endpoint: Endpoint = msgspec.field(default_factory=Endpoint)
 
     @property

@@ -89,6 +89,7 @@ class Orchd:
                 ("orchd.scheduler.loop", "scheduler"),
                 ("engine_procs.supervisor", "supervisor"),
                 ("engine_procs.mock_engine", "engine"),
+                ("engine_procs.torch_engine", "engine"),
                 ("orchd.cli", "launcher"),
             ):
                 if key in cmd:

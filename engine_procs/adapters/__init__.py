@@ -12,6 +12,7 @@ ADAPTERS: dict[str, str] = {
     "llamacpp": "engine_procs.adapters.llamacpp:LlamaCppAdapter",
     "tgi": "engine_procs.adapters.tgi:TgiAdapter",
     "triton": "engine_procs.adapters.triton:TritonAdapter",
+    "torch": "engine_procs.adapters.torch:TorchAdapter",
 }
 
 

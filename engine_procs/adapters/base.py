@@ -65,6 +65,11 @@ class EngineAdapter(abc.ABC):
     async def stop(self) -> None:
         """Stop the engine (or disconnect) and release everything."""
 
+    def can_reload(self) -> bool:
+        """Whether this adapter can bring up its engine on another model (a reload). An
+        engine orchd only connects to, and does not start, cannot."""
+        return True
+
     def resume(self) -> None:
         """Called when the supervisor's rings have room again after ``paused`` was set."""
         self.paused = False

@@ -220,6 +220,9 @@ class HttpAdapter(EngineAdapter, abc.ABC):
         if self._proc is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_proc())
 
+    def can_reload(self) -> bool:
+        return bool(self.replica.endpoint.command)
+
     def model_path(self) -> str:
         """``{model_path}`` for the engine command: the path of a ``file:`` model_ref (so a
         reload to a new ref starts the engine on the new file), else ``endpoint.model_path``."""

@@ -5,6 +5,7 @@ decides. Model references:
 
     hf:<org>/<name>[@<revision>]     file:/<absolute path>     https://<host>/<path>
     s3://<bucket>/<key>              oci://<registry>/<repo>[:<tag>|@sha256:<hex>]
+    mock:<name>                      random:<name>  (random weights, built-in torch engine)
 
 A model is *signed* when it carries a signature that is the HMAC-SHA256 of its digest under
 one of the configured signing keys. Trust policy ``strict`` admits only catalogued, signed
@@ -29,6 +30,7 @@ _OCI = re.compile(r"^oci://[\w.\-]+(:\d+)?/[\w.\-/]+(:[\w.\-]+|@sha256:[0-9a-f]{
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$")
 _HTTPS = re.compile(r"^https://[\w.\-]+(:\d+)?/.+$")
 _MOCK = re.compile(r"^mock:[\w.\-]+$")
+_RANDOM = re.compile(r"^random:[\w.\-]+$")
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -42,6 +44,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
         "https": (_HTTPS, "https://<host>/<path>"),
         "oci": (_OCI, "oci://<registry>/<repo>[:<tag>|@sha256:<hex>]"),
         "mock": (_MOCK, "mock:<name>"),
+        "random": (_RANDOM, "random:<name>"),
     }
     if scheme == "file":
         if not rest.startswith("/") or "\0" in rest:
@@ -57,7 +60,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if scheme not in checks:
         raise OrchdError(
             Code.INVALID_PARAMS,
-            f"model ref {ref!r}: unknown scheme {scheme!r} (hf, file, https, s3, oci, mock)",
+            f"model ref {ref!r}: unknown scheme {scheme!r} (hf, file, https, s3, oci, mock, random)",
         )
     pattern, form = checks[scheme]
     if not pattern.match(ref):

@@ -40,6 +40,9 @@ class TaskBody(msgspec.Struct, forbid_unknown_fields=True):
     expected_tokens: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     kv_hint: Literal["reuse", "cold"] | None = None
     placement: Placement | None = None
+    # Sampling, passed through to the engine; absent: the engine's default.
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
 
 
 _decoder = msgspec.json.Decoder(TaskBody)
@@ -79,6 +82,8 @@ def parse_task(body: bytes, limits: Limits, api_key_id: str) -> TaskSpec:
         expected_tokens=t.expected_tokens,
         kv_hint=t.kv_hint,
         placement=placement,
+        temperature=t.temperature,
+        top_p=t.top_p,
     )
 
 

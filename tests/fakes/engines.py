@@ -179,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loading-s", type=float, default=0.0)
     ap.add_argument("--token-delay-s", type=float, default=0.0)
     ap.add_argument("--version", default="fake-1.2.3")
+    ap.add_argument("--model-path", default="", help="the model it 'loads': shown in its version")
     args = ap.parse_args(argv)
     faults = Faults(
         exit_after=args.exit_after, loading_s=args.loading_s, token_delay_s=args.token_delay_s
     )
-    fake = FakeEngine(args.dialect, faults, version=args.version)
+    version = args.version + (f"+{os.path.basename(args.model_path)}" if args.model_path else "")
+    fake = FakeEngine(args.dialect, faults, version=version)
 
     async def serve() -> None:
         await fake.start(args.port)

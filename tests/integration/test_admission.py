@@ -23,6 +23,10 @@ from tests.support.sse import sync_request
         ({"workload": "chat"}, "workload"),
         ({"task_id": ""}, "task_id"),
         ({"seed": -1}, "seed"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"surprise": 1}, "surprise"),
     ],
 )

@@ -52,7 +52,7 @@ pool_id = "tgi"
 engine = "tgi"
 slots = 4
 [replicas.endpoint]
-command = {json.dumps([*fake_tgi, "--exit-after", "2", "--version", "{model}"])}
+command = {json.dumps([*fake_tgi, "--exit-after", "2", "--version", "{model}", "--model-path", "{model_path}"])}
 model = "tgi-9.9"
 ready_timeout_s = 30
 
@@ -142,6 +142,33 @@ def test_engine_started_from_a_command_is_restarted_after_it_dies(daemon: Daemon
     s = run_task(daemon, engine="tgi", max_tokens=5, seed=3)
     assert texts(s.events) == tokens_for(3, "hello", 5)
     assert s.events[-1].json["reason"] == "length"
+
+
+def test_reload_restarts_a_command_engine_on_the_new_model_and_refuses_an_external_one(
+    daemon: Daemon,
+) -> None:
+    def reload(pool: str, ref: str) -> tuple[int, dict[str, object]]:
+        status, _, raw = sync_request(
+            daemon.host,
+            daemon.port,
+            "POST",
+            f"/v1/pools/{pool}/reload",
+            daemon.headers,
+            {"new_model_ref": ref},
+        )
+        return status, json.loads(raw)
+
+    status, body = reload("llama", "file:/models/llama-v2.gguf")
+    assert status == 409 and body["code"] == "RELOAD_FAILED"
+    assert "no endpoint.command" in str(body["message"])
+    assert run_task(daemon, engine="llamacpp", max_tokens=3).events[-1].event == "end"
+    ref = "file:/models/tgi-v2.safetensors"
+    status, body = reload("tgi", ref)
+    assert status == 200 and body["model_ref"] == ref
+    s = run_task(daemon, engine="tgi", model_ref=ref, max_tokens=5, seed=4)
+    # {model_path} on the engine's command line is the new file: the fake reports it.
+    assert s.events[0].json["engine_version"] == "tgi-9.9+tgi-v2.safetensors"
+    assert texts(s.events) == tokens_for(4, "hello", 5)
 
 
 BROKEN = [sys.executable, "-c", "import sys; print('cannot load model'); sys.exit(4)"]

@@ -41,6 +41,7 @@ def refused(fn, *args) -> OrchdError:
         ("oci://reg.io/repo@sha256:" + "a" * 64, "oci", "//reg.io/repo@sha256:" + "a" * 64),
         ("mock:tiny", "mock", "tiny"),
         ("mock:tiny-2.b", "mock", "tiny-2.b"),
+        ("random:tiny", "random", "tiny"),
     ],
 )
 def test_parse_ref_accepts_good_forms(ref: str, scheme: str, rest: str) -> None:
@@ -97,6 +98,8 @@ def test_parse_ref_unknown_scheme_lists_known_ones() -> None:
         ("oci:reg.io/repo", "oci://<registry>/<repo>[:<tag>|@sha256:<hex>]"),
         ("mock:", "mock:<name>"),
         ("mock:a/b", "mock:<name>"),
+        ("random:", "random:<name>"),
+        ("random:../x", "random:<name>"),
     ],
 )
 def test_parse_ref_malformed_says_the_expected_form(ref: str, form: str) -> None:

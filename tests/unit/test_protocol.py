@@ -86,6 +86,8 @@ SAMPLES: list[p.Message] = [
 
 ENGINE_SAMPLES: list[p.EngineMessage] = [
     p.EngSubmit(rid=1, prompt="hi", seed=7, max_tokens=16),
+    p.EngSubmit(rid=2, prompt="hi", seed=7, max_tokens=16, temperature=0.7, top_p=0.9),
+    p.EngTextStep(tokens=[(1, ["é", "", '"q"'])], finished=[(1, "stop")], errors=[(2, "x")]),
     p.EngAbort(rid=1),
     p.EngStep(tokens=[(1, [5, 6, 7]), (2, [])]),
     p.EngStep(tokens=[], finished=[(1, "stop")], errors=[(2, "oops")]),

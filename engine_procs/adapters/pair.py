@@ -1,0 +1,181 @@
+"""Adapters for engines that orchd runs as a child process speaking the engine protocol
+(``EngSubmit``/``EngAbort`` in, ``EngReady`` and steps out) over a ZeroMQ PAIR socket: the
+mock engine and the built-in torch engine. Subclasses name the module to run, what to pass
+it, and how to turn one step into sink calls."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import sys
+
+import zmq
+import zmq.asyncio
+
+from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
+from engine_procs.proc import die_with_parent
+from ipc import protocol as p
+from orchd.config import Replica
+
+
+class EngineProcessAdapter(EngineAdapter):
+    module: str = ""  # run as ``python -m <module> ADDR CONFIG_JSON MODEL_REF``
+
+    def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
+        super().__init__(replica, engine_addr, sink)
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._stopping = False
+        self._out: list[bytes] = []
+
+    @abc.abstractmethod
+    def engine_config_json(self) -> str:
+        """The engine's config section, as JSON, for its command line."""
+
+    @abc.abstractmethod
+    def on_step(self, msg: p.EngineMessage) -> None:
+        """Report one step to the sink (the base flushes after it)."""
+
+    async def start(self, timeout_s: float) -> None:
+        self._out = []  # nothing queued for a previous engine goes to this one
+        path = self.engine_addr.removeprefix("ipc://")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = self._ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.SNDHWM, 1024)
+        sock.setsockopt(zmq.RCVHWM, 4)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.engine_addr)
+        self._sock = sock
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.module,
+            self.engine_addr,
+            self.engine_config_json(),
+            self.replica.model_ref,
+            preexec_fn=die_with_parent,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        proc = self._proc
+        hello = asyncio.ensure_future(sock.recv())
+        died = asyncio.ensure_future(proc.wait())
+        done, _ = await asyncio.wait(
+            {hello, died}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+        )
+        if hello not in done:
+            hello.cancel()
+            died.cancel()
+            why = f"{self.name} engine not ready after {timeout_s}s"
+            if died in done:
+                err = (
+                    (await proc.stderr.read()).decode(errors="replace").strip()
+                    if proc.stderr
+                    else ""
+                )
+                why = (
+                    f"{self.name} engine exited with status {proc.returncode}:"
+                    f" {err[-500:] or 'no message'}"
+                )
+            await self.stop()
+            raise RuntimeError(why)
+        died.cancel()
+        ready = p.decode_engine(hello.result())
+        if not isinstance(ready, p.EngReady):
+            await self.stop()
+            raise RuntimeError(f"{self.name} engine said {type(ready).__name__}, not EngReady")
+        self.engine_version = ready.engine_version
+        self._stopping = False
+        self._reader = asyncio.create_task(self._read())
+        self._watch = asyncio.create_task(self._watch_proc())
+        if proc.stderr is not None:  # pass it on, so the engine never blocks on a write
+            asyncio.create_task(self._forward(proc.stderr))
+
+    @staticmethod
+    async def _forward(stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+
+    def engine_pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            if self.paused:
+                self._resume.clear()
+                await self._resume.wait()
+            self._apply(await self._sock.recv())
+
+    def _apply(self, data: bytes) -> None:
+        self.on_step(p.decode_engine(data))
+        self.sink.flush()  # one ring publish per engine step
+
+    async def _watch_proc(self) -> None:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._stopping:
+            return
+        # Take every step the engine sent before it died, then report the death.
+        if self._reader is not None:
+            self._reader.cancel()
+        while self._sock is not None:
+            try:
+                self._apply(await self._sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        self.sink.on_engine_dead(f"{self.name} engine process exited with status {code}")
+
+    def resume(self) -> None:
+        super().resume()
+        self._resume.set()
+
+    def submit(self, req: EngineRequest) -> None:
+        assert self._sock is not None
+        msg = p.EngSubmit(
+            req.rid,
+            req.prompt,
+            req.seed,
+            req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+        )
+        self._send(p.encode(msg))
+
+    def _send(self, frame: bytes) -> None:
+        """Requests and aborts queued in one event-loop turn reach the engine together."""
+        self._out.append(frame)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._out and self._sock is not None:
+            frames, self._out = self._out, []
+            self._sock.send_multipart(frames)
+
+    def abort(self, rid: int) -> None:
+        if self._sock is not None:
+            self._send(p.encode(p.EngAbort(rid)))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in (self._reader, self._watch):
+            if t is not None:
+                t.cancel()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                await self._proc.wait()
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.engine_addr.removeprefix("ipc://"))

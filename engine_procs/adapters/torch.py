@@ -1,0 +1,31 @@
+"""Adapter for the built-in torch engine process (``engine_procs/torch_engine.py``).
+
+It needs the ``torch`` extra (torch and transformers) only in the engine process, which
+imports them; the supervisor never does."""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine_procs.adapters.pair import EngineProcessAdapter
+from engine_procs.frames import json_string
+from ipc import protocol as p
+
+
+class TorchAdapter(EngineProcessAdapter):
+    name = "torch"
+    module = "engine_procs.torch_engine"
+
+    def engine_config_json(self) -> str:
+        return msgspec.json.encode(self.replica.torch).decode()
+
+    def on_step(self, msg: p.EngineMessage) -> None:
+        if not isinstance(msg, p.EngTextStep):
+            return
+        sink = self.sink
+        for rid, pieces in msg.tokens:
+            sink.on_tokens(rid, [json_string(t) for t in pieces])
+        for rid, reason in msg.finished:
+            sink.on_finish(rid, reason)
+        for rid, message in msg.errors:
+            sink.on_error(rid, "INTERNAL", message)

@@ -1,0 +1,131 @@
+"""The built-in torch engine: a process that decodes with a real model, batched, on its GPU.
+
+Run by the torch adapter as ``python -m engine_procs.torch_engine ADDR CONFIG_JSON MODEL_REF``
+with ``CUDA_VISIBLE_DEVICES`` already set to the replica's devices. It speaks the mock
+engine's protocol over a ZeroMQ PAIR socket (``EngSubmit``/``EngAbort`` in, ``EngReady`` and
+one ``EngTextStep`` per engine step out), detokenizing itself so that the supervisor only
+forwards text. Each loop turn takes every message waiting, prefills the new requests that fit
+(``max_batch``), decodes one token for every running request, and sends what came out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from engine_procs import torch_models
+from engine_procs.torch_batch import BatchDecoder, NewRequest
+from engine_procs.torch_models import Detokenizer, Loaded
+from ipc import protocol as p
+from orchd.config import TorchEngine
+
+
+class TorchEngineProcess:
+    def __init__(self, addr: str, cfg: TorchEngine, loaded: Loaded, engine_version: str) -> None:
+        self.cfg = cfg
+        self.loaded = loaded
+        self.engine_version = engine_version
+        self.decoder = BatchDecoder(
+            loaded.model,
+            max_batch=cfg.max_batch,
+            max_seq_len=cfg.max_seq_len,
+            eos_ids=loaded.eos_ids,
+        )
+        self.waiting: dict[int, NewRequest] = {}  # submitted, not yet in the batch (FIFO)
+        self.text: dict[int, Detokenizer] = {}
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.SNDHWM, 4)
+        self.sock.setsockopt(zmq.RCVHWM, 64)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+
+    def run(self) -> None:
+        vocab_size = self.loaded.text.vocab_size
+        self.sock.send(p.encode(p.EngReady(self.engine_version, vocab_size, os.getpid())))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while True:
+            busy = bool(self.waiting) or len(self.decoder) > 0
+            if poller.poll(0 if busy else None):
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    for frame in frames:
+                        self.handle(p.decode_engine(frame))
+            step = self.step()
+            if step.tokens or step.finished or step.errors:
+                step.t_ns = time.monotonic_ns()
+                self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
+
+    def handle(self, msg: msgspec.Struct) -> None:
+        if isinstance(msg, p.EngSubmit):
+            ids = self.loaded.text.encode(msg.prompt)
+            self.waiting[msg.rid] = NewRequest(
+                msg.rid, ids, msg.max_tokens, msg.seed, msg.temperature, msg.top_p
+            )
+        elif isinstance(msg, p.EngAbort):
+            if self.waiting.pop(msg.rid, None) is None:
+                self.decoder.remove([msg.rid])
+            self.text.pop(msg.rid, None)
+
+    def step(self) -> p.EngTextStep:
+        out = p.EngTextStep([])
+        admit: list[NewRequest] = []
+        while self.waiting and len(admit) < self.decoder.room:
+            rid = next(iter(self.waiting))
+            admit.append(self.waiting.pop(rid))
+        try:
+            if admit:
+                for r in admit:
+                    self.text[r.rid] = self.loaded.text.stream()
+                self._emit(out, self.decoder.add(admit))
+            self._emit(out, self.decoder.step())
+        except Exception as e:  # e.g. CUDA out of memory: fail this batch, keep serving
+            traceback.print_exc(file=sys.stderr)
+            message = f"torch engine step failed: {type(e).__name__}: {e}"[:500]
+            for rid in self.decoder.clear() + [r.rid for r in admit]:
+                if self.text.pop(rid, None) is not None:
+                    out.errors.append((rid, message))
+        return out
+
+    def _emit(self, out: p.EngTextStep, emitted: list[tuple[int, int, str | None]]) -> None:
+        pieces: dict[int, list[str]] = {}
+        for rid, token, reason in emitted:
+            text = self.text.get(rid)
+            if text is None:
+                continue
+            piece = text.push(token)
+            if reason is not None:
+                piece += text.flush()
+                out.finished.append((rid, reason))
+                del self.text[rid]
+            pieces.setdefault(rid, []).append(piece)
+        out.tokens.extend(pieces.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = msgspec.json.decode(argv[1].encode(), type=TorchEngine)
+    model_ref = argv[2] if len(argv) > 2 else "random:tiny"
+    device = torch_models.pick_device(cfg.device)
+    try:
+        dtype = torch_models.pick_dtype(cfg.dtype, device)
+        loaded = torch_models.load(model_ref, device, dtype, cfg.weights_seed)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"torch engine: cannot load model {model_ref}: {e}\n")
+        return 3
+    version = cfg.engine_version or f"torch-{torch_models.torch.__version__}"
+    TorchEngineProcess(argv[0], cfg, loaded, version).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

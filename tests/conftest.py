@@ -1,0 +1,30 @@
+"""Tests marked ``gpu`` run only where NVML finds an NVIDIA GPU; everywhere else they are
+skipped, with the reason shown in the summary. Nothing else is ever skipped."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+@functools.cache
+def has_gpu() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount()) > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if gpu_tests and not has_gpu():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with a driver (NVML found none)")
+        for item in gpu_tests:
+            item.add_marker(skip)
