@@ -19,7 +19,6 @@ import time
 from collections import deque
 
 import zmq
-import zmq.asyncio
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest
 from engine_procs.engine_process import RestartPolicy
@@ -68,10 +67,15 @@ class Supervisor(EngineLifecycle, Timers):
             self.cfg.server.restart_backoff_max_ms / 1000.0,
         )
         self.retention_s = self.cfg.limits.transcript_retention_ms / 1000.0 + 5.0
-        self.ctx = zmq.asyncio.Context.instance()
+        # A plain DEALER read from loop.add_reader (as the frontend's client does): cheaper
+        # per message than zmq.asyncio's future per recv, and dispatches are on the TTFT path.
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident.encode())
         self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block; bounded by the slots
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self.engine_seq = itertools.count()
         self.adapter = self._make_adapter(self.replica)
         self.adapter_load: dict[EngineAdapter, int] = {}  # runs per engine
@@ -99,7 +103,8 @@ class Supervisor(EngineLifecycle, Timers):
     def _flush_out(self) -> None:
         if self._out:
             frames, self._out = self._out, []
-            self.sock.send_multipart(frames)
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self._pump()  # the FD is edge-triggered: a send can hide pending input
 
     def status(self) -> None:
         self.send(
@@ -405,9 +410,10 @@ class Supervisor(EngineLifecycle, Timers):
             )
         )
 
-    async def recv_loop(self) -> None:
-        while True:
-            for data in await self.sock.recv_multipart():
+    def _pump(self) -> None:
+        sock = self.sock
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            for data in sock.recv_multipart(zmq.NOBLOCK):
                 self.on_message(p.decode(data))
 
     def on_message(self, msg: p.Message) -> None:
@@ -452,6 +458,7 @@ class Supervisor(EngineLifecycle, Timers):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.sock.connect(self.rt.scheduler_addr)
+        loop.add_reader(self.fd, self._pump)
         self.send(
             p.Hello(
                 "supervisor",
@@ -463,16 +470,15 @@ class Supervisor(EngineLifecycle, Timers):
             )
         )
         tasks = [
-            loop.create_task(self.recv_loop()),
             loop.create_task(self.housekeeping()),
             loop.create_task(self.start_engine()),
         ]
-        for t in tasks[:2]:
-            t.add_done_callback(self._task_died)
+        tasks[0].add_done_callback(self._task_died)
         await self.stopping.wait()
         for t in tasks:
             t.cancel()
         await self.adapter.stop()
+        loop.remove_reader(self.fd)
         self.send(p.Goodbye("stopping"))
         self._flush_out()
         self.sock.close(linger=500)
