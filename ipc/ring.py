@@ -24,7 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -227,6 +227,32 @@ class RingReader:
         self._read_seq = end
         self._w[_W_READ_SEQ] = end
         return out
+
+    def records(self) -> Iterator[Record]:
+        """Consume every published record, as :meth:`read_all` does, but yield each one as a
+        view of the ring itself: no copy of the span and no list of it, so that a long
+        drain costs no memory. A payload is valid only until the iteration ends (then
+        ``read_seq`` is stored, once, and the producer may reuse the space): copy it out."""
+        seg = self._seg
+        data, mask, cap = seg.data, seg.mask, seg.capacity
+        end = int(self._w[_W_WRITE_SEQ])
+        pos = self._read_seq
+        unpack = REC_HDR.unpack_from
+        try:
+            while pos < end:
+                off = pos & mask
+                plen, slot, seq, kind = unpack(data, off)
+                pos += record_size(plen)
+                s = off + REC_HDR_SIZE
+                if s + plen <= cap:
+                    payload = data[s : s + plen]
+                else:  # the payload wraps: its tail is at the start of the data area
+                    payload = memoryview(bytes(data[s:cap]) + bytes(data[0 : s + plen - cap]))
+                yield Record(slot, seq, kind, payload)
+        finally:
+            if pos != self._read_seq:
+                self._read_seq = pos
+                self._w[_W_READ_SEQ] = pos
 
     def park(self) -> bool:
         """Advertise that the consumer is about to sleep. Returns True if data arrived meanwhile

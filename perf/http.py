@@ -21,6 +21,11 @@ MARK = b',"i":'
 ERROR = b"event: error\n"
 DONE = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body
 _STAMP = re.compile(rb'"t":"(\d+)"')
+# uvicorn closes a keep-alive connection idle for 5 s; a request sent on it just then gets
+# no answer (a ConnectionError). Reuse only connections idle for less than this, with room
+# for a loaded machine: the server's 5 s start when it has sent a response, ours when we
+# have read it.
+IDLE_REUSE_S = 2.0
 
 
 class StreamRec:
@@ -62,6 +67,7 @@ class Conn(asyncio.Protocol):
         self._tail = b""
         self.counter = [0]  # tokens received, shared by a client's connections (progress)
         self.got_head: asyncio.Event | None = None  # set when a response's head has arrived
+        self.idle_since = 0.0  # when the pool last got it back
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -194,11 +200,13 @@ class Pool:
         self.counter = counter if counter is not None else [0]
 
     async def acquire(self) -> Conn:
+        now = time.monotonic()
         while self.idle:
             c = self.idle.pop()
-            if c.reusable:
+            if c.reusable and now - c.idle_since < IDLE_REUSE_S:
                 self.busy.add(c)
                 return c
+            c.close()  # (the server may be closing it too: see IDLE_REUSE_S)
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(Conn, self.host, self.port)
         conn.counter = self.counter
@@ -208,6 +216,7 @@ class Pool:
 
     def release(self, c: Conn) -> None:
         self.busy.discard(c)
+        c.idle_since = time.monotonic()
         if c.reusable:
             self.idle.append(c)
         else:

@@ -4,6 +4,7 @@ number of frontend processes share the port and the kernel spreads connections."
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 import sys
 
@@ -27,6 +28,25 @@ class Server(uvicorn.Server):
             should_exit = await self.on_tick(counter)
 
 
+# glibc's mallopt() parameters, and the values the frontend pins (glibc's initial ones).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_THRESHOLD = 128 << 10
+
+
+def pin_malloc_thresholds() -> None:
+    """Fix glibc's mmap threshold. By default glibc raises it to the size of each large block
+    freed (up to 32 MiB), so after one burst (a slow client's backlog, a long drain) blocks
+    of that size come from the heap, which keeps its high-water mark: RSS crept up with the
+    largest burst so far. Fixed, such blocks are mmapped and returned when freed. A no-op
+    without glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -38,6 +58,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    pin_malloc_thresholds()
     res = load_resolved(argv[0])
     index = int(argv[1])
     log.setup(f"frontend-{index}", res.config.server.log_level)

@@ -53,10 +53,9 @@ class SSEResponse:
             while True:
                 if s.client_gone:
                     break
-                if s.chunks:
-                    data = b"".join(s.chunks)
-                    s.chunks.clear()
-                    s.nbytes = 0
+                if s.buf:
+                    data = bytes(s.buf)
+                    s.buf.clear()
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     continue
                 if s.terminal:

@@ -29,8 +29,7 @@ class Stream:
     __slots__ = (
         "slot",
         "task_id",
-        "chunks",
-        "nbytes",
+        "buf",
         "last_seq",
         "terminal",
         "sent_terminal",
@@ -46,8 +45,9 @@ class Stream:
     def __init__(self, slot: int, task_id: str) -> None:
         self.slot = slot
         self.task_id = task_id
-        self.chunks: list[bytes | memoryview] = []
-        self.nbytes = 0
+        # Bytes not yet handed to the socket, copied in record by record: one buffer per
+        # stream rather than one object per record, so a backlog costs its own size.
+        self.buf = bytearray()
         self.last_seq = -1
         self.terminal = False  # the terminal frame is buffered
         self.sent_terminal = False  # ... and handed to the socket
@@ -68,8 +68,7 @@ class Stream:
 
     def push_terminal(self, frame: bytes) -> None:
         if not self.terminal:
-            self.chunks.append(frame)
-            self.nbytes += len(frame)
+            self.buf += frame
             self.terminal = True
             self.wake()
 
@@ -198,20 +197,17 @@ class StreamTable:
         while True:
             self.drains += 1
             for reader in self.readers:
-                recs = reader.read_all()
-                if not recs:
-                    continue
-                self.records_in += len(recs)
-                for slot, seq, kind, payload in recs:
+                n = 0
+                for slot, seq, kind, payload in reader.records():
+                    n += 1
                     s = streams.get(slot)
                     if s is None or s.terminal:
                         continue  # a stream that is gone, or already ended
-                    s.chunks.append(payload)
-                    s.nbytes += len(payload)
+                    s.buf += payload  # (a view of the ring: copied out here)
                     s.last_seq = seq
                     if kind == KIND_TERMINAL:
                         s.terminal = True
-                    elif s.nbytes > limit and not s.overflow:
+                    elif len(s.buf) > limit and not s.overflow:
                         if s.provisional:
                             # Nobody reads it yet: let go (a later GET replays the transcript).
                             self.drop_provisional(s)
@@ -220,6 +216,7 @@ class StreamTable:
                         s.overflow = True
                         self.on_overflow(s)
                     s.wake()
+                self.records_in += n
             # Park every ring; if anything was published meanwhile, go round again.
             again = False
             for reader in self.readers:
