@@ -58,6 +58,7 @@ def direct_rate(args: argparse.Namespace) -> float:
     run(min(4, args.batch), 8)  # warm-up: kernels, allocator
     elapsed = run(args.batch, args.tokens)
     engine.sock.close(0)
+    engine.ctx.term()
     return args.batch * args.tokens / elapsed
 
 

@@ -9,6 +9,7 @@ from tests.integration.conftest import metric, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import Event, async_request, async_stream
 from tests.support.tasks import task_body
+from tests.support.wait import wait_for
 
 
 def check_stream(events: list[Event], max_tokens: int) -> None:
@@ -66,12 +67,18 @@ def test_200_concurrent_streams_complete_in_order(daemon: Daemon) -> None:
     async def main() -> list[list[Event]]:
         return await asyncio.gather(*(one(i) for i in range(n)))
 
-    before = metric(daemon, "tokens_out_total")
+    def settled_tokens_out() -> float:
+        """The counter once every task has ended at the scheduler (a client sees its end
+        frame before the scheduler hears of it)."""
+        wait_for(lambda: metric(daemon, "replica_active_slots") == 0, 10, "tasks to settle")
+        return metric(daemon, "tokens_out_total")
+
+    before = settled_tokens_out()
     results = asyncio.run(main())
     assert len(results) == n
     for events in results:
         check_stream(events, max_tokens)
-    assert metric(daemon, "tokens_out_total") - before == n * max_tokens
+    assert settled_tokens_out() - before == n * max_tokens
 
 
 def test_events_before_the_stream_opens_are_replayed(daemon: Daemon) -> None:
