@@ -412,9 +412,13 @@ class Supervisor(EngineLifecycle, Timers):
 
     def _pump(self) -> None:
         sock = self.sock
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            for data in sock.recv_multipart(zmq.NOBLOCK):
-                self.on_message(p.decode(data))
+        try:
+            while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                for data in sock.recv_multipart(zmq.NOBLOCK):
+                    self.on_message(p.decode(data))
+        except Exception as e:  # as a dead receive loop did: say why, stop, be restarted
+            log.error("supervisor failed on a scheduler message", error=repr(e))
+            self.stopping.set()
 
     def on_message(self, msg: p.Message) -> None:
         loop = asyncio.get_running_loop()
