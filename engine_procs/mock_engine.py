@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from engine_procs import engine_link
 from ipc import protocol as p
 from orchd.config import MockEngine
 
@@ -77,12 +78,7 @@ class MockEngineProcess:
     def __init__(self, addr: str, cfg: MockEngine, model: str = "") -> None:
         self.cfg = cfg
         self.model = model
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PAIR)
-        self.sock.setsockopt(zmq.SNDHWM, 4)
-        self.sock.setsockopt(zmq.RCVHWM, 64)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(addr)
+        self.ctx, self.sock = engine_link.connect(addr)
         self.reqs: dict[int, _Req] = {}
         self.due: list[tuple[float, int]] = []  # (due time, rid): a heap
 
@@ -99,13 +95,8 @@ class MockEngineProcess:
             else:
                 timeout = None  # idle (or every request stalled): block until a message
             if poller.poll(timeout):
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    for frame in frames:
-                        self.handle(p.decode_engine(frame))
+                for msg in engine_link.waiting(self.sock):
+                    self.handle(msg)
             step = self.step(time.monotonic())
             if step.tokens or step.finished or step.errors:
                 step.t_ns = time.monotonic_ns()

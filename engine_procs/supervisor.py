@@ -136,9 +136,9 @@ class Supervisor(EngineLifecycle, Timers):
             if run.frontend >= 0:
                 run.outbox.append(f)
         run.seq, run.tokens = seq, i
-        if run.frontend >= 0 and self.coalesce > 1 and self._hold(run, len(texts_json)):
-            pass  # coalescing: these frames go out with the next batch or on the timer
-        else:
+        # Coalescing may hold these frames for the next batch or its timer.
+        held = run.frontend >= 0 and self.coalesce > 1 and self._hold(run, len(texts_json))
+        if not held:
             self._mark(run)
         if (run.tokens_budget is not None or run.cost_budget is not None) and run.over_budget(now):
             run.adapter.abort(rid)
@@ -331,15 +331,7 @@ class Supervisor(EngineLifecycle, Timers):
             ),
         )
         if not self.ready:
-            self._fail(
-                run,
-                OrchdError(
-                    Code.WORKER_RESET,
-                    f"engine of replica {self.replica.id} is restarting: {self.last_error}",
-                    engine=self.replica.engine,
-                    pool_id=self.replica.pool_id,
-                ),
-            )
+            self._fail(run, self.worker_reset(f"is restarting: {self.last_error}"))
             return
         seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.adapter.submit(
@@ -446,8 +438,6 @@ class Supervisor(EngineLifecycle, Timers):
             case p.Welcome(accepted=False):
                 log.error("scheduler refused us", reason=msg.reason)
                 self.stopping.set()
-            case _:
-                pass
 
     def _task_died(self, t: asyncio.Task[None]) -> None:
         """A loop that must run for ever ended: say why, and stop (the launcher restarts us)."""

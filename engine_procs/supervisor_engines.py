@@ -72,6 +72,15 @@ class EngineLifecycle:
         ) -> None: ...
         def _fail(self, run: Run, err: OrchdError) -> None: ...
 
+    def worker_reset(self, what: str) -> OrchdError:
+        """WORKER_RESET for a task whose engine is gone: ``engine of replica r0 <what>``."""
+        return OrchdError(
+            Code.WORKER_RESET,
+            f"engine of replica {self.replica.id} {what}",
+            engine=self.replica.engine,
+            pool_id=self.replica.pool_id,
+        )
+
     def _make_adapter(self, replica: Replica) -> EngineAdapter:
         n = next(self.engine_seq)
         addr = self.rt.engine_addr(self.index) + (f".{n}" if n else "")
@@ -102,15 +111,7 @@ class EngineLifecycle:
             self.last_error = reason
             self.restart_policy.died(_now())
         for run in [r for r in self.runs.values() if r.adapter is adapter]:
-            self._fail(
-                run,
-                OrchdError(
-                    Code.WORKER_RESET,
-                    f"engine of replica {self.replica.id} died: {reason}",
-                    engine=self.replica.engine,
-                    pool_id=self.replica.pool_id,
-                ),
-            )
+            self._fail(run, self.worker_reset(f"died: {reason}"))
         self.flush()
         if not current:
             return  # a retiring or prepared engine: the serving one is unaffected

@@ -18,7 +18,7 @@ import traceback
 import msgspec
 import zmq
 
-from engine_procs import torch_models
+from engine_procs import engine_link, torch_models
 from engine_procs.torch_batch import BatchDecoder, NewRequest
 from engine_procs.torch_models import Detokenizer, Loaded
 from ipc import protocol as p
@@ -38,12 +38,7 @@ class TorchEngineProcess:
         )
         self.waiting: dict[int, NewRequest] = {}  # submitted, not yet in the batch (FIFO)
         self.text: dict[int, Detokenizer] = {}
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PAIR)
-        self.sock.setsockopt(zmq.SNDHWM, 4)
-        self.sock.setsockopt(zmq.RCVHWM, 64)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(addr)
+        self.ctx, self.sock = engine_link.connect(addr)
 
     def run(self) -> None:
         vocab_size = self.loaded.text.vocab_size
@@ -53,13 +48,8 @@ class TorchEngineProcess:
         while True:
             busy = bool(self.waiting) or len(self.decoder) > 0
             if poller.poll(0 if busy else None):
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    for frame in frames:
-                        self.handle(p.decode_engine(frame))
+                for msg in engine_link.waiting(self.sock):
+                    self.handle(msg)
             step = self.step()
             if step.tokens or step.finished or step.errors:
                 step.t_ns = time.monotonic_ns()

@@ -312,6 +312,16 @@ class Launcher:
 _RING = re.compile(r"^orchd-(\d+)-[0-9a-f]{6}-r\d+-f\d+$")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
     """Remove rings left by an orchd that was killed with -9 (its launcher pid is gone)."""
     removed: list[str] = []
@@ -323,14 +333,8 @@ def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
         m = _RING.match(name)
         if m is None:
             continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
+        if _alive(int(m.group(1))):
             continue  # its orchd still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's live process
         if unlink_ring("/" + name):
             removed.append(name)
     if removed:

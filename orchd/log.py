@@ -9,6 +9,7 @@ processes), so a burst of admissions costs one write, not one per line.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -43,11 +44,9 @@ def flush() -> None:
         return
     data = b"".join(_buf)
     _buf.clear()
-    try:
+    with contextlib.suppress(OSError, ValueError):  # a closed stderr must not stop us
         sys.stderr.buffer.write(data)
         sys.stderr.flush()
-    except (OSError, ValueError):
-        pass  # a closed stderr must not take the process down
 
 
 def _emit(level: str, narration: str, fields: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ number of frontend processes share the port and the kernel spreads connections."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import socket
 import sys
@@ -39,12 +40,10 @@ def pin_malloc_thresholds() -> None:
     of that size come from the heap, which keeps its high-water mark: RSS crept up with the
     largest burst so far. Fixed, such blocks are mmapped and returned when freed. A no-op
     without glibc."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -54,8 +54,7 @@ class SSEResponse:
                 if s.client_gone:
                     break
                 if s.buf:
-                    data = bytes(s.buf)
-                    s.buf.clear()
+                    data, s.buf = s.buf, bytearray()  # handed over whole, not copied
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     continue
                 if s.terminal:

@@ -1,0 +1,32 @@
+"""The engine process's end of its PAIR socket to the supervisor, shared by the mock and torch
+engines: tiny high-water marks (a supervisor that stops reading stalls the engine instead of
+letting steps pile up), and a non-blocking read of everything that is waiting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import zmq
+
+from ipc import protocol as p
+
+
+def connect(addr: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.SNDHWM, 4)
+    sock.setsockopt(zmq.RCVHWM, 64)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    return ctx, sock
+
+
+def waiting(sock: zmq.Socket[bytes]) -> Iterator[p.EngineMessage]:
+    """Every message the supervisor has sent that is here now (each batch one multipart)."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        for frame in frames:
+            yield p.decode_engine(frame)
