@@ -313,6 +313,19 @@ class Supervisor(EngineLifecycle, Timers):
         self.queue_depth = msg.queue_depth
         self.runs[run.task_id] = run
         self.by_rid[run.rid] = run
+        if self.ready:
+            # The engine first: its first token is the latency clients feel.
+            seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
+            self.adapter.submit(
+                EngineRequest(
+                    run.rid,
+                    spec.prompt or "",
+                    seed,
+                    spec.max_tokens,
+                    temperature=spec.temperature,
+                    top_p=spec.top_p,
+                )
+            )
         self._emit(
             run,
             frame(
@@ -332,18 +345,6 @@ class Supervisor(EngineLifecycle, Timers):
         )
         if not self.ready:
             self._fail(run, self.worker_reset(f"is restarting: {self.last_error}"))
-            return
-        seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.adapter.submit(
-            EngineRequest(
-                run.rid,
-                spec.prompt or "",
-                seed,
-                spec.max_tokens,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-            )
-        )
 
     def on_attach(self, msg: p.Attach) -> None:
         run = self.runs.get(msg.task_id) or self.ended.get(msg.task_id)

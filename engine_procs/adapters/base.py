@@ -55,7 +55,7 @@ class EngineAdapter(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, req: EngineRequest) -> None:
-        """Begin a request; its events arrive through the sink."""
+        """Begin a request; its events arrive through the sink, never before this returns."""
 
     @abc.abstractmethod
     def abort(self, rid: int) -> None:

@@ -1,7 +1,10 @@
 """Adapters for engines that orchd runs as a child process speaking the engine protocol
 (``EngSubmit``/``EngAbort`` in, ``EngReady`` and steps out) over a ZeroMQ PAIR socket: the
 mock engine and the built-in torch engine. Subclasses name the module to run, what to pass
-it, and how to turn one step into sink calls."""
+it, and how to turn one step into sink calls.
+
+Steps are read from ``loop.add_reader`` on the socket's FD, everything waiting in one go, as
+the supervisor reads the scheduler: no zmq.asyncio future per step on the token path."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import os
 import sys
 
 import zmq
-import zmq.asyncio
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
 from engine_procs.proc import die_with_parent
 from ipc import protocol as p
+from orchd import log
 from orchd.config import Replica
+
+RESEND_S = 0.01  # while the engine's end of the socket takes nothing
 
 
 class EngineProcessAdapter(EngineAdapter):
@@ -25,15 +30,15 @@ class EngineProcessAdapter(EngineAdapter):
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
         super().__init__(replica, engine_addr, sink)
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._hello: asyncio.Future[bytes] | None = None  # until the engine's first message
         self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._resume = asyncio.Event()
-        self._resume.set()
         self._stopping = False
         self._out: list[bytes] = []
+        self._retry: asyncio.TimerHandle | None = None
 
     @abc.abstractmethod
     def engine_config_json(self) -> str:
@@ -45,6 +50,8 @@ class EngineProcessAdapter(EngineAdapter):
 
     async def start(self, timeout_s: float) -> None:
         self._out = []  # nothing queued for a previous engine goes to this one
+        self._cancel_retry()
+        self._unwatch()
         path = self.engine_addr.removeprefix("ipc://")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -54,6 +61,10 @@ class EngineProcessAdapter(EngineAdapter):
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self.engine_addr)
         self._sock = sock
+        loop = asyncio.get_running_loop()
+        hello = self._hello = loop.create_future()
+        self._fd = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        loop.add_reader(self._fd, self._readable)
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -65,13 +76,11 @@ class EngineProcessAdapter(EngineAdapter):
             stderr=asyncio.subprocess.PIPE,
         )
         proc = self._proc
-        hello = asyncio.ensure_future(sock.recv())
         died = asyncio.ensure_future(proc.wait())
         done, _ = await asyncio.wait(
             {hello, died}, timeout=timeout_s, return_when="FIRST_COMPLETED"
         )
         if hello not in done:
-            hello.cancel()
             died.cancel()
             why = f"{self.name} engine not ready after {timeout_s}s"
             if died in done:
@@ -93,7 +102,6 @@ class EngineProcessAdapter(EngineAdapter):
             raise RuntimeError(f"{self.name} engine said {type(ready).__name__}, not EngReady")
         self.engine_version = ready.engine_version
         self._stopping = False
-        self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_proc())
         if proc.stderr is not None:  # pass it on, so the engine never blocks on a write
             asyncio.create_task(self._forward(proc.stderr))
@@ -107,17 +115,37 @@ class EngineProcessAdapter(EngineAdapter):
     def engine_pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            if self.paused:
-                self._resume.clear()
-                await self._resume.wait()
-            self._apply(await self._sock.recv())
+    def _readable(self) -> None:
+        """Take every message waiting, unless the supervisor's rings are backed up (then the
+        engine stalls on its tiny send queue until :meth:`resume`)."""
+        sock = self._sock
+        # EVENTS, not a recv that raises zmq.Again: the exception costs more than the check.
+        while (
+            sock is not None and not self.paused and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+        ):
+            data = sock.recv(zmq.NOBLOCK)
+            hello = self._hello
+            if hello is not None:
+                self._hello = None
+                if not hello.done():
+                    hello.set_result(data)
+                continue
+            try:
+                self._apply(data)
+            except Exception as e:  # our own engine said something we cannot read
+                log.error("engine sent an unreadable step; restarting it", error=repr(e))
+                if self._proc is not None and self._proc.returncode is None:
+                    self._proc.kill()  # _watch_proc reports the death
+                return
 
     def _apply(self, data: bytes) -> None:
         self.on_step(p.decode_engine(data))
         self.sink.flush()  # one ring publish per engine step
+
+    def _unwatch(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = -1
 
     async def _watch_proc(self) -> None:
         assert self._proc is not None
@@ -125,18 +153,17 @@ class EngineProcessAdapter(EngineAdapter):
         if self._stopping:
             return
         # Take every step the engine sent before it died, then report the death.
-        if self._reader is not None:
-            self._reader.cancel()
+        self._unwatch()
         while self._sock is not None:
             try:
-                self._apply(await self._sock.recv(zmq.NOBLOCK))
+                self._apply(self._sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
         self.sink.on_engine_dead(f"{self.name} engine process exited with status {code}")
 
     def resume(self) -> None:
         super().resume()
-        self._resume.set()
+        asyncio.get_running_loop().call_soon(self._readable)  # the FD is edge-triggered
 
     def submit(self, req: EngineRequest) -> None:
         assert self._sock is not None
@@ -157,9 +184,22 @@ class EngineProcessAdapter(EngineAdapter):
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        self._cancel_retry()
         if self._out and self._sock is not None:
-            frames, self._out = self._out, []
-            self._sock.send_multipart(frames)
+            try:
+                self._sock.send_multipart(self._out, zmq.NOBLOCK)
+            except zmq.Again:
+                # No engine at the other end (it died: the watcher restarts it, and a new
+                # engine gets none of this) or one that stopped reading: try again shortly.
+                self._retry = asyncio.get_running_loop().call_later(RESEND_S, self._flush)
+                return
+            self._out = []
+            self._readable()  # the FD is edge-triggered: a send can hide pending input
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def abort(self, rid: int) -> None:
         if self._sock is not None:
@@ -167,9 +207,11 @@ class EngineProcessAdapter(EngineAdapter):
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in (self._reader, self._watch):
-            if t is not None:
-                t.cancel()
+        self._unwatch()
+        self._cancel_retry()
+        self._hello = None
+        if self._watch is not None:
+            self._watch.cancel()
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
             with contextlib.suppress(ProcessLookupError):

@@ -55,6 +55,9 @@ class SchedulerShell:
         self.running = True
         self.last_depth = -1
         self.outbox: dict[str, list[bytes]] = {}
+        # Logged once the outbox is sent: what was admitted (or refused), what was placed.
+        self.admissions: list[tuple[p.Submit, Out]] = []
+        self.placed: list[tuple[str, p.Dispatch]] = []
 
     # ---------------------------------------------------------------- plumbing
 
@@ -62,25 +65,35 @@ class SchedulerShell:
         """Queue messages; :meth:`flush_out` sends each peer's as one ZeroMQ message."""
         for peer, msg in out:
             if isinstance(msg, p.Dispatch):
-                log.info(
-                    "placed",
-                    task_id=msg.task.task_id,
-                    session_id=msg.task.session_id,
-                    replica_id=peer.removeprefix("sup-"),
-                    queue_position=msg.queue_position,
-                    predicted_start_ms=msg.predicted_start_ms,
-                    why=msg.placement_reason,
-                )
+                self.placed.append((peer, msg))
             if peer:
                 self.outbox.setdefault(peer, []).append(p.encode(msg))
 
     def flush_out(self) -> None:
-        for peer, frames in self.outbox.items():
+        """Send, supervisors first (a dispatch starts the engine: the first token is what
+        clients wait for), then log what was sent: nothing is formatted before a send."""
+        box = self.outbox
+        for peer in sorted(box, key=lambda peer: not peer.startswith("sup-")):
+            frames = box[peer]
             try:
                 self.sock.send_multipart([peer.encode(), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("dropped messages to a peer", peer=peer, n=len(frames), error=str(e))
-        self.outbox.clear()
+        box.clear()
+        for submit, out in self.admissions:
+            self._narrate_admission(submit, out)
+        self.admissions.clear()
+        for peer, d in self.placed:
+            log.info(
+                "placed",
+                task_id=d.task.task_id,
+                session_id=d.task.session_id,
+                replica_id=peer.removeprefix("sup-"),
+                queue_position=d.queue_position,
+                predicted_start_ms=d.predicted_start_ms,
+                why=d.placement_reason,
+            )
+        self.placed.clear()
         log.flush()
 
     def serve(self) -> None:
@@ -93,10 +106,9 @@ class SchedulerShell:
             if poller.poll(timeout_ms):
                 # Take everything that is waiting before the next tick.
                 for _ in range(256):
-                    try:
-                        ident, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                    if not int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        break  # (cheaper than a recv that raises zmq.Again)
+                    ident, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
                     peer = ident.decode()
                     for data in frames:
                         self.handle(peer, data)
@@ -175,7 +187,7 @@ class SchedulerShell:
                 return
             case p.Submit():
                 out = core.submit(peer, msg, now)
-                self._narrate_admission(msg, out)
+                self.admissions.append((msg, out))
             case p.Subscribe():
                 out = core.subscribe(peer, msg, now)
             case p.Claim():

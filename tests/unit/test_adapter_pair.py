@@ -1,0 +1,102 @@
+"""The supervisor's end of an engine process's PAIR socket (``EngineProcessAdapter``), driven
+with a real mock engine: steps are read as they come, a pause holds them in the engine until
+``resume``, an engine that dies mid-request never blocks the supervisor's loop, and an engine
+that sends what nobody can read is killed, so that the watcher restarts it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import zmq
+
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.adapters.mock import MockAdapter
+from orchd.config import MockEngine, Replica
+from tests.fakes.sink import RecordingSink, wait_until
+
+
+class GarbageAdapter(MockAdapter):
+    """The mock engine's adapter, running an engine that answers a submit with junk."""
+
+    module = "tests.fakes.garbage_engine"
+
+
+async def started(tmp_path: Path, cls: type[MockAdapter] = MockAdapter, **mock: object):  # type: ignore[no-untyped-def]
+    sink = RecordingSink()
+    replica = Replica(id="r", engine="mock", mock=MockEngine(**mock))  # type: ignore[arg-type]
+    adapter = cls(replica, f"ipc://{tmp_path}/engine.sock", sink)
+    await adapter.start(timeout_s=30)
+    return adapter, sink
+
+
+@pytest.mark.timeout(60)
+def test_steps_arrive_and_a_pause_holds_them_until_resume(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, sink = await started(tmp_path, itl_ms=1)
+        try:
+            a.submit(EngineRequest(1, "a prompt", 7, 40))
+            assert (await sink.wait_end(1)).reason == "length"
+            assert len(sink.tokens[1]) == 40
+            a.paused = True  # the supervisor's rings are full
+            a.submit(EngineRequest(2, "a prompt", 7, 5))
+            sock = a._sock
+            assert sock is not None
+            # The engine's steps wait in the socket; nothing reaches the sink meanwhile.
+            await wait_until(lambda: sock.poll(0, zmq.POLLIN), 10, "a step waiting")
+            assert 2 not in sink.tokens
+            a.resume()  # no new FD event comes for what already waits: resume reads it
+            assert (await sink.wait_end(2)).reason == "length"
+            assert len(sink.tokens[2]) == 5
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_sends_to_a_dead_engine_never_block_the_loop(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, sink = await started(tmp_path, itl_ms=5)
+        try:
+            a.submit(EngineRequest(1, "x", 1, 10_000))
+            await wait_until(lambda: sink.tokens[1], 10, "first tokens")
+            assert a._proc is not None and a._sock is not None
+            sock = a._sock
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            a._proc.kill()
+            await wait_until(lambda: sink.dead, 10, "the death reported")
+            assert "exited" in sink.dead[0]
+            await wait_until(lambda: monitor.poll(0), 10, "the socket seeing its peer go")
+            sock.disable_monitor()
+            monitor.close(0)
+            # What the supervisor sends now has no engine to go to (a blocking send would
+            # hang the loop here); it is held and retried instead.
+            a.abort(1)
+            a.submit(EngineRequest(2, "x", 1, 5))
+            await wait_until(lambda: a._retry is not None, 10, "the send held for a retry")
+            await a.stop()  # as the supervisor restarts it
+            await a.start(timeout_s=30)  # the new engine gets none of the old one's messages
+            a.submit(EngineRequest(3, "x", 1, 5))
+            assert (await sink.wait_end(3)).reason == "length"
+            assert sink.end_of(2) is None
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_step_kills_the_engine(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, sink = await started(tmp_path, GarbageAdapter)
+        try:
+            a.submit(EngineRequest(1, "x", 1, 5))
+            await wait_until(lambda: sink.dead, 10, "the engine killed and its death reported")
+            assert a._proc is not None and a._proc.returncode is not None
+            assert not sink.tokens[1]
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
