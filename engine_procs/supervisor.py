@@ -24,6 +24,7 @@ from engine_procs.adapters.base import EngineAdapter, EngineRequest
 from engine_procs.engine_process import RestartPolicy
 from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame
 from engine_procs.frames import token_frame as _token_frame
+from engine_procs.proc import freeze_startup_heap
 from engine_procs.publisher import Publisher
 from engine_procs.runs import Run
 from engine_procs.supervisor_engines import EngineLifecycle
@@ -469,6 +470,7 @@ class Supervisor(EngineLifecycle, Timers):
             loop.create_task(self.start_engine()),
         ]
         tasks[0].add_done_callback(self._task_died)
+        freeze_startup_heap()
         await self.stopping.wait()
         for t in tasks:
             t.cancel()

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine_procs.frames import error_frame
+from engine_procs.proc import freeze_startup_heap
 from ipc import protocol as p
 from orchd import log
 from orchd.config import Resolved, effective_api_keys
@@ -90,6 +91,7 @@ class Frontend:
         log.defer(lambda: loop.call_soon(log.flush))
         await self.client.start()
         self.table.start()
+        freeze_startup_heap()
         log.info("frontend ready", frontend=self.index, pid=os.getpid())
         try:
             yield

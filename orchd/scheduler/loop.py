@@ -15,6 +15,7 @@ import time
 import msgspec
 import zmq
 
+from engine_procs.proc import freeze_startup_heap
 from ipc import protocol as p
 from orchd import log
 from orchd.config import Resolved, load_resolved
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     log.info("scheduler listening", addr=res.runtime.scheduler_addr)
+    freeze_startup_heap()
     shell.serve()
     return 0
 
