@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 
+import msgspec
 import zmq
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
@@ -130,16 +131,22 @@ class EngineProcessAdapter(EngineAdapter):
                 if not hello.done():
                     hello.set_result(data)
                 continue
-            try:
-                self._apply(data)
-            except Exception as e:  # our own engine said something we cannot read
-                log.error("engine sent an unreadable step; restarting it", error=repr(e))
+            msg = self._decode(data)
+            if msg is None:
                 if self._proc is not None and self._proc.returncode is None:
-                    self._proc.kill()  # _watch_proc reports the death
+                    self._proc.kill()  # _watch_proc reports the death: the engine restarts
                 return
+            self._apply(msg)
 
-    def _apply(self, data: bytes) -> None:
-        self.on_step(p.decode_engine(data))
+    def _decode(self, data: bytes) -> p.EngineMessage | None:
+        try:
+            return p.decode_engine(data)
+        except msgspec.MsgspecError as e:  # our own engine said what nobody can read
+            log.error("engine sent an unreadable message; restarting it", error=repr(e))
+            return None
+
+    def _apply(self, msg: p.EngineMessage) -> None:
+        self.on_step(msg)
         self.sink.flush()  # one ring publish per engine step
 
     def _unwatch(self) -> None:
@@ -156,9 +163,11 @@ class EngineProcessAdapter(EngineAdapter):
         self._unwatch()
         while self._sock is not None:
             try:
-                self._apply(self._sock.recv(zmq.NOBLOCK))
+                msg = self._decode(self._sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
+            if msg is not None:
+                self._apply(msg)
         self.sink.on_engine_dead(f"{self.name} engine process exited with status {code}")
 
     def resume(self) -> None:
