@@ -50,11 +50,8 @@ def test_nvml_collector_reads_the_real_devices() -> None:
 
 @pytest.fixture(scope="module")
 def gpud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("gpu"), CONFIG).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("gpu"), CONFIG) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def gauges(d: Daemon) -> dict[str, float]:

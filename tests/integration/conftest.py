@@ -32,11 +32,8 @@ itl_ms = 1
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("orchd"), FAST).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("orchd"), FAST) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def submit(d: Daemon, **over: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -47,6 +44,11 @@ def submit(d: Daemon, **over: Any) -> tuple[int, dict[str, Any], dict[str, str]]
 
 def stream(d: Daemon, task_id: str, headers: dict[str, str] | None = None) -> SyncStream:
     return SyncStream(d.host, d.port, f"/v1/tasks/{task_id}/stream", headers or d.headers)
+
+
+def cancel(d: Daemon, task_id: str) -> int:
+    status, _, _ = sync_request(d.host, d.port, "POST", f"/v1/tasks/{task_id}/cancel", d.headers)
+    return status
 
 
 def run_task(d: Daemon, **over: Any) -> SyncStream:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import metric, stream, submit
+from tests.integration.conftest import cancel, metric, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import SyncStream, sync_request
 
@@ -24,11 +24,6 @@ itl_ms = 5
 
 def tokens(s: SyncStream) -> int:
     return sum(1 for e in s.events if e.event == "token")
-
-
-def cancel(d: Daemon, task_id: str) -> int:
-    status, _, _ = sync_request(d.host, d.port, "POST", f"/v1/tasks/{task_id}/cancel", d.headers)
-    return status
 
 
 def test_no_token_after_the_cancel_answer_200_trials(daemon: Daemon) -> None:
@@ -75,11 +70,8 @@ def test_cancel_unknown_is_404_and_repeat_cancel_is_204(daemon: Daemon) -> None:
 
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("solo"), ONE_SLOT).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("solo"), ONE_SLOT) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def test_cancel_of_a_queued_task_while_streaming(solo: Daemon) -> None:

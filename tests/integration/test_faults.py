@@ -58,11 +58,8 @@ stall_after_tokens = 5
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("two"), TWO).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("two"), TWO) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def terminal(s: SyncStream) -> list:

@@ -16,11 +16,8 @@ from tests.support.tasks import task_body
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("pair"), "", frontends=2).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("pair"), "", frontends=2) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def submit_on(d: Daemon, frontend: str, body: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.engines import FakeEngine, Faults, tokens_for
-from tests.integration.conftest import run_task, stream, submit
+from tests.integration.conftest import cancel, run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import sync_request
 from tests.support.wait import wait_for
@@ -119,10 +119,7 @@ def test_cancel_reaches_the_engine(daemon: Daemon, engines: tuple[FakeEngine, Fa
     assert status == 202
     s = stream(daemon, body["task_id"])
     s.read_until(lambda st: sum(e.event == "token" for e in st.events) >= 3)
-    code, _, _ = sync_request(
-        daemon.host, daemon.port, "POST", f"/v1/tasks/{body['task_id']}/cancel", daemon.headers
-    )
-    assert code == 204
+    assert cancel(daemon, body["task_id"]) == 204
     events = s.read_to_end()
     assert events[-1].event == "end" and events[-1].json["reason"] == "canceled"
     wait_for(lambda: len(llama.canceled) > before, 10, "the engine to see the request go")

@@ -57,11 +57,8 @@ model_ref = "file:/nonexistent/orchd-test-model.bin"
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("pools"), POOLS).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("pools"), POOLS) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def post(d: Daemon, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:

@@ -37,11 +37,8 @@ itl_ms = 2
 
 @pytest.fixture(scope="module")
 def budgets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("budgets"), BUDGETS, key="k-alpha").start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("budgets"), BUDGETS, key="k-alpha") as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def as_key(d: Daemon, key: str) -> Daemon:

@@ -15,7 +15,7 @@ import torch
 
 from engine_procs import torch_models
 from engine_procs.torch_batch import BatchDecoder, NewRequest
-from tests.integration.conftest import run_task, stream, submit
+from tests.integration.conftest import cancel, run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.hf import save_tiny_model
 from tests.support.sse import sync_request
@@ -47,11 +47,8 @@ model_ref = "random:nope"
 
 @pytest.fixture(scope="module")
 def torchd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("torch"), CONFIG).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("torch"), CONFIG) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def task(**over: Any) -> dict[str, Any]:
@@ -106,10 +103,7 @@ def test_cancel_ends_the_stream_and_the_engine_serves_on(torchd: Daemon) -> None
     assert status == 202, body
     s = stream(torchd, body["task_id"])
     s.read_until(lambda st: sum(e.event == "token" for e in st.events) >= 3)
-    status, _, _ = sync_request(
-        torchd.host, torchd.port, "POST", f"/v1/tasks/{body['task_id']}/cancel", torchd.headers
-    )
-    assert status == 204
+    assert cancel(torchd, body["task_id"]) == 204
     events = s.read_to_end()
     assert events[-1].event == "end" and events[-1].json["reason"] == "canceled"
     s.close()

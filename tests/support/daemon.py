@@ -103,6 +103,13 @@ class Daemon:
         with self._cv:
             return sum(1 for r in self.lines if pred(r))
 
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        """Stopped as an operator stops it (SIGTERM): it must drain and exit 0."""
+        assert self.stop() == 0
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc is None:
             return 0

@@ -6,7 +6,10 @@ that sends what nobody can read is killed, so that the watcher restarts it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -23,19 +26,24 @@ class GarbageAdapter(MockAdapter):
     module = "tests.fakes.garbage_engine"
 
 
-async def started(tmp_path: Path, cls: type[MockAdapter] = MockAdapter, **mock: object):  # type: ignore[no-untyped-def]
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, cls: type[MockAdapter] = MockAdapter, **mock: Any
+) -> AsyncIterator[tuple[MockAdapter, RecordingSink]]:
     sink = RecordingSink()
-    replica = Replica(id="r", engine="mock", mock=MockEngine(**mock))  # type: ignore[arg-type]
+    replica = Replica(id="r", engine="mock", mock=MockEngine(**mock))
     adapter = cls(replica, f"ipc://{tmp_path}/engine.sock", sink)
     await adapter.start(timeout_s=30)
-    return adapter, sink
+    try:
+        yield adapter, sink
+    finally:
+        await adapter.stop()
 
 
 @pytest.mark.timeout(60)
 def test_steps_arrive_and_a_pause_holds_them_until_resume(tmp_path: Path) -> None:
     async def main() -> None:
-        a, sink = await started(tmp_path, itl_ms=1)
-        try:
+        async with running(tmp_path, itl_ms=1) as (a, sink):
             a.submit(EngineRequest(1, "a prompt", 7, 40))
             assert (await sink.wait_end(1)).reason == "length"
             assert len(sink.tokens[1]) == 40
@@ -49,8 +57,6 @@ def test_steps_arrive_and_a_pause_holds_them_until_resume(tmp_path: Path) -> Non
             a.resume()  # no new FD event comes for what already waits: resume reads it
             assert (await sink.wait_end(2)).reason == "length"
             assert len(sink.tokens[2]) == 5
-        finally:
-            await a.stop()
 
     asyncio.run(main())
 
@@ -58,8 +64,7 @@ def test_steps_arrive_and_a_pause_holds_them_until_resume(tmp_path: Path) -> Non
 @pytest.mark.timeout(60)
 def test_sends_to_a_dead_engine_never_block_the_loop(tmp_path: Path) -> None:
     async def main() -> None:
-        a, sink = await started(tmp_path, itl_ms=5)
-        try:
+        async with running(tmp_path, itl_ms=5) as (a, sink):
             a.submit(EngineRequest(1, "x", 1, 10_000))
             await wait_until(lambda: sink.tokens[1], 10, "first tokens")
             assert a._proc is not None and a._sock is not None
@@ -81,8 +86,6 @@ def test_sends_to_a_dead_engine_never_block_the_loop(tmp_path: Path) -> None:
             a.submit(EngineRequest(3, "x", 1, 5))
             assert (await sink.wait_end(3)).reason == "length"
             assert sink.end_of(2) is None
-        finally:
-            await a.stop()
 
     asyncio.run(main())
 
@@ -90,13 +93,10 @@ def test_sends_to_a_dead_engine_never_block_the_loop(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_an_unreadable_step_kills_the_engine(tmp_path: Path) -> None:
     async def main() -> None:
-        a, sink = await started(tmp_path, GarbageAdapter)
-        try:
+        async with running(tmp_path, GarbageAdapter) as (a, sink):
             a.submit(EngineRequest(1, "x", 1, 5))
             await wait_until(lambda: sink.dead, 10, "the engine killed and its death reported")
             assert a._proc is not None and a._proc.returncode is not None
             assert not sink.tokens[1]
-        finally:
-            await a.stop()
 
     asyncio.run(main())
