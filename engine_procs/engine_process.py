@@ -6,8 +6,7 @@ engine spawned; the kernel kills it if the supervisor dies (``die_with_parent``)
 the supervisor's environment, where the launcher already set ``CUDA_VISIBLE_DEVICES`` to the
 replica's devices. Its output goes to a log file; the last lines are kept for ``last_error``.
 
-:class:`RestartPolicy` is the supervisor's exponential backoff plus a circuit breaker, kept
-free of I/O and clocks so that it can be tested by itself.
+Its restart rules (backoff and circuit breaker) are :class:`orchd.core.restart.RestartPolicy`.
 """
 
 from __future__ import annotations
@@ -19,17 +18,10 @@ import signal
 import socket
 from collections import deque
 
-from engine_procs.proc import die_with_parent
+from ipc.proc import die_with_parent
 
 STOP_GRACE_S = 10.0
 TAIL_LINES = 12
-
-# Circuit breaker: after this many consecutive failed starts (or deaths soon after a start)
-# stop retrying for a cool-down, then allow one try at a time.
-BREAKER_THRESHOLD = 5
-BREAKER_COOLDOWN_S = 30.0
-# An engine that served this long before dying counts as healthy: restart it at once.
-STABLE_AFTER_S = 10.0
 
 
 def free_port() -> int:
@@ -135,55 +127,3 @@ class EngineProcess:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
-
-
-class RestartPolicy:
-    """Exponential backoff between engine starts, with a circuit breaker.
-
-    Times are passed in (seconds on any monotonic clock). A failure is a start that raised,
-    or an engine that died less than ``stable_after_s`` after it became ready; a death after
-    a stable run restarts at once. After ``threshold`` consecutive failures the breaker opens:
-    the next try waits ``cooldown_s``; one more failure opens it again.
-    """
-
-    def __init__(
-        self,
-        base_s: float,
-        cap_s: float,
-        threshold: int = BREAKER_THRESHOLD,
-        cooldown_s: float = BREAKER_COOLDOWN_S,
-        stable_after_s: float = STABLE_AFTER_S,
-    ) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
-        self.stable_after_s = stable_after_s
-        self.failures = 0
-        self.ready_at: float | None = None
-
-    @property
-    def open(self) -> bool:
-        return self.failures >= self.threshold
-
-    def delay(self) -> float:
-        """Seconds to wait before the next start."""
-        if self.failures == 0:
-            return 0.0
-        if self.open:
-            return self.cooldown_s
-        return min(self.cap_s, self.base_s * 2 ** (self.failures - 1))
-
-    def start_failed(self) -> None:
-        self.failures += 1
-        self.ready_at = None
-
-    def ready(self, now: float) -> None:
-        self.ready_at = now
-
-    def died(self, now: float) -> None:
-        if self.ready_at is not None and now - self.ready_at >= self.stable_after_s:
-            self.failures = 0
-        else:
-            self.failures += 1
-        self.ready_at = None

@@ -7,8 +7,8 @@ doorbell only for a consumer that has parked since the last ring.
 
 from __future__ import annotations
 
-from engine_procs.frames import KIND_DATA
 from ipc.doorbell import BellWriter
+from ipc.frames import KIND_DATA
 from ipc.ring import RingWriter
 
 Record = tuple[int, int, int, bytes]  # (slot, seq, kind, payload)

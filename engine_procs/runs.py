@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_procs.frames import frame
 from ipc import protocol as p
+from ipc.frames import frame
 from orchd.core.artifacts import artifact_id, canonical
 
 
@@ -22,6 +22,7 @@ class Run:
     adapter: Any = None  # the engine adapter serving it (two coexist during a reload)
     seq: int = 0
     tokens: int = 0
+    tokens_in: int = 0  # prompt tokens, as the engine counts them
     t_first: float = 0.0
     t_last: float = 0.0
     t_metrics: float = 0.0

@@ -21,18 +21,18 @@ from collections import deque
 import zmq
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest
-from engine_procs.engine_process import RestartPolicy
-from engine_procs.frames import KIND_TERMINAL, error_frame, frame
-from engine_procs.proc import freeze_startup_heap
 from engine_procs.publisher import Publisher
 from engine_procs.runs import Run
 from engine_procs.supervisor_engines import EngineLifecycle
 from engine_procs.supervisor_streams import TaskStreams
 from engine_procs.supervisor_timers import Timers
 from ipc import protocol as p
+from ipc.frames import KIND_TERMINAL, error_frame, frame
+from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
+from orchd.core.restart import RestartPolicy
 
 
 def _now() -> float:

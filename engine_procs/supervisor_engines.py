@@ -14,12 +14,12 @@ import msgspec
 
 from engine_procs.adapters import adapter_class
 from engine_procs.adapters.base import EngineAdapter
-from engine_procs.engine_process import RestartPolicy
 from engine_procs.runs import Run
 from ipc import protocol as p
 from orchd import log
 from orchd.config import Replica, Runtime
 from orchd.core.errors import Code, OrchdError
+from orchd.core.restart import RestartPolicy
 
 
 def _now() -> float:
@@ -35,6 +35,7 @@ class _EngineSink:
         self.adapter: EngineAdapter | None = None
         self.on_tokens = sup.on_tokens
         self.on_finish = sup.on_finish
+        self.on_usage = sup.on_usage
         self.on_error = sup.on_error
         self.flush = sup.flush
 
@@ -67,6 +68,7 @@ class EngineLifecycle:
         def flush(self) -> None: ...
         def on_tokens(self, rid: int, texts_json: list[bytes]) -> None: ...
         def on_finish(self, rid: int, reason: str) -> None: ...
+        def on_usage(self, rid: int, prompt_tokens: int) -> None: ...
         def on_error(
             self, rid: int, code: str, message: str, retry_after_ms: int | None = None
         ) -> None: ...

@@ -11,11 +11,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from engine_procs.adapters.base import EngineAdapter
-from engine_procs.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame
-from engine_procs.frames import token_frame as _token_frame
 from engine_procs.publisher import Publisher
 from engine_procs.runs import Run
 from ipc import protocol as p
+from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame
+from ipc.frames import token_frame as _token_frame
 from orchd import log
 from orchd.config import Config, Replica
 from orchd.core.errors import OrchdError
@@ -99,6 +99,11 @@ class TaskStreams:
         if not run.ended:
             self._mark(run)
 
+    def on_usage(self, rid: int, prompt_tokens: int) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            run.tokens_in = prompt_tokens
+
     def on_finish(self, rid: int, reason: str) -> None:
         run = self.by_rid.get(rid)
         if run is not None:
@@ -159,6 +164,7 @@ class TaskStreams:
                     run.task_id,
                     reason,
                     run.tokens,
+                    tokens_in=run.tokens_in,
                     first_token_ms=(run.t_first - run.t_start) * 1000.0 if run.tokens else 0.0,
                     decode_ms=decode_ms,
                 )

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 
 import zmq
 
-from engine_procs.proc import die_with_parent
 from ipc import protocol as p
 from ipc.doorbell import create_bell
+from ipc.proc import die_with_parent, listen_socket
 from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
 from orchd import log
 from orchd.config import Config, ConfigError, Resolved, Runtime, child_env, write_resolved
-from orchd.frontend.main import listen_socket
 from orchd.telemetry.gpus import expand_gpus
 
 STABLE_S = 10.0  # a child that lived this long restarts with the initial backoff again

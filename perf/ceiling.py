@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from engine_procs.frames import end_frame, frame, json_string, token_frame
 from engine_procs.mock_engine import vocab
+from ipc.frames import end_frame, frame, json_string, token_frame
 
 _VOCAB = [json_string(w) for w in vocab(512)]
 _STARTED = frame(

@@ -34,6 +34,10 @@ class EngineSink(Protocol):
         self, rid: int, code: str, message: str, retry_after_ms: int | None = None
     ) -> None: ...
 
+    def on_usage(self, rid: int, prompt_tokens: int) -> None:
+        """The request's prompt length in the engine's own tokens, once the engine says it
+        (any time before the request's finish or error)."""
+
     def on_engine_dead(self, reason: str) -> None: ...
 
     def flush(self) -> None: ...

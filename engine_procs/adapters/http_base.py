@@ -24,7 +24,7 @@ import msgspec
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
 from engine_procs.engine_process import EngineProcess, free_port, render_command
-from engine_procs.frames import json_string
+from ipc.frames import json_string
 from orchd.config import Replica
 from orchd.core.errors import Code
 

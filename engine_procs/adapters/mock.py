@@ -6,9 +6,9 @@ import msgspec
 
 from engine_procs.adapters.base import EngineSink
 from engine_procs.adapters.pair import EngineProcessAdapter
-from engine_procs.frames import json_string
 from engine_procs.mock_engine import vocab
 from ipc import protocol as p
+from ipc.frames import json_string
 from orchd.config import Replica
 
 

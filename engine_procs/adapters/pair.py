@@ -18,8 +18,8 @@ import msgspec
 import zmq
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
-from engine_procs.proc import die_with_parent
 from ipc import protocol as p
+from ipc.proc import die_with_parent
 from orchd import log
 from orchd.config import Replica
 

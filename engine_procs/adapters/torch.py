@@ -8,8 +8,8 @@ from __future__ import annotations
 import msgspec
 
 from engine_procs.adapters.pair import EngineProcessAdapter
-from engine_procs.frames import json_string
 from ipc import protocol as p
+from ipc.frames import json_string
 
 
 class TorchAdapter(EngineProcessAdapter):

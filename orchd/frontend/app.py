@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine_procs.frames import error_frame
-from engine_procs.proc import freeze_startup_heap
 from ipc import protocol as p
+from ipc.frames import error_frame
+from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, effective_api_keys
 from orchd.core.errors import Code, OrchdError

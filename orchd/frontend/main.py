@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import socket
 import sys
 
 import uvicorn
 
+from ipc.proc import listen_socket
 from orchd import log
 from orchd.config import load_resolved
 from orchd.frontend.app import Frontend
@@ -44,15 +44,6 @@ def pin_malloc_thresholds() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,9 @@ import itertools
 import time
 from collections.abc import Callable
 
-from engine_procs.frames import KIND_TERMINAL, end_frame, error_frame
 from ipc import protocol as p
 from ipc.doorbell import BellReader
+from ipc.frames import KIND_TERMINAL, end_frame, error_frame
 from ipc.ring import RingReader
 from orchd.core.errors import Code, OrchdError
 

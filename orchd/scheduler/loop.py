@@ -15,8 +15,8 @@ import time
 import msgspec
 import zmq
 
-from engine_procs.proc import freeze_startup_heap
 from ipc import protocol as p
+from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError

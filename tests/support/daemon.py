@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from engine_procs.proc import die_with_parent
+from ipc.proc import die_with_parent
 
 READY_TIMEOUT_S = 60.0
 

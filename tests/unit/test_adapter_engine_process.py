@@ -12,8 +12,9 @@ import psutil
 import pytest
 
 from engine_procs.adapters.llamacpp import LlamaCppAdapter
-from engine_procs.engine_process import EngineProcess, RestartPolicy, render_command
+from engine_procs.engine_process import EngineProcess, render_command
 from orchd.config import Endpoint, Replica
+from orchd.core.restart import RestartPolicy
 from tests.fakes.scenarios import req
 from tests.fakes.sink import RecordingSink, wait_until
 

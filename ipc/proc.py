@@ -1,10 +1,12 @@
-"""Child-process helpers shared by the launcher and the supervisors."""
+"""Process helpers every orchd process shares: heap freezing, parent-death signals, the
+listening socket frontends share."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import signal
+import socket
 
 _PR_SET_PDEATHSIG = 1
 
@@ -23,3 +25,12 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
