@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from ipc import protocol as p
 from ipc.frames import frame
+from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical
+from orchd.core.ownership import Stream
+
+NO_ENGINE = -1
 
 
 @dataclass(slots=True, eq=False)
@@ -16,10 +19,12 @@ class Run:
     task_id: str
     rid: int
     spec: p.TaskSpec
-    frontend: int
-    slot: int
     t_start: float
-    adapter: Any = None  # the engine adapter serving it (two coexist during a reload)
+    engine: int = NO_ENGINE  # the engine serving it (two coexist during a reload)
+    # Who streams it (orchd/core/ownership.py): the frontend's ring and slot, and the state.
+    frontend: int = -1
+    slot: int = 0
+    stream: Stream = Stream.NONE
     seq: int = 0
     tokens: int = 0
     tokens_in: int = 0  # prompt tokens, as the engine counts them
@@ -29,9 +34,9 @@ class Run:
     ended: bool = False
     ended_at: float = 0.0
     dirty: bool = False
-    check_at: float = 0.0  # its live entry in the supervisor's timer heap
+    check_at: float = 0.0  # its live entry in the supervisor's deadline heap
     held: int = 0  # token frames held back by coalescing
-    timer: Any = None  # the coalescing deadline (an asyncio TimerHandle)
+    release_at: float = 0.0  # when held frames go out at the latest; 0 = none held
     transcript: list[bytes] = field(default_factory=list)
     outbox: list[bytes] = field(default_factory=list)
     # from the dispatch
@@ -41,7 +46,6 @@ class Run:
     cost_budget: float | None = None
     cost_per_token: float = 0.0
     kv_warm: bool = False
-    provisional: bool = False  # its stream is not claimed yet: keep the transcript
 
     def over_budget(self, now: float) -> str:
         """Which budget ran out, or ''."""
@@ -77,7 +81,9 @@ class Run:
             },
         )
 
-    def transcript_doc(self, replica: Any, engine_version: str, reason: str) -> tuple[str, bytes]:
+    def transcript_doc(
+        self, replica: Replica, engine_version: str, reason: str
+    ) -> tuple[str, bytes]:
         """The `trace` artifact of this stream (every event before `end`) and its id."""
         doc = canonical(
             "trace",

@@ -70,10 +70,7 @@ class Hello(_Msg):
     ident: str
     pid: int
     version: int = PROTOCOL_VERSION
-    # supervisors only
-    replica_id: str = ""
-    pool_id: str = ""
-    slots: int = 0
+    replica_id: str = ""  # supervisors only
 
 
 class Welcome(_Msg):
@@ -180,6 +177,8 @@ class Admitted(_Msg):
     task_id: str
     queue_position: int
     predicted_start_ms: int
+    # Advice to pace further submissions: the expected time until a slot frees while the
+    # queue is over half full, else 0.
     backoff_ms: int = 0
     budgets: Budgets = Budgets()
 
@@ -274,14 +273,11 @@ class Abort(_Msg):
 
 
 class AbortDone(_Msg):
-    """The supervisor stopped the task; if it had a stream, its terminal frame is published."""
+    """The supervisor stopped the task. If it was running there, its ``TaskEnded`` (reason
+    canceled) came first and its terminal frame is published; if not, nothing was written."""
 
     req_id: int
     task_id: str
-    terminal_written: bool
-    frontend: int
-    slot: int
-    tokens_out: int = 0
 
 
 class QueueDepth(_Msg):

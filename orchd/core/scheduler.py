@@ -17,6 +17,7 @@ from ipc import protocol as p
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
+from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
 from orchd.core.queue import AdmissionQueue, QueueFull
@@ -153,7 +154,11 @@ class SchedulerCore(StreamOps):
                 self.stats.bump(self.stats.backpressure, self.queue.policy)
             return [(peer, p.Failed(msg.req_id, self.error_info(e)))]
         budgets = self.budgets(spec.session_id)
-        out.insert(0, (peer, p.Admitted(msg.req_id, spec.task_id, pos, predicted, 0, budgets)))
+        backoff = 0
+        if 2 * len(self.queue) > self.queue.capacity:
+            backoff = self.service.slot_interval_ms(self._slots(self.tasks[spec.task_id].pools)[0])
+        admitted = p.Admitted(msg.req_id, spec.task_id, pos, predicted, backoff, budgets)
+        out.insert(0, (peer, admitted))
         out += self.dispatch(now)
         return out
 
@@ -205,7 +210,7 @@ class SchedulerCore(StreamOps):
         t = Task(spec, now, pushed.position, predicted, model, pool_ids, grant)
         if provisional is not None:
             t.frontend, t.slot = provisional
-            t.provisional = True
+            t.stream = step(t.stream, Ev.OPEN)
         self.tasks[spec.task_id] = t
         self.stats.enqueued += 1
         return pushed.position, predicted
@@ -256,7 +261,8 @@ class SchedulerCore(StreamOps):
             t.replica = r.id
             t.placement_reason = c.reason  # type: ignore[attr-defined]
             t.started_ms = now
-            t.attached = t.frontend >= 0
+            if t.stream in (Stream.SUBSCRIBED, Stream.PROVISIONAL):
+                t.stream = step(t.stream, Ev.ATTACH)
             self.stats.started += 1
             self.stats.bump(self.stats.placements, (r.pool_id, r.id))
             out.append((sup(r.id), self._dispatch_msg(t, r, now)))
@@ -264,12 +270,13 @@ class SchedulerCore(StreamOps):
     def _dispatch_msg(self, t: Task, r: ReplicaView, now: float) -> p.Dispatch:
         sess = self.sessions.sessions.get(t.spec.session_id)
         kv_warm = bool(sess and sess.last_replica == r.id)
+        fed = t.stream in FED
         return p.Dispatch(
             t.spec,
             t.queue_position,
             t.predicted_start_ms,
-            t.frontend,
-            t.slot,
+            t.frontend if fed else -1,
+            t.slot if fed else 0,
             model_ref=t.model_ref,
             placement_reason=t.placement_reason,
             queue_depth=len(self.queue),
@@ -281,13 +288,14 @@ class SchedulerCore(StreamOps):
             cost_budget=sess.cost_left if sess else None,
             cost_per_token=self.cost_per_token,
             kv_warm=kv_warm,
-            provisional=t.provisional,
+            provisional=t.stream is Stream.PROVISIONAL,
         )
 
     def task_ended(self, peer: str, msg: p.TaskEnded, now: float) -> Out:
         t = self.tasks.get(msg.task_id)
         if t is None or t.state is State.ENDED:
             return []
+        # Every task that ran ends here, canceled ones too (their AbortDone follows).
         self.stats.tokens_out += msg.tokens_out
         self.stats.tokens_in += msg.tokens_in
         if msg.first_token_ms:
@@ -295,14 +303,16 @@ class SchedulerCore(StreamOps):
             self.ttft.observe(msg.first_token_ms)
         if msg.decode_ms:
             self.stats.decode_ms.append(msg.decode_ms)
-        if msg.tokens_out > 1 and msg.decode_ms and not msg.error_code:
+        # A task cut short (canceled, failed, out of budget) says nothing of per-token or
+        # service time: its end came from outside the engine.
+        natural = msg.reason in ("stop", "length")
+        if natural and msg.tokens_out > 1 and msg.decode_ms:
             self.tpot.observe((msg.decode_ms - msg.first_token_ms) / (msg.tokens_out - 1))
-        self.service.observe(now - t.started_ms)
+        if natural:
+            self.service.observe(now - t.started_ms)
         error = p.ErrorInfo(msg.error_code, msg.reason) if msg.error_code else None
         self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out)
-        t.transcript_at_supervisor = True
-        if t.attached:
-            t.terminal = "ring"
+        self._ended_in_ring(t)
         out = self.dispatch(now)
         self._settle(t, out)
         return out
@@ -347,29 +357,11 @@ class SchedulerCore(StreamOps):
                     continue
                 if t.state is State.RUNNING:
                     self.fail_task(t, err, now, out)
-                if t.transcript_at_supervisor and not t.attached:
-                    t.transcript_at_supervisor = False  # lost with the process
+                if t.replayable and t.stream is Stream.NONE:
+                    t.replayable = False  # lost with the process
                     t.error = err
         elif ident.startswith("fe"):
-            index = int(ident[2:])
-            for rid, tid in list(self._fences.items()):
-                fenced = self.tasks.get(tid)
-                if fenced is not None and fenced.frontend == index:
-                    del self._fences[rid]
-                    fenced.fencing = False
-                    fenced.frontend = -1
-                    self._settle(fenced, out)
-            # Its clients are gone with it: cancel what they were streaming (and write to it
-            # no more: nobody would answer).
-            for t in list(self.tasks.values()):
-                if t.frontend != index:
-                    continue
-                if t.provisional:
-                    out += self._detach(t)  # nobody was streaming it yet: it runs on
-                elif t.state is not State.ENDED:
-                    t.frontend = -1
-                    t.attached = False
-                    out += self.cancel("", p.Cancel(0, t.spec.task_id, "frontend_lost"), now)
+            out += self.frontend_lost(int(ident[2:]), now)
         return out
 
     # ------------------------------------------------------------------ shutdown and time

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ipc import peers
 from ipc import protocol as p
+from orchd.core.ownership import Stream
 from orchd.core.sessions import Grant
 
 Out = list[tuple[str, p.Message]]
@@ -31,13 +33,11 @@ class Task:
     placement_reason: str = ""
     started_ms: float = 0.0
     ended_ms: float = 0.0
-    frontend: int = -1  # who streams it; -1 = nobody yet
+    # Who streams it (orchd/core/ownership.py): the frontend and its slot, and the state.
+    frontend: int = -1
     slot: int = 0
-    attached: bool = False  # the supervisor knows the subscriber and feeds its ring
-    provisional: bool = False  # the subscriber is the admitting frontend, not yet claimed
-    transcript_at_supervisor: bool = False  # a late subscriber can be replayed from there
-    terminal: str = ""  # who writes the stream's terminal frame: "ring" | "frontend"
-    fencing: bool = False  # waiting for the frontend to put the terminal on the wire
+    stream: Stream = Stream.NONE
+    replayable: bool = False  # it ended at its supervisor, which keeps the transcript
     end_reason: str = ""
     error: p.ErrorInfo | None = None
     # cancels answered only once the stream's terminal frame is on its socket
@@ -63,9 +63,5 @@ class Stats:
         d[k] = d.get(k, 0) + 1
 
 
-def sup(replica_id: str) -> str:
-    return f"sup-{replica_id}"
-
-
-def fe(index: int) -> str:
-    return f"fe{index}"
+sup = peers.supervisor
+fe = peers.frontend

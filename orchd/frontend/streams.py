@@ -19,6 +19,8 @@ from ipc.doorbell import BellReader
 from ipc.frames import KIND_TERMINAL, end_frame, error_frame
 from ipc.ring import RingReader
 from orchd.core.errors import Code, OrchdError
+from orchd.core.ownership import ENDED, Ev, step
+from orchd.core.ownership import Stream as State
 
 RECHECK_S = 0.1  # while streams are open
 IDLE_RECHECK_S = 1.0  # while none are
@@ -26,38 +28,54 @@ FENCE_TIMEOUT_S = 5.0
 
 
 class Stream:
+    """One SSE stream of this frontend; its ``state`` follows :mod:`orchd.core.ownership`."""
+
     __slots__ = (
         "slot",
         "task_id",
+        "state",
         "buf",
         "last_seq",
-        "terminal",
-        "sent_terminal",
         "waiter",
         "flushed",
         "client_gone",
         "overflow",
-        "provisional",
         "opened_at",
         "budgets",
     )
 
-    def __init__(self, slot: int, task_id: str) -> None:
+    def __init__(self, slot: int, task_id: str, event: Ev = Ev.SUBSCRIBE) -> None:
         self.slot = slot
         self.task_id = task_id
+        self.state = step(State.NONE, event)  # opened at admission (OPEN) or by a GET
         # Bytes not yet handed to the socket, copied in record by record: one buffer per
         # stream rather than one object per record, so a backlog costs its own size.
         self.buf = bytearray()
         self.last_seq = -1
-        self.terminal = False  # the terminal frame is buffered
-        self.sent_terminal = False  # ... and handed to the socket
         self.waiter: asyncio.Future[None] | None = None
-        self.flushed: list[asyncio.Future[None]] = []  # fences waiting for sent_terminal
+        self.flushed: list[asyncio.Future[None]] = []  # fences waiting for the terminal
         self.client_gone = False
         self.overflow = False
-        self.provisional = False  # opened at admission; no client has claimed it yet
         self.opened_at = 0.0
         self.budgets: p.Budgets | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """The terminal frame is buffered (or already sent)."""
+        return self.state in ENDED
+
+    @property
+    def sent_terminal(self) -> bool:
+        return self.state is State.DONE
+
+    @property
+    def provisional(self) -> bool:
+        """Opened at admission; no client has claimed it yet."""
+        return self.state in (State.PROVISIONAL, State.PROVISIONAL_ENDED)
+
+    def end(self) -> None:
+        """The terminal frame is in the buffer."""
+        self.state = step(self.state, Ev.TERMINAL)
 
     def wake(self) -> None:
         w = self.waiter
@@ -69,11 +87,13 @@ class Stream:
     def push_terminal(self, frame: bytes) -> None:
         if not self.terminal:
             self.buf += frame
-            self.terminal = True
+            self.end()
             self.wake()
 
     def mark_sent(self) -> None:
-        self.sent_terminal = True
+        """Nothing more goes to the socket: the terminal is sent, or the stream is closed."""
+        if self.state is State.TERMINAL_PENDING:
+            self.state = step(self.state, Ev.SENT)
         for f in self.flushed:
             if not f.done():
                 f.set_result(None)
@@ -139,8 +159,7 @@ class StreamTable:
         (the task is then streamed the ordinary way)."""
         if len(self.streams) >= self.max_streams or task_id in self.provisional:
             return None
-        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id)
-        s.provisional = True
+        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id, Ev.OPEN)
         s.opened_at = time.monotonic()
         self.streams[s.slot] = s
         self.provisional[task_id] = s
@@ -150,11 +169,12 @@ class StreamTable:
         """The provisional stream of ``task_id``, now a client's; None if there is none."""
         s = self.provisional.pop(task_id, None)
         if s is not None:
-            s.provisional = False
+            s.state = step(s.state, Ev.CLAIM)
         return s
 
     def drop_provisional(self, s: Stream) -> None:
         self.provisional.pop(s.task_id, None)
+        s.state = step(s.state, Ev.DETACH)
         self.close(s)
 
     def close(self, s: Stream) -> None:
@@ -206,7 +226,7 @@ class StreamTable:
                     s.buf += payload  # (a view of the ring: copied out here)
                     s.last_seq = seq
                     if kind == KIND_TERMINAL:
-                        s.terminal = True
+                        s.end()
                     elif len(s.buf) > limit and not s.overflow:
                         if s.provisional:
                             # Nobody reads it yet: let go (a later GET replays the transcript).

@@ -89,6 +89,7 @@ def test_cancel_of_a_queued_task_while_streaming(solo: Daemon) -> None:
 def test_client_disconnect_cancels_and_frees_the_slot(solo: Daemon) -> None:
     before = metric(solo, "tasks_canceled_total", '{reason="client_disconnect"}')
     _, body, _ = submit(solo, max_tokens=100_000 // 10)
+    assert "task_id" in body, body
     s = stream(solo, body["task_id"])
     s.read_until(lambda st: tokens(st) >= 3)
     s.close()  # the client goes away mid-stream

@@ -49,7 +49,7 @@ ERR = p.ErrorInfo(
 )
 
 SAMPLES: list[p.Message] = [
-    p.Hello(role="supervisor", ident="sup-r0", pid=123, replica_id="r0", pool_id="p0", slots=8),
+    p.Hello(role="supervisor", ident="sup-r0", pid=123, replica_id="r0"),
     p.Hello(role="frontend", ident="fe0", pid=7),
     p.Welcome(),
     p.Welcome(version=1, accepted=False, reason="version mismatch"),
@@ -75,7 +75,7 @@ SAMPLES: list[p.Message] = [
     p.Dispatch(minimal_spec(), queue_position=1, predicted_start_ms=0),
     p.Attach("t-0", frontend=0, slot=9),
     p.Abort(19, "t-0", "client"),
-    p.AbortDone(20, "t-0", terminal_written=True, frontend=0, slot=9, tokens_out=12),
+    p.AbortDone(20, "t-0"),
     p.ReplicaStatus("r0", True, "mock", "mock-1.0", last_error="boom"),
     p.TaskEnded("t-0", "stop", 12, tokens_in=5, error_code="", first_token_ms=3.5, decode_ms=20.25),
     p.TaskEnded("t-0", "error", 0, error_code="DECODE_TIMEOUT"),

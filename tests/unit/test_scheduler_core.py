@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ipc import protocol as p
+from orchd.core.ownership import Stream
 from orchd.core.placement import ReplicaView
 from orchd.core.scheduler import SchedulerCore, State
 
@@ -92,6 +93,12 @@ def fe(i: int) -> str:
 def ended(core: SchedulerCore, tid: str, now: float, tokens_out: int = 0, **kw: Any) -> list:
     t = core.tasks[tid]
     return core.task_ended(f"sup-{t.replica}", p.TaskEnded(tid, "stop", tokens_out, **kw), now)
+
+
+def aborted(core: SchedulerCore, peer: str, ab: p.Abort, now: float, tokens_out: int = 0) -> list:
+    """What a supervisor that ran the task answers an Abort with: TaskEnded, then AbortDone."""
+    out = core.task_ended(peer, p.TaskEnded(ab.task_id, "canceled", tokens_out), now)
+    return out + core.abort_done(peer, p.AbortDone(ab.req_id, ab.task_id), now)
 
 
 # ---------------------------------------------------------------- admission and dispatch
@@ -183,7 +190,7 @@ def test_dispatch_carries_subscriber_of_queued_task() -> None:
     out = ended(core, "t1", 10)
     peer, d = only(out, p.Dispatch)
     assert (peer, d.frontend, d.slot) == ("sup-r0", 0, 7)
-    assert core.tasks["q1"].attached
+    assert core.tasks["q1"].stream is Stream.ATTACHED
 
 
 def test_unknown_engine_is_invalid_params() -> None:
@@ -284,7 +291,7 @@ def test_subscribe_running_task_attaches_supervisor() -> None:
         ("fe1", p.Subscribed(11, "t2")),
         ("sup-r1", p.Attach("t2", frontend=1, slot=42)),
     ]
-    assert core.tasks["t2"].attached
+    assert core.tasks["t2"].stream is Stream.ATTACHED
 
 
 def test_subscribe_ended_task_replays_from_supervisor() -> None:
@@ -293,7 +300,7 @@ def test_subscribe_ended_task_replays_from_supervisor() -> None:
     ended(core, "t1", 10)
     out = core.subscribe(FE, p.Subscribe(12, "t1", 0, 4), 11)
     assert out == [(FE, p.Subscribed(12, "t1")), ("sup-r0", p.Attach("t1", 0, 4))]
-    assert core.tasks["t1"].terminal == "ring"
+    assert core.tasks["t1"].stream is Stream.TERMINAL_PENDING
 
 
 def test_subscribe_canceled_queued_task_gets_end_from_frontend() -> None:
@@ -352,7 +359,7 @@ def test_cancel_running_subscribed_task() -> None:
     assert (ab.task_id, ab.reason) == ("t1", "client")
     assert core.tasks["t1"].state is State.RUNNING  # until the supervisor says so
 
-    out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", True, 0, 2, tokens_out=5), 20)
+    out = aborted(core, "sup-r0", ab, 20, tokens_out=5)
     assert len(out) == 1
     peer, fence = out[0]
     assert peer == FE and isinstance(fence, p.Fence) and fence.slot == 2
@@ -368,7 +375,7 @@ def test_cancel_running_unsubscribed_task_done_after_abort_done() -> None:
     submit(core, "t1")
     ((peer, ab),) = core.cancel("fe1", p.Cancel(61, "t1"), 10)
     assert peer == "sup-r0" and isinstance(ab, p.Abort)
-    out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 11)
+    out = aborted(core, "sup-r0", ab, 11)
     assert out == [("fe1", p.Done(61))]
 
 
@@ -377,7 +384,7 @@ def test_abort_done_frees_slot_for_queued_work() -> None:
     fill(core)
     submit(core, "q1")
     ((_, ab),) = core.cancel("fe1", p.Cancel(62, "t2"), 10)
-    out = core.abort_done("sup-r1", p.AbortDone(ab.req_id, "t2", False, -1, 0), 11)
+    out = aborted(core, "sup-r1", ab, 11)
     assert dispatched(out) == [("sup-r1", "q1")]
     assert ("fe1", p.Done(62)) in out
 
@@ -387,7 +394,7 @@ def test_second_cancel_while_aborting_sends_no_second_abort() -> None:
     submit(core, "t1")
     ((_, ab),) = core.cancel("fe1", p.Cancel(70, "t1"), 10)
     assert core.cancel(FE, p.Cancel(71, "t1"), 11) == []
-    out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 12)
+    out = aborted(core, "sup-r0", ab, 12)
     assert sorted(out, key=lambda x: x[0]) == [(FE, p.Done(71)), ("fe1", p.Done(70))]
     assert core.stats.canceled == {"client": 1}
 
@@ -423,9 +430,9 @@ def test_task_ended_during_abort_still_answers_cancel() -> None:
     ((_, ab),) = core.cancel("fe1", p.Cancel(83, "t1"), 10)
     # The task finished on its own before the abort landed.
     assert ended(core, "t1", 11) == [("fe1", p.Done(83))]
-    assert core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 12) == []
+    assert core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1"), 12) == []
     # Unknown abort ids and tasks are ignored.
-    assert core.abort_done("sup-r0", p.AbortDone(999_999, "ghost", False, -1, 0), 13) == []
+    assert core.abort_done("sup-r0", p.AbortDone(999_999, "ghost"), 13) == []
 
 
 # ---------------------------------------------------------------- peers going down
@@ -482,7 +489,7 @@ def test_supervisor_down_answers_pending_cancel() -> None:
     assert of(out, p.Done) == []
     assert core.fence_done(FE, p.FenceDone(sf.req_id), 12) == [("fe1", p.Done(90))]
     # The abort died with the supervisor: its late answer does nothing.
-    assert core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", False, -1, 0), 13) == []
+    assert core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1"), 13) == []
 
 
 def test_unknown_peer_down_is_ignored() -> None:
@@ -508,7 +515,7 @@ def test_frontend_down_aborts_its_running_streams() -> None:
     # Only fe0's streams: t2 (fe1) and t3 (nobody) keep running.
     assert core.tasks["t2"].state is State.RUNNING
     assert core.tasks["t3"].state is State.RUNNING
-    out = core.abort_done("sup-r0", p.AbortDone(ab.req_id, "t1", True, 0, 1), 51)
+    out = aborted(core, "sup-r0", ab, 51)
     assert [peer for peer, _ in out if peer == "fe0"] == []  # nobody left to fence
     assert core.tasks["t1"].state is State.ENDED
 
@@ -599,7 +606,7 @@ def test_drain_deadline_fails_queued_and_aborts_running() -> None:
     # Aborts are not repeated by later ticks.
     assert of(core.tick(1001), p.Abort) == []
     for peer, ab in aborts:
-        core.abort_done(peer, p.AbortDone(ab.req_id, ab.task_id, False, -1, 0), 1002)
+        aborted(core, peer, ab, 1002)
     # Still waiting for the frontend to write q1's error frame.
     assert core.tick(1003) == []
     core.fence_done(FE, p.FenceDone(sf.req_id), 1004)
@@ -668,7 +675,7 @@ def test_stats_counters() -> None:
     assert s.decode_ms == [90.0]
 
     ((_, ab),) = core.cancel(FE, p.Cancel(1, "t2"), 110)
-    core.abort_done("sup-r1", p.AbortDone(ab.req_id, "t2", False, -1, 0, tokens_out=4), 120)
+    aborted(core, "sup-r1", ab, 120, tokens_out=4)
     assert s.tokens_out == 11
     assert s.canceled == {"client": 1}
     core.cancel(FE, p.Cancel(2, "t3", reason="deadline"), 130)

@@ -1,0 +1,630 @@
+"""The engine supervisor's rules, sans-IO: what happens to each task between its dispatch and
+its terminal frame, and to the engines that serve them.
+
+Inputs come with ``now`` (seconds, any monotonic clock): the scheduler's messages
+(:meth:`SupervisorCore.on_message`), the engine's reports (:meth:`tokens`, :meth:`usage`,
+:meth:`finish`, :meth:`error`, and its lifecycle: :meth:`engine_ready`,
+:meth:`engine_start_failed`, :meth:`engine_dead`, :meth:`prepared`), the rings' room
+(:meth:`rings_backed_up`) and time (:meth:`tick`). Outputs are effects the shell carries out
+(:meth:`take`), ring records (:meth:`flush`) and the next deadline (:meth:`next_deadline`).
+The shell (``engine_procs/supervisor.py``) owns the sockets, the rings and the engines.
+
+Rules kept here:
+- every event of a task is encoded once as SSE bytes into its transcript, and into its
+  stream's outbox while a frontend is fed (``orchd/core/ownership.py`` says when);
+- coalescing (``stream_interval_tokens``): the first token goes at once, then every N tokens
+  or after ``stream_interval_ms``, whichever comes first;
+- one deadline heap for decode timeouts, time budgets, `metrics` frames and coalescing
+  releases; ended transcripts are kept ``transcript_retention_ms`` for a late subscriber;
+- budgets end a task with ``end {reason: budget}``; an engine death fails its tasks with
+  ``WORKER_RESET`` and restarts it with backoff and a circuit breaker;
+- every task that ran ends with one ``TaskEnded`` (canceled ones too, before the
+  ``AbortDone`` that answers the cancel); a reload brings a second engine up beside the
+  serving one, which finishes its tasks before it stops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from engine_procs.adapters.base import EngineRequest
+from engine_procs.runs import NO_ENGINE, Run
+from engine_procs.supervisor_effects import (
+    AbortRequest,
+    Effect,
+    Log,
+    PauseReading,
+    PrepareEngine,
+    Record,
+    Send,
+    StartEngine,
+    Stop,
+    StopEngine,
+    Submit,
+)
+from ipc import protocol as p
+from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame, token_frame
+from orchd.config import Config, Replica
+from orchd.core.errors import Code, OrchdError
+from orchd.core.ownership import FED, Ev, Stream, step
+from orchd.core.restart import RestartPolicy
+
+MIN_WAIT_S = 0.001  # a deadline is never set closer than this (no busy loop on a timer)
+RETENTION_SLACK_S = 5.0  # transcripts outlive the scheduler's retention by this much
+ITL_SAMPLE = 64  # runs sampled for the recent inter-token time
+
+
+@dataclass(slots=True)
+class Engine:
+    id: int
+    model_ref: str
+    version: str = ""
+    load: int = 0  # runs it serves
+    retiring: bool = False  # replaced by a reload: it stops once idle
+
+
+class SupervisorCore:
+    def __init__(
+        self, cfg: Config, replica: Replica, *, now: float, random_seed: Callable[[], int]
+    ) -> None:
+        self.cfg = cfg
+        self.replica = replica
+        self.random_seed = random_seed
+        sch = cfg.scheduling
+        self.decode_timeout_s = replica.decode_timeout_ms / 1000.0
+        self.metrics_s = sch.metrics_interval_ms / 1000.0
+        self.coalesce = max(1, sch.stream_interval_tokens)
+        self.coalesce_s = sch.stream_interval_ms / 1000.0
+        self.retention_s = cfg.limits.transcript_retention_ms / 1000.0 + RETENTION_SLACK_S
+        self.heartbeat_s = cfg.server.heartbeat_ms / 1000.0
+        self.policy = RestartPolicy(
+            cfg.server.restart_backoff_ms / 1000.0, cfg.server.restart_backoff_max_ms / 1000.0
+        )
+        self.runs: dict[str, Run] = {}
+        self.by_rid: dict[int, Run] = {}
+        self.ended: dict[str, Run] = {}  # transcripts kept for late subscribers
+        self.ended_order: deque[Run] = deque()
+        self.dirty: list[Run] = []
+        self.direct: list[Record] = []  # records for no run (a replay of a lost transcript)
+        self.heap: list[tuple[float, int, Run]] = []  # (when, rid, run): next checks
+        self.next_heartbeat = now + self.heartbeat_s
+        self.rids = itertools.count(1)
+        self.engine_ids = itertools.count(1)
+        self.engines: dict[int, Engine] = {0: Engine(0, replica.model_ref)}
+        self.current = 0
+        self.prepared_engines: dict[int, int] = {}  # reload req id -> engine
+        self.ready = False
+        self.restarting = False
+        self.paused = False
+        self.last_error = ""
+        self.queue_depth = 0
+        self.out: list[Effect] = []
+
+    # ---------------------------------------------------------------- plumbing
+
+    def take(self) -> list[Effect]:
+        """The effects produced since the last call, in order."""
+        out, self.out = self.out, []
+        return out
+
+    def _send(self, msg: p.Message) -> None:
+        self.out.append(Send(msg))
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        self.out.append(Log(level, event, fields))
+
+    def status(self) -> None:
+        version = self.engines[self.current].version
+        self._send(
+            p.ReplicaStatus(
+                self.replica.id, self.ready, self.replica.engine, version, self.last_error
+            )
+        )
+
+    def worker_reset(self, what: str) -> OrchdError:
+        """WORKER_RESET for a task whose engine is gone: ``engine of replica r0 <what>``."""
+        return OrchdError(
+            Code.WORKER_RESET,
+            f"engine of replica {self.replica.id} {what}",
+            engine=self.replica.engine,
+            pool_id=self.replica.pool_id,
+        )
+
+    # ---------------------------------------------------------------- scheduler messages
+
+    def on_message(self, msg: p.Message, now: float) -> None:
+        match msg:
+            case p.Dispatch():
+                self.dispatch(msg, now)
+            case p.Attach():
+                self.attach(msg, now)
+            case p.Abort():
+                self.abort(msg, now)
+            case p.QueueDepth():
+                self.queue_depth = msg.depth
+            case p.Claim():
+                self.claim(msg.task_id)
+            case p.Detach():
+                self.detach(msg.task_id)
+            case p.ReloadPrepare():
+                eid = next(self.engine_ids)
+                self.engines[eid] = Engine(eid, msg.model_ref)
+                self.out.append(PrepareEngine(msg.req_id, eid, msg.model_ref))
+            case p.ReloadCommit():
+                self.reload_commit(msg.req_id)
+            case p.ReloadAbort():
+                dropped = self.prepared_engines.pop(msg.req_id, None)
+                if dropped is not None:
+                    self.engines.pop(dropped, None)
+                    self.out.append(StopEngine(dropped))
+            case p.Welcome(accepted=False):
+                self._log("error", "scheduler refused us", reason=msg.reason)
+                self.out.append(Stop(f"scheduler refused us: {msg.reason}"))
+
+    def dispatch(self, msg: p.Dispatch, now: float) -> None:
+        spec = msg.task
+        run = Run(
+            spec.task_id,
+            next(self.rids),
+            spec,
+            now,
+            engine=self.current,
+            deadline_left_ms=msg.deadline_left_ms,
+            tokens_budget=msg.tokens_budget,
+            time_budget_ms=msg.time_budget_ms,
+            cost_budget=msg.cost_budget,
+            cost_per_token=msg.cost_per_token,
+            kv_warm=msg.kv_warm,
+        )
+        if msg.frontend >= 0:
+            run.frontend, run.slot = msg.frontend, msg.slot
+            if msg.provisional:
+                run.stream = step(Stream.NONE, Ev.OPEN)
+            else:
+                run.stream = step(step(Stream.NONE, Ev.SUBSCRIBE), Ev.ATTACH)
+        run.t_metrics = now
+        self.engines[self.current].load += 1
+        self.queue_depth = msg.queue_depth
+        self.runs[run.task_id] = run
+        self.by_rid[run.rid] = run
+        if self.ready:
+            # The engine first: its first token is the latency clients feel.
+            seed = spec.seed if spec.seed is not None else self.random_seed()
+            req = EngineRequest(
+                run.rid,
+                spec.prompt or "",
+                seed,
+                spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+            )
+            self.out.append(Submit(self.current, req))
+        started = {
+            "queue_position": msg.queue_position,
+            "predicted_start_ms": msg.predicted_start_ms,
+            "engine": self.replica.engine,
+            "engine_version": self.engines[self.current].version,
+            "pool_id": self.replica.pool_id,
+            "replica_id": self.replica.id,
+            "sampler_profile_version": spec.sampler_profile_version,
+            "placement": msg.placement_reason,
+        }
+        self._emit(run, frame("started", 0, started))
+        self._schedule(run, now)
+        if not self.ready:
+            err = self.worker_reset(f"is restarting: {self.last_error}")
+            self._fail(run, err, now, engine_done=True)  # (never submitted)
+
+    def _find(self, task_id: str) -> Run | None:
+        return self.runs.get(task_id) or self.ended.get(task_id)
+
+    def attach(self, msg: p.Attach, now: float) -> None:
+        """A client opened the stream (on any frontend): replay everything so far, then live."""
+        run = self._find(msg.task_id)
+        if run is None:
+            err = OrchdError(Code.INTERNAL, f"transcript of task {msg.task_id} is gone")
+            self.direct.append(
+                (msg.frontend, msg.slot, 1, KIND_TERMINAL, error_frame(1, err.envelope()))
+            )
+            return
+        run.stream = step(step(run.stream, Ev.SUBSCRIBE), Ev.ATTACH)
+        run.frontend, run.slot = msg.frontend, msg.slot
+        run.outbox = [b"".join(run.transcript)]
+        self._mark(run)
+        if run.ended:
+            run.stream = step(run.stream, Ev.TERMINAL)
+            self.ended.pop(run.task_id, None)  # delivered by this replay
+        else:
+            self._schedule(run, now)  # now it may owe `metrics` frames
+
+    def claim(self, task_id: str) -> None:
+        """The provisional stream is a client's now: its transcript need not be kept."""
+        run = self._find(task_id)
+        if run is None or run.stream not in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
+            return
+        run.stream = step(run.stream, Ev.CLAIM)
+        if run.stream is Stream.SUBSCRIBED:
+            run.stream = step(run.stream, Ev.ATTACH)
+        if run.ended:
+            run.transcript = []
+            self.ended.pop(task_id, None)
+
+    def detach(self, task_id: str) -> None:
+        """The unclaimed stream was let go: stop feeding it; keep the transcript."""
+        run = self._find(task_id)
+        if run is None or run.stream not in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
+            return
+        run.stream = step(run.stream, Ev.DETACH)
+        run.frontend, run.slot = -1, 0
+        run.outbox = []
+
+    def abort(self, msg: p.Abort, now: float) -> None:
+        run = self.runs.get(msg.task_id)
+        if run is not None:
+            if msg.reason in ("drained", "shutdown"):
+                why = (
+                    "its pool was drained" if msg.reason == "drained" else "orchd is shutting down"
+                )
+                err = OrchdError(
+                    Code.POOL_UNAVAILABLE,
+                    f"task stopped: {why}",
+                    engine=self.replica.engine,
+                    pool_id=self.replica.pool_id,
+                    retry_after_ms=1000,
+                )
+                self._fail(run, err, now)
+            else:
+                self._end(run, "canceled", now)
+        self._send(p.AbortDone(msg.req_id, msg.task_id))
+
+    def reload_commit(self, req_id: int) -> None:
+        eid = self.prepared_engines.pop(req_id, None)
+        if eid is None:
+            return
+        old = self.engines[self.current]
+        self.current = eid
+        self.replica = msgspec.structs.replace(self.replica, model_ref=self.engines[eid].model_ref)
+        if old.load:
+            old.retiring = True  # it finishes its running tasks first
+        else:
+            del self.engines[old.id]
+            self.out.append(StopEngine(old.id))
+        self._log("info", "reloaded", replica_id=self.replica.id, model_ref=self.replica.model_ref)
+        self.ready = True
+        self.last_error = ""
+        self.status()
+
+    # ---------------------------------------------------------------- the engine's reports
+
+    def tokens(self, rid: int, texts_json: list[bytes], now: float) -> None:
+        run = self.by_rid.get(rid)
+        if run is None:
+            return  # aborted: late tokens are dropped here, never reach a stream
+        if run.tokens == 0:
+            run.t_first = now
+        run.t_last = now
+        fed = run.stream in FED
+        seq, i = run.seq, run.tokens
+        for tj in texts_json:
+            seq += 1
+            f = token_frame(seq, i, tj)
+            i += 1
+            run.transcript.append(f)
+            if fed:
+                run.outbox.append(f)
+        run.seq, run.tokens = seq, i
+        if not (fed and self.coalesce > 1 and self._hold(run, len(texts_json), now)):
+            self._mark(run)
+        if (run.tokens_budget is not None or run.cost_budget is not None) and run.over_budget(now):
+            self._end(run, "budget", now)
+
+    def _hold(self, run: Run, n: int, now: float) -> bool:
+        """Whether coalescing holds these frames back (for the next batch or a deadline)."""
+        if run.tokens == n:
+            return False  # the first token(s): never held
+        run.held += n
+        if run.held >= self.coalesce:
+            run.held = 0
+            run.release_at = 0.0
+            return False
+        if not run.release_at:
+            run.release_at = now + self.coalesce_s
+            self._schedule(run, now)
+        return True
+
+    def usage(self, rid: int, prompt_tokens: int) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            run.tokens_in = prompt_tokens
+
+    def finish(self, rid: int, reason: str, now: float) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            self._end(run, reason, now, engine_done=True)
+
+    def error(
+        self, rid: int, code: str, message: str, retry_after_ms: int | None, now: float
+    ) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            err = OrchdError(
+                code, message, engine=self.replica.engine, retry_after_ms=retry_after_ms
+            )
+            self._fail(run, err, now, engine_done=True)
+
+    # ---------------------------------------------------------------- engine lifecycle
+
+    def start(self) -> None:
+        """Bring up the first engine."""
+        self.restarting = True
+        self.out.append(StartEngine(self.current, 0.0))
+
+    def engine_ready(self, eid: int, version: str, now: float) -> None:
+        if eid != self.current:
+            return
+        self.policy.ready(now)
+        self.engines[eid].version = version
+        self.ready = True
+        self.restarting = False
+        self._log("info", "engine ready", replica_id=self.replica.id, engine_version=version)
+        self.status()
+
+    def engine_start_failed(self, eid: int, error: str, now: float) -> None:
+        policy = self.policy
+        policy.start_failed()
+        self.last_error = f"engine failed to start: {error}"
+        self._log("error", "engine failed to start", replica_id=self.replica.id, error=error)
+        if policy.open:
+            self.last_error += (
+                f" (circuit open after {policy.failures} failures in a row;"
+                f" next try in {policy.cooldown_s:g}s)"
+            )
+            self._log(
+                "error",
+                "engine circuit open",
+                replica_id=self.replica.id,
+                failures=policy.failures,
+                cooldown_s=policy.cooldown_s,
+            )
+        self.status()
+        self.out.append(StartEngine(eid, policy.delay()))
+
+    def engine_dead(self, eid: int, reason: str, now: float) -> None:
+        self._log("error", "engine died", replica_id=self.replica.id, reason=reason)
+        current = eid == self.current
+        if current:
+            self.ready = False
+            self.last_error = reason
+            self.policy.died(now)
+        for run in [r for r in self.runs.values() if r.engine == eid]:
+            self._fail(run, self.worker_reset(f"died: {reason}"), now, engine_done=True)
+        if not current:
+            eng = self.engines.get(eid)
+            if eng is not None and eng.retiring:
+                del self.engines[eid]
+            return  # a retiring or prepared engine: the serving one is unaffected
+        self.status()
+        if not self.restarting:
+            self.restarting = True
+            self.out.append(StartEngine(eid, self.policy.delay()))
+
+    def prepared(self, req_id: int, eid: int, ok: bool, version: str, error: str) -> None:
+        """A reload's new engine is up (or failed to come up)."""
+        eng = self.engines.get(eid)
+        if ok and eng is not None:
+            eng.version = version
+            self.prepared_engines[req_id] = eid
+            self._send(p.ReloadReady(req_id, True, version))
+            return
+        self.engines.pop(eid, None)
+        self._log("error", "reload: engine failed to start", error=error)
+        self._send(p.ReloadReady(req_id, False, error=error))
+
+    def _release_engine(self, run: Run, *, engine_done: bool) -> None:
+        eid = run.engine
+        if eid == NO_ENGINE:
+            return
+        run.engine = NO_ENGINE
+        if not engine_done:
+            self.out.append(AbortRequest(eid, run.rid))
+        eng = self.engines.get(eid)
+        if eng is None:
+            return
+        eng.load -= 1
+        if eng.load <= 0 and eng.retiring:
+            del self.engines[eid]
+            self.out.append(StopEngine(eid))
+
+    # ---------------------------------------------------------------- task events
+
+    def _emit(self, run: Run, f: bytes) -> None:
+        run.transcript.append(f)
+        if run.stream in FED:
+            run.outbox.append(f)
+        self._mark(run)
+
+    def _mark(self, run: Run) -> None:
+        if not run.dirty:
+            run.dirty = True
+            self.dirty.append(run)
+
+    def _close(self, run: Run, now: float) -> None:
+        run.ended = True
+        run.ended_at = now
+        run.release_at = 0.0
+        if run.stream in FED:
+            run.stream = step(run.stream, Ev.TERMINAL)
+        self.runs.pop(run.task_id, None)
+        self.by_rid.pop(run.rid, None)
+        self.ended[run.task_id] = run
+        self.ended_order.append(run)
+
+    def _timings(self, run: Run, now: float) -> tuple[float, float, float]:
+        """(first token ms, decode ms, decode time ms) of a run ending now."""
+        first_ms = (run.t_first - run.t_start) * 1000.0 if run.tokens else 0.0
+        decode_ms = (now - run.t_start) * 1000.0
+        decode_time_ms = (run.t_last - run.t_first) * 1000.0 if run.tokens else 0.0
+        return first_ms, decode_ms, decode_time_ms
+
+    def _end(self, run: Run, reason: str, now: float, *, engine_done: bool = False) -> None:
+        first_ms, decode_ms, decode_time_ms = self._timings(run, now)
+        aid = None
+        if self.cfg.artifacts.transcripts:
+            eng = self.engines.get(run.engine) or self.engines[self.current]
+            aid, doc = run.transcript_doc(self.replica, eng.version, reason)
+            self._send(p.PutArtifact(doc))
+        run.seq += 1
+        self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid))
+        self._release_engine(run, engine_done=engine_done)
+        self._close(run, now)
+        self._send(
+            p.TaskEnded(
+                run.task_id,
+                reason,
+                run.tokens,
+                tokens_in=run.tokens_in,
+                first_token_ms=first_ms,
+                decode_ms=decode_ms,
+            )
+        )
+        self._log(
+            "info",
+            "stream ended",
+            task_id=run.task_id,
+            replica_id=self.replica.id,
+            reason=reason,
+            tokens_in=run.tokens_in,
+            tokens_out=run.tokens,
+            decode_time_ms=round(decode_time_ms, 3),
+        )
+
+    def _fail(self, run: Run, err: OrchdError, now: float, *, engine_done: bool = False) -> None:
+        first_ms, decode_ms, _ = self._timings(run, now)
+        run.seq += 1
+        self._emit(run, error_frame(run.seq, err.envelope()))
+        self._release_engine(run, engine_done=engine_done)
+        self._close(run, now)
+        self._send(
+            p.TaskEnded(
+                run.task_id,
+                "error",
+                run.tokens,
+                tokens_in=run.tokens_in,
+                error_code=err.code.value,
+                first_token_ms=first_ms,
+                decode_ms=decode_ms,
+            )
+        )
+        self._log(
+            "warning", "task failed", task_id=run.task_id, code=err.code.value, message=err.message
+        )
+
+    # ---------------------------------------------------------------- publishing
+
+    def flush(self) -> list[Record]:
+        """Every dirty stream's frames as one record each (held frames stay held)."""
+        records = self.direct
+        self.direct = []
+        for run in self.dirty:
+            run.dirty = False
+            if run.frontend >= 0 and run.outbox:
+                out = run.outbox
+                payload = out[0] if len(out) == 1 else b"".join(out)
+                kind = KIND_TERMINAL if run.ended else KIND_DATA
+                records.append((run.frontend, run.slot, run.seq, kind, payload))
+                run.outbox = []
+            if run.ended and run.stream is Stream.TERMINAL_PENDING:
+                run.transcript = []  # delivered to a claimed stream: nobody will replay it
+        self.dirty.clear()
+        return records
+
+    def rings_backed_up(self, stuck: bool) -> None:
+        """A frontend is behind (its ring is full): stop reading the engines until it has room;
+        the engines then stall on their own bounded queues, and nothing is dropped."""
+        if stuck != self.paused:
+            self.paused = stuck
+            self.out.append(PauseReading(stuck))
+
+    # ---------------------------------------------------------------- time
+
+    def _deadline(self, run: Run) -> float:
+        """The run's next check: decode timeout, time budget, `metrics` frame, or release."""
+        at = (run.t_last or run.t_start) + self.decode_timeout_s
+        if run.time_budget_ms is not None:
+            at = min(at, run.t_start + run.time_budget_ms / 1000.0)
+        if self.metrics_s > 0 and run.stream in FED:
+            at = min(at, run.t_metrics + self.metrics_s)
+        if run.release_at:
+            at = min(at, run.release_at)
+        return at
+
+    def _schedule(self, run: Run, now: float) -> None:
+        at = max(self._deadline(run), now + MIN_WAIT_S)
+        if run.check_at > now and run.check_at <= at:
+            return  # its live entry comes first and will reschedule
+        run.check_at = at
+        heapq.heappush(self.heap, (at, run.rid, run))
+
+    def next_deadline(self) -> float:
+        at = self.next_heartbeat
+        if self.heap:
+            at = min(at, self.heap[0][0])
+        if self.ended_order:
+            at = min(at, self.ended_order[0].ended_at + self.retention_s)
+        return at
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self._send(p.Heartbeat())
+            self.next_heartbeat = now + self.heartbeat_s
+        heap = self.heap
+        itl: list[float] = []
+        while heap and heap[0][0] <= now:
+            at, _, run = heapq.heappop(heap)
+            if not run.ended and at == run.check_at:  # else: a stale entry
+                run.check_at = 0.0
+                self._check(run, now, itl)
+        while self.ended_order and now - self.ended_order[0].ended_at >= self.retention_s:
+            gone = self.ended_order.popleft()
+            if self.ended.get(gone.task_id) is gone:
+                del self.ended[gone.task_id]
+
+    def _check(self, run: Run, now: float, itl: list[float]) -> None:
+        if run.release_at and now >= run.release_at:
+            run.release_at = 0.0
+            run.held = 0
+            self._mark(run)
+        if run.time_budget_ms is not None and now >= run.t_start + run.time_budget_ms / 1000.0:
+            self._end(run, "budget", now)
+            return
+        if now >= (run.t_last or run.t_start) + self.decode_timeout_s:
+            err = OrchdError(
+                Code.DECODE_TIMEOUT,
+                f"no token for {self.replica.decode_timeout_ms} ms",
+                engine=self.replica.engine,
+                pool_id=self.replica.pool_id,
+            )
+            self._fail(run, err, now)
+            return
+        if self.metrics_s > 0 and run.stream in FED and now >= run.t_metrics + self.metrics_s:
+            if not itl:
+                itl.append(self._itl_ms())
+            run.t_metrics = now
+            self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
+        self._schedule(run, now)
+
+    def _itl_ms(self) -> float:
+        """Recent per-token time across (a sample of) running tasks, for on-time estimates."""
+        spans = [
+            (r.t_last - r.t_first) * 1000.0 / (r.tokens - 1)
+            for r in itertools.islice(self.runs.values(), ITL_SAMPLE)
+            if r.tokens > 1
+        ]
+        return sum(spans) / len(spans) if spans else 0.0

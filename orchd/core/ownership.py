@@ -1,0 +1,124 @@
+"""Who streams a task: one state machine, as a table, shared by the three processes that
+each hold a view of it (the scheduler's :class:`~orchd.core.tasks.Task`, the supervisor's
+run, the frontend's stream). Each applies the events it learns of; an illegal one raises.
+
+States::
+
+    NONE               no frontend streams the task (yet, or any more)
+    PROVISIONAL        the admitting frontend holds a stream nobody has claimed; it is fed
+                       from the start, and the supervisor keeps the transcript for a replay
+    PROVISIONAL_ENDED  ... and that unclaimed stream already holds its terminal frame
+    SUBSCRIBED         a client's stream; nothing feeds it yet (its task is queued)
+    ATTACHED           the supervisor feeds the stream's ring (live, or replaying)
+    TERMINAL_PENDING   the terminal frame is written (ring or frontend), maybe not yet sent
+    FENCING            a fence is out: the frontend answers once the terminal is on the wire
+    DONE               the terminal frame is on the client's socket
+
+Events: ``open`` (a provisional stream at admission), ``claim`` (its client came),
+``subscribe`` (a GET: a new stream, maybe taking over a provisional one elsewhere),
+``attach`` (the supervisor feeds it), ``terminal`` (its terminal frame is written),
+``fence`` (the scheduler asks to be told when it is sent), ``sent`` (it is sent),
+``detach`` (an unclaimed stream let go), ``lost`` (its frontend died).
+
+The cancel handshake. A cancel is answered only once no further ``token`` can reach the
+client: the stream's terminal frame is on its socket (or there is no socket)::
+
+    client      frontend            scheduler              supervisor        engine
+      │ POST cancel │                    │                       │               │
+      │────────────▶│ Cancel(req) ──────▶│ queued: ends it,      │               │
+      │             │                    │ frontend writes end:  │               │
+      │             │◀── StreamEnd(fence)│ (TERMINAL → FENCING)  │               │
+      │             │                    │                       │               │
+      │             │                    │ running: Abort ──────▶│ EngAbort ────▶│
+      │             │                    │                       │ end frame into│
+      │             │                    │                       │ the ring, then│
+      │             │                    │◀─ TaskEnded, AbortDone│               │
+      │             │                    │ (ATTACHED → TERMINAL_PENDING)         │
+      │             │◀──────── Fence ────│ (TERMINAL_PENDING → FENCING)          │
+      │◀─ end ──────│ drains the ring, writes the terminal to the socket         │
+      │             │ FenceDone ────────▶│ (FENCING → DONE)      │               │
+      │◀── 204 ─────│◀──────── Done(req) │                       │               │
+
+A task nobody streams, or whose stream is unclaimed (``NONE``, ``PROVISIONAL_ENDED``), has no
+socket to fence: its cancels are answered as soon as the task has ended.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final
+
+
+class Stream(Enum):
+    NONE = "none"
+    PROVISIONAL = "provisional"
+    PROVISIONAL_ENDED = "provisional_ended"
+    SUBSCRIBED = "subscribed"
+    ATTACHED = "attached"
+    TERMINAL_PENDING = "terminal_pending"
+    FENCING = "fencing"
+    DONE = "done"
+
+
+class Ev(Enum):
+    OPEN = "open"
+    CLAIM = "claim"
+    SUBSCRIBE = "subscribe"
+    ATTACH = "attach"
+    TERMINAL = "terminal"
+    FENCE = "fence"
+    SENT = "sent"
+    DETACH = "detach"
+    LOST = "lost"
+
+
+class IllegalTransition(Exception):
+    """An event a stream in its state cannot take: a bug in whoever sent it."""
+
+    def __init__(self, state: Stream, event: Ev) -> None:
+        super().__init__(f"stream {state.value}: event {event.value} is not allowed")
+        self.state = state
+        self.event = event
+
+
+S, E = Stream, Ev
+
+TRANSITIONS: Final[dict[tuple[Stream, Ev], Stream]] = {
+    (S.NONE, E.OPEN): S.PROVISIONAL,
+    (S.NONE, E.SUBSCRIBE): S.SUBSCRIBED,
+    (S.PROVISIONAL, E.CLAIM): S.SUBSCRIBED,
+    (S.PROVISIONAL, E.SUBSCRIBE): S.SUBSCRIBED,  # taken over by another frontend
+    (S.PROVISIONAL, E.ATTACH): S.PROVISIONAL,  # fed from dispatch on
+    (S.PROVISIONAL, E.TERMINAL): S.PROVISIONAL_ENDED,
+    (S.PROVISIONAL, E.DETACH): S.NONE,
+    (S.PROVISIONAL_ENDED, E.CLAIM): S.TERMINAL_PENDING,
+    (S.PROVISIONAL_ENDED, E.SUBSCRIBE): S.SUBSCRIBED,
+    (S.PROVISIONAL_ENDED, E.DETACH): S.NONE,
+    (S.SUBSCRIBED, E.ATTACH): S.ATTACHED,
+    (S.SUBSCRIBED, E.TERMINAL): S.TERMINAL_PENDING,
+    (S.ATTACHED, E.TERMINAL): S.TERMINAL_PENDING,
+    (S.TERMINAL_PENDING, E.FENCE): S.FENCING,
+    (S.TERMINAL_PENDING, E.SENT): S.DONE,
+    (S.FENCING, E.SENT): S.DONE,
+}
+# A frontend's death takes every stream it held.
+for _s in Stream:
+    if _s is not S.NONE:
+        TRANSITIONS[(_s, E.LOST)] = S.NONE
+
+# States in which a stream is fed from the producer's ring (the supervisor writes to it).
+FED: Final = frozenset({S.PROVISIONAL, S.ATTACHED})
+# States in which the stream is unclaimed: the supervisor keeps the transcript for a replay.
+UNCLAIMED: Final = frozenset({S.NONE, S.PROVISIONAL, S.PROVISIONAL_ENDED})
+# States in which a GET may open the stream (anything else: it is already streamed).
+OPENABLE: Final = UNCLAIMED
+# States in which the terminal frame is written into the stream.
+ENDED: Final = frozenset({S.PROVISIONAL_ENDED, S.TERMINAL_PENDING, S.FENCING, S.DONE})
+
+
+def step(state: Stream, event: Ev) -> Stream:
+    """The state after ``event``; raises :class:`IllegalTransition` if there is none."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
