@@ -10,11 +10,27 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
+
+# Every choice is a name, checked once when the config is read. The implementations stay in
+# the layer that owns them, in tables keyed by these names (tests/unit/test_config_tables.py
+# holds each table to its type): ADAPTERS in engine_procs/adapters, POLICIES in
+# orchd/core/placement.py, QUEUE_POLICIES in orchd/core/queue.py, STORES in
+# orchd/scheduler/stores.py, levels in orchd/log.py.
+Engine = Literal["mock", "vllm", "llamacpp", "tgi", "triton", "torch"]
+AdapterName = Literal["mock", "openai", "llamacpp", "tgi", "triton", "torch"]
+QueuePolicy = Literal["reject", "drop-lru"]
+PlacementPolicy = Literal["default", "least-loaded", "round-robin"]
+TrustPolicy = Literal["permissive", "strict"]  # strict: signed and verified models only
+ArtifactStoreName = Literal["memory", "fs"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+GpuMode = Literal["", "auto"]
 
 
 class ConfigError(Exception):
@@ -68,7 +84,7 @@ class Endpoint(msgspec.Struct, forbid_unknown_fields=True):
 
 
 # The adapter that speaks to each engine unless a replica names another.
-DEFAULT_ADAPTER = {
+DEFAULT_ADAPTER: dict[Engine, AdapterName] = {
     "mock": "mock",
     "vllm": "openai",
     "llamacpp": "llamacpp",
@@ -81,8 +97,8 @@ DEFAULT_ADAPTER = {
 class Replica(msgspec.Struct, forbid_unknown_fields=True):
     id: str
     pool_id: str = "default"
-    engine: str = "mock"  # what tasks ask for: mock | vllm | llamacpp | tgi | triton | torch
-    adapter: str = ""  # how we speak to it; "" = DEFAULT_ADAPTER[engine]
+    engine: Engine = "mock"  # what tasks ask for
+    adapter: Literal[AdapterName, ""] = ""  # how we speak to it; "" = DEFAULT_ADAPTER[engine]
     model_ref: str = "mock:tiny"
     slots: int = 64
     devices: str = ""  # CUDA_VISIBLE_DEVICES for the engine; "" = none
@@ -92,8 +108,8 @@ class Replica(msgspec.Struct, forbid_unknown_fields=True):
     endpoint: Endpoint = msgspec.field(default_factory=Endpoint)
 
     @property
-    def adapter_name(self) -> str:
-        return self.adapter or DEFAULT_ADAPTER.get(self.engine, self.engine)
+    def adapter_name(self) -> AdapterName:
+        return self.adapter or DEFAULT_ADAPTER[self.engine]
 
 
 class Server(msgspec.Struct, forbid_unknown_fields=True):
@@ -103,14 +119,14 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     api_keys: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""  # "" = a fresh directory under /tmp
     drain_deadline_ms: int = 30_000
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     restart_backoff_ms: int = 200
     restart_backoff_max_ms: int = 5_000
     heartbeat_ms: int = 2_000  # a backup: the launcher sees a dead child at once
     peer_timeout_ms: int = 10_000
     # "auto": one replica per GPU that NVML finds, each a copy of the first [[replicas]]
     # entry with devices set to that GPU ("" = the replicas exactly as configured).
-    gpus: str = ""
+    gpus: GpuMode = ""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
@@ -131,7 +147,7 @@ class Pool(msgspec.Struct, forbid_unknown_fields=True):
     replica (engine, model_ref; versions pinned to what its engine reports first)."""
 
     id: str
-    engine: str = "mock"
+    engine: Engine = "mock"
     model_ref: str = "mock:tiny"
     engine_version: str = ""  # "" = pinned to the first version a replica reports
     sampler_profile_version: str = "v1"
@@ -148,8 +164,8 @@ class Budget(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Scheduling(msgspec.Struct, forbid_unknown_fields=True):
-    queue_policy: str = "reject"  # reject | drop-lru
-    placement: str = "default"  # default | least-loaded | round-robin
+    queue_policy: QueuePolicy = "reject"
+    placement: PlacementPolicy = "default"
     # Weighted fairness across API keys: key -> weight (default 1.0).
     key_weights: dict[str, float] = msgspec.field(default_factory=dict)
     metrics_interval_ms: int = 1000  # SSE `metrics` frames per stream; 0 = none
@@ -170,12 +186,12 @@ class Sessions(msgspec.Struct, forbid_unknown_fields=True):
 
 class Catalog(msgspec.Struct, forbid_unknown_fields=True):
     catalog_dir: str = ""  # "" = the catalog lives in memory only
-    trust_policy: str = "permissive"  # permissive | strict (signed and verified models only)
+    trust_policy: TrustPolicy = "permissive"
     signing_keys: dict[str, str] = msgspec.field(default_factory=dict)  # key id -> HMAC secret
 
 
 class Artifacts(msgspec.Struct, forbid_unknown_fields=True):
-    artifact_store: str = "memory"  # memory | fs
+    artifact_store: ArtifactStoreName = "memory"
     artifact_dir: str = ""  # for fs; "" = <run_dir>/artifacts
     artifact_memory_bytes: int = 256 << 20  # memory store: oldest evicted beyond this
     transcripts: bool = True  # store each stream's transcript as a `trace` artifact
@@ -279,9 +295,37 @@ def load(
     try:
         cfg = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid config: {e}") from e
+        raise ConfigError(f"invalid config: {_explain(e, data)}") from e
     validate(cfg)
     return cfg
+
+
+_AT = re.compile(r" - at `\$(.*)`$")
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+
+
+def _explain(e: msgspec.ValidationError, data: Any) -> str:
+    """msgspec's message, or for a name field (a Literal) the field, the value and the names
+    it may take: ``replicas[0].engine: unknown engine 'x' (known: 'llamacpp', 'mock', ...)``."""
+    m = _AT.search(str(e))
+    if m is None:
+        return str(e)
+    t: Any = mi.type_info(Config)
+    value, field = data, ""
+    for name, index in _STEP.findall(m.group(1)):
+        if name and isinstance(t, mi.StructType):
+            t = next((f.type for f in t.fields if f.encode_name == name), None)
+            value = value.get(name) if isinstance(value, dict) else None
+            field = name
+        elif index and isinstance(t, mi.ListType):
+            t = t.item_type
+            value = value[int(index)] if isinstance(value, list) else None
+        else:
+            return str(e)
+    if not isinstance(t, mi.LiteralType):
+        return str(e)
+    known = ", ".join(repr(v) for v in t.values)
+    return f"{m.group(1).lstrip('.')}: unknown {field} {value!r} (known: {known})"
 
 
 def is_loopback(host: str) -> bool:
@@ -307,16 +351,6 @@ def validate(cfg: Config) -> None:
     for r in cfg.replicas:
         if r.slots < 1:
             raise ConfigError(f"replica {r.id}: slots must be >= 1")
-        if r.engine not in DEFAULT_ADAPTER:
-            raise ConfigError(
-                f"replica {r.id}: unknown engine {r.engine!r} (known: {sorted(DEFAULT_ADAPTER)})"
-            )
-        from engine_procs.adapters import ADAPTERS  # late: adapters import this module
-
-        if r.adapter_name not in ADAPTERS:
-            raise ConfigError(
-                f"replica {r.id}: unknown adapter {r.adapter_name!r} (known: {sorted(ADAPTERS)})"
-            )
     if lim.ring_bytes < 4096 or lim.ring_bytes & (lim.ring_bytes - 1):
         raise ConfigError(f"limits.ring_bytes must be a power of two >= 4096, got {lim.ring_bytes}")
     if lim.queue_capacity < 1:
@@ -332,16 +366,6 @@ def validate(cfg: Config) -> None:
                 )
     if len(pool_ids) != len(cfg.all_pools()):
         raise ConfigError("pool ids must be unique")
-    if cfg.scheduling.queue_policy not in ("reject", "drop-lru"):
-        raise ConfigError(
-            f"scheduling.queue_policy must be reject or drop-lru, got {cfg.scheduling.queue_policy!r}"
-        )
-    if cfg.scheduling.placement not in ("default", "least-loaded", "round-robin"):
-        raise ConfigError(f"unknown scheduling.placement {cfg.scheduling.placement!r}")
-    if cfg.catalog.trust_policy not in ("permissive", "strict"):
-        raise ConfigError("catalog.trust_policy must be permissive or strict")
-    if cfg.artifacts.artifact_store not in ("memory", "fs"):
-        raise ConfigError("artifacts.artifact_store must be memory or fs")
     if not s.api_keys and not is_loopback(s.host):
         raise ConfigError(
             f"refusing to listen on non-loopback address {s.host} with no API keys: "

@@ -4,8 +4,9 @@ SIGTERM drain, stop them all and leave nothing behind.
 Children: one scheduler, one engine supervisor per replica, F frontends. Each runs as
 ``python -m <module> <run_dir>/config.json [index]``, in its own session (so a terminal's
 Ctrl-C reaches only the launcher) and with a parent-death signal (so nothing outlives a
-launcher killed with -9). A child that dies is restarted with exponential backoff; if the
-scheduler dies, every child is restarted, since the others' state hangs on it.
+launcher killed with -9). When to restart a child that died is orchd's one restart rule
+(:class:`orchd.core.restart.RestartGroup`): exponential backoff and a circuit breaker per child,
+and if the scheduler dies, every child is restarted with it, since the others' state hangs on it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from ipc.proc import die_with_parent, listen_socket
 from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
 from orchd import log
 from orchd.config import Config, ConfigError, Resolved, Runtime, child_env, write_resolved
+from orchd.core.restart import RestartGroup, RestartPolicy
 from orchd.telemetry.gpus import expand_gpus
 
-STABLE_S = 10.0  # a child that lived this long restarts with the initial backoff again
+LEADER = "scheduler"  # every other child restarts with it
 
 
 @dataclass
@@ -42,10 +44,6 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
-    backoff_s: float = 0.0
-    restart_at: float | None = None
-    restarts: int = 0
 
 
 class Launcher:
@@ -56,6 +54,7 @@ class Launcher:
         self.made_run_dir = False
         self.stopping = False
         self.guard: socket.socket | None = None
+        self.group: RestartGroup | None = None  # made with the children, in prepare()
 
     # ---------------------------------------------------------------- set-up
 
@@ -106,7 +105,7 @@ class Launcher:
         write_resolved(res, cfg_path)
         py = sys.executable
         env = child_env({})
-        self._add("scheduler", [py, "-m", "orchd.scheduler.loop", cfg_path], env)
+        self._add(LEADER, [py, "-m", "orchd.scheduler.loop", cfg_path], env)
         for ri, rep in enumerate(cfg.replicas):
             sup_env = child_env({"CUDA_VISIBLE_DEVICES": rep.devices})
             self._add(
@@ -114,17 +113,28 @@ class Launcher:
             )
         for fi in range(s.frontends):
             self._add(f"fe{fi}", [py, "-m", "orchd.frontend.main", cfg_path, str(fi)], env)
+        self.group = self.restart_group(time.monotonic())
         return res
+
+    def restart_group(self, now: float) -> RestartGroup:
+        """The restart rule over the children added so far, every one due at ``now``."""
+        s = self.cfg.server
+        base_s, cap_s = s.restart_backoff_ms / 1000.0, s.restart_backoff_max_ms / 1000.0
+        return RestartGroup(list(self.children), LEADER, lambda: RestartPolicy(base_s, cap_s), now)
 
     def _add(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.children[name] = Child(name, argv, env)
 
-    def _spawn(self, c: Child) -> None:
-        c.proc = subprocess.Popen(
-            c.argv, env=c.env, start_new_session=True, preexec_fn=die_with_parent
-        )
-        c.started = time.monotonic()
-        c.restart_at = None
+    def _spawn(self, c: Child, group: RestartGroup, now: float) -> None:
+        try:
+            c.proc = subprocess.Popen(
+                c.argv, env=c.env, start_new_session=True, preexec_fn=die_with_parent
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            group.start_failed(c.name, now)
+            log.error("child failed to start", child=c.name, error=str(e), **_retry(group, c, now))
+            return
+        group.started(c.name, now)
         log.info("started child", child=c.name, pid=c.proc.pid)
 
     # ---------------------------------------------------------------- running
@@ -150,10 +160,7 @@ class Launcher:
         poller.register(sock, zmq.POLLIN)
         poller.register(rfd, zmq.POLLIN)
 
-        self._spawn(self.children["scheduler"])
-        for c in self.children.values():
-            if c.proc is None:
-                self._spawn(c)
+        self._restart_due()  # a new group has every child due: the scheduler first
         try:
             while not self.stopping:
                 events = dict(poller.poll(self._next_timeout_ms()))
@@ -181,10 +188,10 @@ class Launcher:
         self.stopping = True
 
     def _next_timeout_ms(self) -> int:
-        due = [c.restart_at for c in self.children.values() if c.restart_at is not None]
-        if not due:
+        due = self.group.next_due() if self.group is not None else None
+        if due is None:
             return 1000
-        return max(0, int((min(due) - time.monotonic()) * 1000))
+        return max(0, int((due - time.monotonic()) * 1000))
 
     def _on_message(self, sock: zmq.Socket[bytes], res: Resolved) -> None:
         while True:
@@ -214,38 +221,26 @@ class Launcher:
             )
 
     def _reap(self, sock: zmq.Socket[bytes]) -> None:
+        assert self.group is not None
         now = time.monotonic()
-        sched = self.children["scheduler"]
-        for c in self.children.values():
+        for c in self.children.values():  # the scheduler first
             if c.proc is None or c.proc.poll() is None:
                 continue
             code = c.proc.returncode
             c.proc = None
-            lived = now - c.started
-            base = self.cfg.server.restart_backoff_ms / 1000.0
-            cap = self.cfg.server.restart_backoff_max_ms / 1000.0
-            c.backoff_s = (
-                base if lived >= STABLE_S or not c.backoff_s else min(cap, c.backoff_s * 2)
-            )
-            c.restart_at = now + c.backoff_s
-            c.restarts += 1
-            log.error("child died; restarting", child=c.name, status=code, in_s=c.backoff_s)
-            if c is not sched:
+            stop = self.group.exited(c.name, now)
+            log.error("child died", child=c.name, status=code, **_retry(self.group, c, now))
+            if c.name != LEADER:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send(p.encode(p.PeerDown(c.name, f"process exited with status {code}")))
-        if sched.restart_at is not None:
-            # Everyone's state hangs on the scheduler's: restart the whole group with it.
-            for c in self.children.values():
-                if c.proc is not None:
-                    self._stop_child(c, signal.SIGKILL, 2.0)
-                    c.restart_at = sched.restart_at
+            for name in stop:  # the scheduler died: the others restart with it
+                self._stop_child(self.children[name], signal.SIGKILL, 2.0)
 
     def _restart_due(self) -> None:
+        assert self.group is not None
         now = time.monotonic()
-        order = sorted(self.children.values(), key=lambda c: c.name != "scheduler")
-        for c in order:
-            if c.proc is None and c.restart_at is not None and c.restart_at <= now:
-                self._spawn(c)
+        for name in self.group.due(now):
+            self._spawn(self.children[name], self.group, now)
 
     # ---------------------------------------------------------------- stopping
 
@@ -256,7 +251,7 @@ class Launcher:
             sock.send(p.encode(p.DrainAll(1, deadline_ms)))
         end = time.monotonic() + deadline_ms / 1000.0 + 5.0
         while time.monotonic() < end:
-            if self.children["scheduler"].proc is None:
+            if self.children[LEADER].proc is None:
                 return
             events = dict(poller.poll(200))
             if sock in events:
@@ -285,7 +280,7 @@ class Launcher:
         groups = [
             [c for n, c in self.children.items() if n.startswith("fe")],
             [c for n, c in self.children.items() if n.startswith("sup-")],
-            [self.children["scheduler"]],
+            [self.children[LEADER]],
         ]
         for group in groups:
             for c in group:
@@ -294,7 +289,6 @@ class Launcher:
                         c.proc.send_signal(signal.SIGTERM)
             for c in group:
                 self._stop_child(c, None, 8.0)
-                c.restart_at = None
         for name in self.rings:
             unlink_ring(name)
         if self.guard is not None:
@@ -306,6 +300,16 @@ class Launcher:
                 if f.endswith((".sock", ".bell", ".json")):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.run_dir, f))
+
+
+def _retry(group: RestartGroup, c: Child, now: float) -> dict[str, object]:
+    """Log fields: when ``c`` is restarted, and whether its circuit breaker is open."""
+    state = group.children[c.name]
+    at = state.restart_at if state.restart_at is not None else now
+    fields: dict[str, object] = {"restart_in_s": round(at - now, 3)}
+    if state.policy.open:
+        fields["circuit_open_after_failures"] = state.policy.failures
+    return fields
 
 
 _RING = re.compile(r"^orchd-(\d+)-[0-9a-f]{6}-r\d+-f\d+$")

@@ -1,4 +1,7 @@
-"""Engine adapters, picked by name from ``ADAPTERS`` (as uvicorn picks its protocols)."""
+"""Engine adapters, picked by name from ``ADAPTERS`` (as uvicorn picks its protocols).
+
+The names are ``orchd.config.AdapterName``; the config names adapters without importing them,
+and tests/unit/test_config_tables.py holds this table to that list."""
 
 from __future__ import annotations
 

@@ -70,6 +70,7 @@ class _RoundRobin:
         return ordered[0]
 
 
+# Keyed by the names orchd.config.PlacementPolicy accepts (tests/unit/test_config_tables.py).
 POLICIES: dict[str, Callable[[], Policy]] = {
     "default": lambda: _default,
     "least-loaded": lambda: _least_loaded,

@@ -190,6 +190,7 @@ def _drop_lru(q: AdmissionQueue[T], priority: str) -> str | None:
     return victim
 
 
+# Keyed by the names orchd.config.QueuePolicy accepts (tests/unit/test_config_tables.py).
 QUEUE_POLICIES: dict[str, Callable[[AdmissionQueue[T], str], str | None]] = {
     "reject": _reject,
     "drop-lru": _drop_lru,

@@ -1,10 +1,14 @@
 """When to restart something that died: exponential backoff plus a circuit breaker.
 
 The one restart rule of orchd: supervisors use it for their engines, the launcher for its
-children. Pure: times are passed in.
+children (:class:`RestartGroup`, which adds that they all restart with the scheduler). Pure:
+times are passed in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 # Circuit breaker: after this many consecutive failed starts (or deaths soon after a start)
 # stop retrying for a cool-down, then allow one try at a time.
@@ -64,3 +68,80 @@ class RestartPolicy:
         else:
             self.failures += 1
         self.ready_at = None
+
+
+@dataclass
+class Child:
+    """One child of a :class:`RestartGroup`: its own policy, and when it is due to (re)start."""
+
+    policy: RestartPolicy
+    running: bool = False
+    restart_at: float | None = None  # set while it waits to be started
+
+
+class RestartGroup:
+    """The launcher's children, each restarted by its own :class:`RestartPolicy`.
+
+    Every other child's state hangs on the leader's (the scheduler's), so when the leader dies
+    the running children are stopped and restart with it, and no child starts while the
+    leader is down. Pure, like the policy: the launcher does the starting and stopping and
+    passes the times in. A new group has every child due at ``now``.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        leader: str,
+        make_policy: Callable[[], RestartPolicy],
+        now: float,
+    ) -> None:
+        if leader not in names:
+            raise ValueError(f"the leader {leader!r} is not one of {list(names)}")
+        self.leader = leader
+        order = [leader] + [n for n in names if n != leader]
+        self.children = {n: Child(make_policy(), restart_at=now) for n in order}
+
+    def started(self, name: str, now: float) -> None:
+        c = self.children[name]
+        c.running, c.restart_at = True, None
+        c.policy.ready(now)
+
+    def start_failed(self, name: str, now: float) -> None:
+        c = self.children[name]
+        c.policy.start_failed()
+        c.restart_at = now + c.policy.delay()
+
+    def exited(self, name: str, now: float) -> list[str]:
+        """``name`` died at ``now``; returns the running children to stop with it (the
+        leader's death stops them all, and each restarts once the leader has)."""
+        c = self.children[name]
+        c.running = False
+        c.policy.died(now)
+        c.restart_at = now + c.policy.delay()
+        if name != self.leader:
+            return []
+        stop = [n for n, o in self.children.items() if o.running]
+        for n in stop:
+            o = self.children[n]
+            o.running, o.restart_at = False, c.restart_at
+        return stop
+
+    def due(self, now: float) -> list[str]:
+        """The children to start now, in order: the leader first, none while it is down."""
+        leader_up = self.children[self.leader].running
+        out = []
+        for name, c in self.children.items():
+            if c.running or c.restart_at is None or c.restart_at > now:
+                continue
+            if name == self.leader or leader_up:
+                out.append(name)
+                leader_up = True
+        return out
+
+    def next_due(self) -> float | None:
+        """When :meth:`due` next has something to start (None: every child is running)."""
+        lead = self.children[self.leader]
+        if not lead.running:
+            return lead.restart_at
+        waiting = [c.restart_at for c in self.children.values() if c.restart_at is not None]
+        return min(waiting, default=None)

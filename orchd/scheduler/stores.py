@@ -8,18 +8,28 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 from orchd import log
 from orchd.artifacts import ArtifactStore, FsStore, MemoryStore, write_atomic
-from orchd.config import Config
+from orchd.config import Artifacts, Config
 from orchd.core.catalog import Catalog, parse_ref
 
 
-def make_store(cfg: Config, run_dir: str) -> ArtifactStore:
-    a = cfg.artifacts
-    if a.artifact_store == "fs":
-        return FsStore(a.artifact_dir or os.path.join(run_dir, "artifacts"))
+def _memory(a: Artifacts, run_dir: str) -> ArtifactStore:
     return MemoryStore(a.artifact_memory_bytes)
+
+
+def _fs(a: Artifacts, run_dir: str) -> ArtifactStore:
+    return FsStore(a.artifact_dir or os.path.join(run_dir, "artifacts"))
+
+
+# Keyed by the names orchd.config.ArtifactStoreName accepts (tests/unit/test_config_tables.py).
+STORES: dict[str, Callable[[Artifacts, str], ArtifactStore]] = {"memory": _memory, "fs": _fs}
+
+
+def make_store(cfg: Config, run_dir: str) -> ArtifactStore:
+    return STORES[cfg.artifacts.artifact_store](cfg.artifacts, run_dir)
 
 
 class CatalogDisk:

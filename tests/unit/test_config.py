@@ -178,7 +178,7 @@ def test_other_validation(tmp_path: Path) -> None:
         load(str(dup), env={})
     eng = tmp_path / "eng.toml"
     eng.write_text('[[replicas]]\nid = "a"\nengine = "nosuch"\n')
-    with pytest.raises(ConfigError, match="unknown engine"):
+    with pytest.raises(ConfigError, match=r"replicas\[0\]\.engine: unknown engine .nosuch."):
         load(str(eng), env={})
 
 
@@ -199,3 +199,55 @@ def test_resolved_round_trip(tmp_path: Path) -> None:
     assert back.runtime.ring_name(1, 0) == "/orchd-abc123-r1-f0"
     assert back.runtime.bell_path(2) == os.path.join(str(tmp_path), "fe2.bell")
     assert back.runtime.engine_addr(0) == f"ipc://{tmp_path}/engine-0.sock"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"ORCHD_QUEUE_POLICY": "fifo"},
+            "scheduling.queue_policy: unknown queue_policy 'fifo' (known: 'drop-lru', 'reject')",
+        ),
+        (
+            {"ORCHD_PLACEMENT": "random"},
+            "scheduling.placement: unknown placement 'random' "
+            "(known: 'default', 'least-loaded', 'round-robin')",
+        ),
+        (
+            {"ORCHD_LOG_LEVEL": "loud"},
+            "server.log_level: unknown log_level 'loud' "
+            "(known: 'debug', 'error', 'info', 'warning')",
+        ),
+        (
+            {"ORCHD_TRUST_POLICY": "lax"},
+            "catalog.trust_policy: unknown trust_policy 'lax' (known: 'permissive', 'strict')",
+        ),
+        (
+            {"ORCHD_ARTIFACT_STORE": "s3"},
+            "artifacts.artifact_store: unknown artifact_store 's3' (known: 'fs', 'memory')",
+        ),
+        ({"ORCHD_GPUS": "all"}, "server.gpus: unknown gpus 'all' (known: '', 'auto')"),
+    ],
+)
+def test_a_name_not_in_its_list_is_refused_with_the_list(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(env=env)
+    assert str(e.value) == f"invalid config: {message}"
+
+
+def test_replica_engine_and_adapter_are_names(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[replicas]]\nid = "a"\n[[replicas]]\nid = "b"\nadapter = "grpc"\n')
+    with pytest.raises(ConfigError, match=r"replicas\[1\]\.adapter: unknown adapter 'grpc'"):
+        load(str(path), env={})
+    path.write_text('[[pools]]\nid = "p"\nengine = "vllm2"\n')
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.engine: unknown engine 'vllm2'"):
+        load(str(path), env={})
+    path.write_text('[[replicas]]\nid = "a"\nengine = "vllm"\n')
+    rep = load(str(path), env={}).replicas[0]
+    assert (rep.adapter, rep.adapter_name) == ("", "openai")  # "": the engine's default
+
+
+def test_a_type_error_keeps_msgspecs_message() -> None:
+    with pytest.raises(ConfigError, match=r"Expected `int`, got `str` - at `\$\.server\.port`"):
+        load(env={"ORCHD_PORT": "eighty"})
