@@ -305,7 +305,7 @@ class SchedulerCore(StreamOps):
             self.stats.decode_ms.append(msg.decode_ms)
         # A task cut short (canceled, failed, out of budget) says nothing of per-token or
         # service time: its end came from outside the engine.
-        natural = msg.reason in ("stop", "length")
+        natural = msg.reason in ("stop", "length") and not msg.error_code
         if natural and msg.tokens_out > 1 and msg.decode_ms:
             self.tpot.observe((msg.decode_ms - msg.first_token_ms) / (msg.tokens_out - 1))
         if natural:
