@@ -17,7 +17,8 @@ from typing import Any
 from ipc import protocol as p
 from orchd.core.catalog import parse_ref
 from orchd.core.errors import Code, OrchdError
-from orchd.core.scheduler import Out, SchedulerCore, State, sup
+from orchd.core.scheduler import SchedulerCore
+from orchd.core.tasks import Out, State, sup
 
 API_VERSION = "1.0.0"
 RELOAD_TIMEOUT_MS = 300_000

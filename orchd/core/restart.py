@@ -53,7 +53,7 @@ class RestartPolicy:
             return 0.0
         if self.open:
             return self.cooldown_s
-        return min(self.cap_s, self.base_s * 2 ** (self.failures - 1))
+        return min(self.cap_s, self.base_s * 2.0 ** (self.failures - 1))
 
     def start_failed(self) -> None:
         self.failures += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from ipc import peers
 from ipc import protocol as p
@@ -59,7 +60,7 @@ class Stats:
     first_token_ms: list[float] = field(default_factory=list)  # drained by the shell
     decode_ms: list[float] = field(default_factory=list)
 
-    def bump(self, d: dict, k: object) -> None:
+    def bump(self, d: dict[Any, int], k: object) -> None:
         d[k] = d.get(k, 0) + 1
 
 

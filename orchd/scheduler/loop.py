@@ -20,7 +20,7 @@ from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
-from orchd.core.scheduler import Out
+from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
 from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
