@@ -152,10 +152,11 @@ class SessionTable:
         s = self._unreserve(grant)
         if s is None:
             return
+        used = tokens_in + tokens_out  # a prompt costs its tokens as an answer does
         if s.tokens_left is not None:
-            s.tokens_left -= tokens_out
+            s.tokens_left -= used
         if s.cost_left is not None:
-            s.cost_left -= tokens_out * self.cost_per_token
+            s.cost_left -= used * self.cost_per_token
         if s.time_left_ms is not None:
             s.time_left_ms -= decode_ms
         s.kv_bytes += (tokens_in + tokens_out) * kv_bytes_per_token

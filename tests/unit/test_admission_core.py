@@ -305,12 +305,13 @@ def test_end_charges_the_session() -> None:
     out = ended(core, "t1", T0 + 200, tokens_out=12, tokens_in=4)
     assert out == []
     s = core.sessions.sessions["s"]
-    assert (s.tokens_left, s.reserved_tokens, s.turns, s.active) == (88, 0, 1, 0)
+    # Prompt and answer tokens are both charged: 4 + 12.
+    assert (s.tokens_left, s.reserved_tokens, s.turns, s.active) == (84, 0, 1, 0)
     assert s.time_left_ms == 800.0
-    assert s.cost_left == pytest.approx(3.8)
+    assert s.cost_left == pytest.approx(3.4)
     assert s.kv_bytes == 16 * 1024
     assert s.last_replica == "r0"
-    assert core.budgets("s") == p.Budgets(88, 800, pytest.approx(3.8))
+    assert core.budgets("s") == p.Budgets(84, 800, pytest.approx(3.4))
 
 
 def test_a_task_dispatched_at_time_zero_is_charged_at_its_end() -> None:

@@ -251,9 +251,9 @@ def test_settle_charges_actual_use() -> None:
         kv_bytes_per_token=16,
     )
     s = t.sessions["s"]
-    assert s.tokens_left == 980
+    assert s.tokens_left == 1000 - 7 - 20  # the prompt is charged as the answer is
     assert s.time_left_ms == 9750.0
-    assert s.cost_left == pytest.approx(98.0)
+    assert s.cost_left == pytest.approx(100.0 - 2.7)
     assert (s.reserved_tokens, s.reserved_cost) == (0, pytest.approx(0.0))
     assert s.kv_bytes == (7 + 20) * 16
     assert s.last_replica == "r3"
@@ -316,9 +316,9 @@ def test_view_fields() -> None:
         "max_turns": 5,
         "kv_bytes": 40,
         "kv_warmth": True,
-        "tokens_budget_remaining": 100 - 8 - 20,
+        "tokens_budget_remaining": 100 - 2 - 8 - 20,
         "time_budget_remaining_ms": 1919,
-        "cost_budget_remaining": pytest.approx(50 - 4 - 10),
+        "cost_budget_remaining": pytest.approx(50 - 5 - 10),
     }
     # Past its expiry (kept alive by the active task) the TTL left is 0, not negative.
     assert t.view(s, 10 * TTL, kv_warm=False)["ttl_ms_remaining"] == 0
