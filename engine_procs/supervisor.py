@@ -116,7 +116,8 @@ class Supervisor:
         self._timer_at = float("inf")
         self._backlog: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sends: list[bytes] = []
+        self._sends: list[bytes] = []  # reports: sent before the records are published
+        self._answers: list[bytes] = []  # sent after them
 
     # ---------------------------------------------------------------- inputs
 
@@ -144,22 +145,27 @@ class Supervisor:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """Carry out the core's effects, publish its records (one publish per ring, at most
-        one doorbell each), and only then send its messages: a scheduler told that a task
-        ended finds its terminal frame already in the ring. Then set the timer to the core's
-        next deadline."""
+        """Carry out the core's effects and publish its records: one publish per ring, at
+        most one doorbell each. Reports to the scheduler leave first (a client that reads a
+        task's end finds the scheduler already told); answers that promise the records are in
+        the ring (AbortDone) leave after them. Then set the timer to the core's next deadline."""
         self._flush_scheduled = False
         self.apply()
+        line = self.line
+        if self._sends:
+            for frame in self._sends:
+                line.send(frame)
+            self._sends = []
+            line.flush()
         rings = self.rings
         for frontend, slot, seq, kind, payload in self.core.flush():
             rings.add(frontend, (slot, seq, kind, payload))
         stuck = rings.publish()
         self.core.rings_backed_up(stuck)
         self.apply()
-        line = self.line
-        for frame in self._sends:
+        for frame in self._sends + self._answers:
             line.send(frame)
-        self._sends = []
+        self._sends, self._answers = [], []
         if stuck and self._backlog is None:
             self._backlog = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._retry)
         self._arm()
@@ -181,8 +187,8 @@ class Supervisor:
     def apply(self) -> None:
         for eff in self.core.take():
             match eff:
-                case Send(msg):
-                    self._sends.append(p.encode(msg))  # sent by flush(), after the rings
+                case Send(msg, after_rings):
+                    (self._answers if after_rings else self._sends).append(p.encode(msg))
                 case Submit(eid, req):
                     self.engines[eid].submit(req)
                 case AbortRequest(eid, rid):

@@ -282,7 +282,7 @@ class SupervisorCore:
                 self._fail(run, err, now)
             else:
                 self._end(run, "canceled", now)
-        self._send(p.AbortDone(msg.req_id, msg.task_id))
+        self.out.append(Send(p.AbortDone(msg.req_id, msg.task_id), after_rings=True))
 
     def reload_commit(self, req_id: int) -> None:
         eid = self.prepared_engines.pop(req_id, None)

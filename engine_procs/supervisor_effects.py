@@ -11,9 +11,12 @@ from ipc import protocol as p
 
 
 class Send(NamedTuple):
-    """A message to the scheduler."""
+    """A message to the scheduler. Reports go before the records flushed with them (a client
+    that sees a task's end finds the scheduler told); an answer that promises the records are
+    in the ring (``after_rings``) goes after them."""
 
     msg: p.Message
+    after_rings: bool = False
 
 
 class Submit(NamedTuple):
