@@ -29,45 +29,29 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-
-import msgspec
 
 from engine_procs.adapters.base import EngineRequest
 from engine_procs.runs import NO_ENGINE, Run
 from engine_procs.supervisor_effects import (
-    AbortRequest,
     Effect,
     Log,
     PauseReading,
-    PrepareEngine,
     Record,
     Send,
-    StartEngine,
     Stop,
-    StopEngine,
     Submit,
 )
+from engine_procs.supervisor_engines import EngineSet
 from ipc import protocol as p
 from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame, token_frame
 from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step
-from orchd.core.restart import RestartPolicy
 
 MIN_WAIT_S = 0.001  # a deadline is never set closer than this (no busy loop on a timer)
 RETENTION_SLACK_S = 5.0  # transcripts outlive the scheduler's retention by this much
 ITL_SAMPLE = 64  # runs sampled for the recent inter-token time
-
-
-@dataclass(slots=True)
-class Engine:
-    id: int
-    model_ref: str
-    version: str = ""
-    load: int = 0  # runs it serves
-    retiring: bool = False  # replaced by a reload: it stops once idle
 
 
 class SupervisorCore:
@@ -75,7 +59,6 @@ class SupervisorCore:
         self, cfg: Config, replica: Replica, *, now: float, random_seed: Callable[[], int]
     ) -> None:
         self.cfg = cfg
-        self.replica = replica
         self.random_seed = random_seed
         sch = cfg.scheduling
         self.decode_timeout_s = replica.decode_timeout_ms / 1000.0
@@ -84,9 +67,6 @@ class SupervisorCore:
         self.coalesce_s = sch.stream_interval_ms / 1000.0
         self.retention_s = cfg.limits.transcript_retention_ms / 1000.0 + RETENTION_SLACK_S
         self.heartbeat_s = cfg.server.heartbeat_ms / 1000.0
-        self.policy = RestartPolicy(
-            cfg.server.restart_backoff_ms / 1000.0, cfg.server.restart_backoff_max_ms / 1000.0
-        )
         self.runs: dict[str, Run] = {}
         self.by_rid: dict[int, Run] = {}
         self.ended: dict[str, Run] = {}  # transcripts kept for late subscribers
@@ -96,46 +76,29 @@ class SupervisorCore:
         self.heap: list[tuple[float, int, Run]] = []  # (when, rid, run): next checks
         self.next_heartbeat = now + self.heartbeat_s
         self.rids = itertools.count(1)
-        self.engine_ids = itertools.count(1)
-        self.engines: dict[int, Engine] = {0: Engine(0, replica.model_ref)}
-        self.current = 0
-        self.prepared_engines: dict[int, int] = {}  # reload req id -> engine
-        self.ready = False
-        self.restarting = False
         self.paused = False
-        self.last_error = ""
         self.queue_depth = 0
         self.out: list[Effect] = []
+        self.engines = EngineSet(cfg, replica, self.out)
 
     # ---------------------------------------------------------------- plumbing
 
     def take(self) -> list[Effect]:
         """The effects produced since the last call, in order."""
-        out, self.out = self.out, []
+        out = self.out[:]
+        self.out.clear()  # (the engine set appends to the same list)
         return out
+
+    @property
+    def replica(self) -> Replica:
+        """The replica as it serves now (a reload changes its model)."""
+        return self.engines.replica
 
     def _send(self, msg: p.Message) -> None:
         self.out.append(Send(msg))
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
         self.out.append(Log(level, event, fields))
-
-    def status(self) -> None:
-        version = self.engines[self.current].version
-        self._send(
-            p.ReplicaStatus(
-                self.replica.id, self.ready, self.replica.engine, version, self.last_error
-            )
-        )
-
-    def worker_reset(self, what: str) -> OrchdError:
-        """WORKER_RESET for a task whose engine is gone: ``engine of replica r0 <what>``."""
-        return OrchdError(
-            Code.WORKER_RESET,
-            f"engine of replica {self.replica.id} {what}",
-            engine=self.replica.engine,
-            pool_id=self.replica.pool_id,
-        )
 
     # ---------------------------------------------------------------- scheduler messages
 
@@ -154,16 +117,11 @@ class SupervisorCore:
             case p.Detach():
                 self.detach(msg.task_id)
             case p.ReloadPrepare():
-                eid = next(self.engine_ids)
-                self.engines[eid] = Engine(eid, msg.model_ref)
-                self.out.append(PrepareEngine(msg.req_id, eid, msg.model_ref))
+                self.engines.prepare(msg.req_id, msg.model_ref)
             case p.ReloadCommit():
-                self.reload_commit(msg.req_id)
+                self.engines.commit(msg.req_id)
             case p.ReloadAbort():
-                dropped = self.prepared_engines.pop(msg.req_id, None)
-                if dropped is not None:
-                    self.engines.pop(dropped, None)
-                    self.out.append(StopEngine(dropped))
+                self.engines.abort_reload(msg.req_id)
             case p.Welcome(accepted=False):
                 self._log("error", "scheduler refused us", reason=msg.reason)
                 self.out.append(Stop(f"scheduler refused us: {msg.reason}"))
@@ -175,7 +133,7 @@ class SupervisorCore:
             next(self.rids),
             spec,
             now,
-            engine=self.current,
+            engine=self.engines.acquire(),
             deadline_left_ms=msg.deadline_left_ms,
             tokens_budget=msg.tokens_budget,
             time_budget_ms=msg.time_budget_ms,
@@ -190,11 +148,10 @@ class SupervisorCore:
             else:
                 run.stream = step(step(Stream.NONE, Ev.SUBSCRIBE), Ev.ATTACH)
         run.t_metrics = now
-        self.engines[self.current].load += 1
         self.queue_depth = msg.queue_depth
         self.runs[run.task_id] = run
         self.by_rid[run.rid] = run
-        if self.ready:
+        if self.engines.ready:
             # The engine first: its first token is the latency clients feel.
             seed = spec.seed if spec.seed is not None else self.random_seed()
             req = EngineRequest(
@@ -205,12 +162,12 @@ class SupervisorCore:
                 temperature=spec.temperature,
                 top_p=spec.top_p,
             )
-            self.out.append(Submit(self.current, req))
+            self.out.append(Submit(run.engine, req))
         started = {
             "queue_position": msg.queue_position,
             "predicted_start_ms": msg.predicted_start_ms,
             "engine": self.replica.engine,
-            "engine_version": self.engines[self.current].version,
+            "engine_version": self.engines.version(),
             "pool_id": self.replica.pool_id,
             "replica_id": self.replica.id,
             "sampler_profile_version": spec.sampler_profile_version,
@@ -218,8 +175,8 @@ class SupervisorCore:
         }
         self._emit(run, frame("started", 0, started))
         self._schedule(run, now)
-        if not self.ready:
-            err = self.worker_reset(f"is restarting: {self.last_error}")
+        if not self.engines.ready:
+            err = self.engines.worker_reset(f"is restarting: {self.engines.last_error}")
             self._fail(run, err, now, engine_done=True)  # (never submitted)
 
     def _find(self, task_id: str) -> Run | None:
@@ -284,23 +241,6 @@ class SupervisorCore:
                 self._end(run, "canceled", now)
         self.out.append(Send(p.AbortDone(msg.req_id, msg.task_id), after_rings=True))
 
-    def reload_commit(self, req_id: int) -> None:
-        eid = self.prepared_engines.pop(req_id, None)
-        if eid is None:
-            return
-        old = self.engines[self.current]
-        self.current = eid
-        self.replica = msgspec.structs.replace(self.replica, model_ref=self.engines[eid].model_ref)
-        if old.load:
-            old.retiring = True  # it finishes its running tasks first
-        else:
-            del self.engines[old.id]
-            self.out.append(StopEngine(old.id))
-        self._log("info", "reloaded", replica_id=self.replica.id, model_ref=self.replica.model_ref)
-        self.ready = True
-        self.last_error = ""
-        self.status()
-
     # ---------------------------------------------------------------- the engine's reports
 
     def tokens(self, rid: int, texts_json: list[bytes], now: float) -> None:
@@ -362,85 +302,24 @@ class SupervisorCore:
     # ---------------------------------------------------------------- engine lifecycle
 
     def start(self) -> None:
-        """Bring up the first engine."""
-        self.restarting = True
-        self.out.append(StartEngine(self.current, 0.0))
+        self.engines.start()
 
     def engine_ready(self, eid: int, version: str, now: float) -> None:
-        if eid != self.current:
-            return
-        self.policy.ready(now)
-        self.engines[eid].version = version
-        self.ready = True
-        self.restarting = False
-        self._log("info", "engine ready", replica_id=self.replica.id, engine_version=version)
-        self.status()
+        self.engines.on_ready(eid, version, now)
 
     def engine_start_failed(self, eid: int, error: str, now: float) -> None:
-        policy = self.policy
-        policy.start_failed()
-        self.last_error = f"engine failed to start: {error}"
-        self._log("error", "engine failed to start", replica_id=self.replica.id, error=error)
-        if policy.open:
-            self.last_error += (
-                f" (circuit open after {policy.failures} failures in a row;"
-                f" next try in {policy.cooldown_s:g}s)"
-            )
-            self._log(
-                "error",
-                "engine circuit open",
-                replica_id=self.replica.id,
-                failures=policy.failures,
-                cooldown_s=policy.cooldown_s,
-            )
-        self.status()
-        self.out.append(StartEngine(eid, policy.delay()))
-
-    def engine_dead(self, eid: int, reason: str, now: float) -> None:
-        self._log("error", "engine died", replica_id=self.replica.id, reason=reason)
-        current = eid == self.current
-        if current:
-            self.ready = False
-            self.last_error = reason
-            self.policy.died(now)
-        for run in [r for r in self.runs.values() if r.engine == eid]:
-            self._fail(run, self.worker_reset(f"died: {reason}"), now, engine_done=True)
-        if not current:
-            eng = self.engines.get(eid)
-            if eng is not None and eng.retiring:
-                del self.engines[eid]
-            return  # a retiring or prepared engine: the serving one is unaffected
-        self.status()
-        if not self.restarting:
-            self.restarting = True
-            self.out.append(StartEngine(eid, self.policy.delay()))
+        self.engines.on_start_failed(eid, error)
 
     def prepared(self, req_id: int, eid: int, ok: bool, version: str, error: str) -> None:
-        """A reload's new engine is up (or failed to come up)."""
-        eng = self.engines.get(eid)
-        if ok and eng is not None:
-            eng.version = version
-            self.prepared_engines[req_id] = eid
-            self._send(p.ReloadReady(req_id, True, version))
-            return
-        self.engines.pop(eid, None)
-        self._log("error", "reload: engine failed to start", error=error)
-        self._send(p.ReloadReady(req_id, False, error=error))
+        self.engines.on_prepared(req_id, eid, ok, version, error)
 
-    def _release_engine(self, run: Run, *, engine_done: bool) -> None:
-        eid = run.engine
-        if eid == NO_ENGINE:
-            return
-        run.engine = NO_ENGINE
-        if not engine_done:
-            self.out.append(AbortRequest(eid, run.rid))
-        eng = self.engines.get(eid)
-        if eng is None:
-            return
-        eng.load -= 1
-        if eng.load <= 0 and eng.retiring:
-            del self.engines[eid]
-            self.out.append(StopEngine(eid))
+    def engine_dead(self, eid: int, reason: str, now: float) -> None:
+        """Its tasks fail with WORKER_RESET; the serving engine is restarted."""
+        self._log("error", "engine died", replica_id=self.replica.id, reason=reason)
+        err = self.engines.worker_reset(f"died: {reason}")
+        for run in [r for r in self.runs.values() if r.engine == eid]:
+            self._fail(run, err, now, engine_done=True)
+        self.engines.on_dead(eid, reason, now)
 
     # ---------------------------------------------------------------- task events
 
@@ -477,12 +356,13 @@ class SupervisorCore:
         first_ms, decode_ms, decode_time_ms = self._timings(run, now)
         aid = None
         if self.cfg.artifacts.transcripts:
-            eng = self.engines.get(run.engine) or self.engines[self.current]
-            aid, doc = run.transcript_doc(self.replica, eng.version, reason)
+            version = self.engines.version(run.engine)
+            aid, doc = run.transcript_doc(self.replica, version, reason)
             self._send(p.PutArtifact(doc))
         run.seq += 1
         self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid))
-        self._release_engine(run, engine_done=engine_done)
+        self.engines.release(run.engine, run.rid, engine_done=engine_done)
+        run.engine = NO_ENGINE
         self._close(run, now)
         self._send(
             p.TaskEnded(
@@ -509,7 +389,8 @@ class SupervisorCore:
         first_ms, decode_ms, _ = self._timings(run, now)
         run.seq += 1
         self._emit(run, error_frame(run.seq, err.envelope()))
-        self._release_engine(run, engine_done=engine_done)
+        self.engines.release(run.engine, run.rid, engine_done=engine_done)
+        run.engine = NO_ENGINE
         self._close(run, now)
         self._send(
             p.TaskEnded(

@@ -423,7 +423,7 @@ def test_a_failed_reload_keeps_the_serving_engine() -> None:
     assert sent(core.take(), p.ReloadReady) == [
         p.ReloadReady(6, False, error="engine failed to start: boom")
     ]
-    assert core.current == 0 and prep.engine not in core.engines
+    assert core.engines.current == 0 and prep.engine not in core.engines.engines
 
 
 def test_a_retiring_engines_death_spares_the_serving_one() -> None:
@@ -438,7 +438,7 @@ def test_a_retiring_engines_death_spares_the_serving_one() -> None:
     effects = core.take()
     assert sent(effects, p.TaskEnded)[0].task_id == "old"
     assert not [e for e in effects if isinstance(e, StartEngine)]
-    assert core.ready
+    assert core.engines.ready
 
 
 def test_full_rings_pause_reading_once_and_resume_once() -> None:
