@@ -5,6 +5,15 @@ honours time-to-first-token and inter-token latency (or runs unthrottled with ``
 is seeded-deterministic (same prompt, seed, max_tokens and engine_version give the same token
 ids), and injects faults from its config only: crash after N tokens, stall, engine error.
 
+It counts prompts with its own tokenizer (:func:`prompt_tokens`), so that usage accounting
+sees a prompt length as a real engine reports one. A prompt splits into pieces: each run of
+word characters (letters, digits, underscore: the regex ``\\w+``) is one piece, each other
+non-space character (punctuation, symbols, emoji) a piece of its own; whitespace only
+separates. A word costs one token per started 4 characters (code points; a mock vocabulary
+word has at most 4 letters), any other piece 1. So ``"Hello, world!"`` is ``Hello`` 2 + ``,``
+1 + ``world`` 2 + ``!`` 1 = 6 tokens, and the empty prompt 0. The count goes out in the
+request's first step (``EngStep.prompts``), before its first token.
+
 Run by the mock adapter as ``python -m engine_procs.mock_engine ADDR CONFIG_JSON``; it talks
 over a ZeroMQ PAIR socket with tiny high-water marks, so a supervisor that stops reading
 stalls the engine instead of letting steps pile up.
@@ -17,6 +26,7 @@ import heapq
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +57,15 @@ def vocab(size: int) -> list[str]:
     return words[:size]
 
 
+_PIECES = re.compile(r"\w+|[^\w\s]")
+WORD_UNIT = 4  # characters per token of a word piece: the mock vocabulary's longest letters
+
+
+def prompt_tokens(prompt: str) -> int:
+    """The prompt's length in the mock engine's tokens (see the module docstring)."""
+    return sum(-(-len(piece) // WORD_UNIT) for piece in _PIECES.findall(prompt))
+
+
 def request_rng(
     engine_version: str, seed: int, prompt: str, max_tokens: int, model: str = ""
 ) -> random.Random:
@@ -70,6 +89,7 @@ class _Req:
     rng: random.Random
     max_tokens: int
     due: float
+    prompt_tokens: int = 0
     produced: int = 0
     queued: bool = False  # has a live entry in the due heap
 
@@ -98,7 +118,7 @@ class MockEngineProcess:
                 for msg in engine_link.waiting(self.sock):
                     self.handle(msg)
             step = self.step(time.monotonic())
-            if step.tokens or step.finished or step.errors:
+            if step.tokens or step.finished or step.errors or step.prompts:
                 step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
 
@@ -116,6 +136,8 @@ class MockEngineProcess:
                 ready.append(r)
         for r in ready:
             r.queued = False
+            if r.produced == 0:  # its first step: say how long its prompt was
+                step.prompts.append((r.rid, r.prompt_tokens))
             n = cfg.tokens_per_step
             if itl > 0:
                 # Catch up on whole intervals missed, as an engine under load would.
@@ -164,7 +186,9 @@ class MockEngineProcess:
                 self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens, self.model
             )
             due = time.monotonic() + self.cfg.ttft_ms / 1000.0
-            r = self.reqs[msg.rid] = _Req(msg.rid, rng, max(1, msg.max_tokens), due)
+            r = self.reqs[msg.rid] = _Req(
+                msg.rid, rng, max(1, msg.max_tokens), due, prompt_tokens(msg.prompt)
+            )
             self._schedule(r)
         elif isinstance(msg, p.EngAbort):
             self.reqs.pop(msg.rid, None)  # its heap entry is skipped when it comes up

@@ -10,6 +10,7 @@ request, so that a request's tokens do not depend on the draws of its neighbours
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,10 @@ class BatchDecoder:
         eos_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
+        # The KV cache's keyword: ``cache`` where transformers has it (5.x renamed it and warns
+        # on the old name, which goes in 5.40), ``past_key_values`` on the 5.x before that.
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -70,9 +75,11 @@ class BatchDecoder:
         return self.max_batch - len(self.rows)
 
     def fit(self, req: NewRequest) -> NewRequest:
-        """The request cut to ``max_seq_len``: output first, then the prompt's tail."""
+        """The request cut to ``max_seq_len``: output first, then the prompt's tail. Its
+        ``prompt_ids`` are the prompt tokens the engine reads (an empty prompt stays empty:
+        :meth:`add` prefills it from one placeholder token that is no prompt)."""
         max_tokens = max(1, min(req.max_tokens, self.max_seq_len - 1))
-        ids = req.prompt_ids[-(self.max_seq_len - max_tokens) :] or [0]
+        ids = req.prompt_ids[-(self.max_seq_len - max_tokens) :]
         return NewRequest(req.rid, ids, max_tokens, req.seed, req.temperature, req.top_p)
 
     @torch.inference_mode()
@@ -83,12 +90,13 @@ class BatchDecoder:
         if len(reqs) > self.room:
             raise ValueError(f"{len(reqs)} requests for {self.room} free rows")
         reqs = [self.fit(r) for r in reqs]
-        width = max(len(r.prompt_ids) for r in reqs)
+        prompts = [r.prompt_ids or [0] for r in reqs]  # a row needs one real column
+        width = max(len(ids) for ids in prompts)
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -96,8 +104,8 @@ class BatchDecoder:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kw: cache},
         )
         rows = [
             _Row(
@@ -153,8 +161,8 @@ class BatchDecoder:
             input_ids=self.last[:, None],
             attention_mask=self.mask,
             position_ids=self.pos[:, None],
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_kw: self.cache},
         )
         tokens = self._sample(out.logits[:, -1, :], self.rows)
         self.pos = self.pos + 1

@@ -5,7 +5,9 @@ with ``CUDA_VISIBLE_DEVICES`` already set to the replica's devices. It speaks th
 engine's protocol over a ZeroMQ PAIR socket (``EngSubmit``/``EngAbort`` in, ``EngReady`` and
 one ``EngTextStep`` per engine step out), detokenizing itself so that the supervisor only
 forwards text. Each loop turn takes every message waiting, prefills the new requests that fit
-(``max_batch``), decodes one token for every running request, and sends what came out.
+(``max_batch``), decodes one token for every running request, and sends what came out. A
+request's prompt length, in the model tokenizer's tokens the engine actually reads (the
+prompt's tail, when ``max_seq_len`` cuts it), goes out in the step that prefills it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class TorchEngineProcess:
                 for msg in engine_link.waiting(self.sock):
                     self.handle(msg)
             step = self.step()
-            if step.tokens or step.finished or step.errors:
+            if step.tokens or step.finished or step.errors or step.prompts:
                 step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
 
@@ -71,7 +73,9 @@ class TorchEngineProcess:
         admit: list[NewRequest] = []
         while self.waiting and len(admit) < self.decoder.room:
             rid = next(iter(self.waiting))
-            admit.append(self.waiting.pop(rid))
+            r = self.decoder.fit(self.waiting.pop(rid))  # the prompt as the engine reads it
+            admit.append(r)
+            out.prompts.append((r.rid, len(r.prompt_ids)))
         try:
             if admit:
                 for r in admit:

@@ -49,9 +49,10 @@ class Line:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        self._failed = False  # a line its owner starts again reads again
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self.pump)
-        self._loop.call_soon(self.pump)  # input that arrived before the reader was added
+        self._loop.call_soon(self._pump_if_started)  # input that came before the reader
 
     def stop(self) -> None:
         """Stop reading and retrying; what is queued stays (:meth:`flush` sends it)."""
@@ -117,4 +118,10 @@ class Line:
         self.paused = False
         loop = self._loop
         if loop is not None:
-            loop.call_soon(self.pump)
+            loop.call_soon(self._pump_if_started)
+
+    def _pump_if_started(self) -> None:
+        """A read scheduled by :meth:`start` or :meth:`resume`: none once :meth:`stop` ran
+        (the owner may have closed the socket by then)."""
+        if self._loop is not None:
+            self.pump()

@@ -413,7 +413,6 @@ class EngSubmit(_Msg):
     prompt: str
     seed: int
     max_tokens: int
-    model: str = ""  # the model the engine has loaded perturbs its tokens
     temperature: float | None = None  # None: the engine's default (greedy for torch)
     top_p: float | None = None
 
@@ -429,6 +428,9 @@ class EngStep(_Msg):
     finished: list[tuple[int, str]] = []  # (rid, reason)
     errors: list[tuple[int, str]] = []  # (rid, message)
     t_ns: int = 0  # CLOCK_MONOTONIC when the engine emitted the step
+    # (rid, prompt length in the engine's tokens), in the first step that carries a request;
+    # the adapter reports these before the step's tokens, finishes and errors.
+    prompts: list[tuple[int, int]] = []
 
 
 class EngTextStep(_Msg):
@@ -438,6 +440,7 @@ class EngTextStep(_Msg):
     finished: list[tuple[int, str]] = []
     errors: list[tuple[int, str]] = []
     t_ns: int = 0
+    prompts: list[tuple[int, int]] = []  # as in EngStep
 
 
 class EngReady(_Msg):

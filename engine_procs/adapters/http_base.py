@@ -1,10 +1,12 @@
 """What every HTTP engine adapter shares: one streaming task per request, SSE parsing, failure
 mapping to the taxonomy, readiness polling, and (optionally) the engine process itself.
 
-A dialect subclass says how to build a request, how to read one SSE event, how to probe
-readiness and what the engine tells about itself; everything else is here so that the four
-dialects fail, cancel and time out the same way. Per request the rule is: exactly one of
-``on_finish`` / ``on_error`` reaches the sink, or nothing at all once ``abort`` was called.
+A dialect subclass says how to build a request, how to read one SSE event (its text, its end,
+and the prompt's length where the engine tells it: ``StreamState.prompt_tokens``, reported to
+the sink's ``on_usage`` once, before the request's end), how to probe readiness and what the
+engine tells about itself; everything else is here so that the four dialects fail, cancel and
+time out the same way. Per request the rule is: exactly one of ``on_finish`` / ``on_error``
+reaches the sink, or nothing at all once ``abort`` was called.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class StreamState:
     tokens: int = 0
     finish: str | None = None  # "length" | "stop" once the engine says so
     done: bool = False  # the engine ended the stream (no more events will matter)
+    prompt_tokens: int | None = None  # the prompt's length, once the engine says it
+    usage_sent: bool = False  # prompt_tokens went to the sink
 
     def emit(self, text: str) -> None:
         if text:
@@ -353,6 +357,9 @@ class HttpAdapter(EngineAdapter, abc.ABC):
                     raise status_failure(resp.status_code, raw, resp.headers)
                 async for name, data in sse_events(resp.aiter_lines()):
                     self.on_event(name, data, st)
+                    if st.prompt_tokens is not None and not st.usage_sent:
+                        st.usage_sent = True
+                        self.sink.on_usage(req.rid, st.prompt_tokens)
                     if st.texts:
                         self.sink.on_tokens(req.rid, st.texts)
                         st.texts = []
@@ -381,3 +388,8 @@ def engine_error(data: str) -> StreamFailure:
 
 def as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def as_count(value: Any) -> int | None:
+    """A token count an engine reported (0 included), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

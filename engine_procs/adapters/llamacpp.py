@@ -7,6 +7,13 @@ Wire format (tools/server/README.md in ggml-org/llama.cpp): each SSE ``data:`` e
 stream arrive as an ``error: {...}`` line. ``GET /health`` is 503 while the model loads, 200
 once it serves; ``GET /props`` gives ``build_info``, ``total_slots`` and
 ``default_generation_settings.n_ctx``. The seed is a uint32 where 0xFFFFFFFF means random.
+
+The prompt's length is ``tokens_evaluated`` ("total number of tokens evaluated from the
+prompt", the README's /completion response), which current servers put in every event
+(``server_task_result_cmpl_partial::to_json_non_oaicompat`` and the final result's JSON in
+tools/server/server-task.cpp). A final event without it still has ``timings``: ``prompt_n``
+(the prompt tokens computed) plus ``cache_n`` (those taken from the prompt cache; builds
+without ``cache_n`` leave a cached prefix uncounted).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from engine_procs.adapters.http_base import (
     U32_RANDOM,
     HttpAdapter,
     StreamState,
+    as_count,
     as_int,
     engine_error,
     malformed,
@@ -54,6 +62,8 @@ class LlamaCppAdapter(HttpAdapter):
         content, stop = obj.get("content", ""), obj.get("stop")
         if not isinstance(content, str) or not isinstance(stop, bool):
             raise malformed("no content/stop", data)
+        if st.prompt_tokens is None:
+            st.prompt_tokens = _prompt_tokens(obj, stop)
         st.emit(content)
         if stop:
             st.finish = _reason(obj, st)
@@ -76,6 +86,16 @@ class LlamaCppAdapter(HttpAdapter):
         alias = props.get("model_alias") or props.get("model_path")
         if not self.model and isinstance(alias, str):
             self.model = alias
+
+
+def _prompt_tokens(obj: dict[str, Any], final: bool) -> int | None:
+    n = as_count(obj.get("tokens_evaluated"))
+    timings = obj.get("timings")
+    if n is None and final and isinstance(timings, dict):
+        computed = as_count(timings.get("prompt_n"))
+        if computed is not None:
+            n = computed + (as_count(timings.get("cache_n")) or 0)
+    return n
 
 
 def _reason(obj: dict[str, Any], st: StreamState) -> str:

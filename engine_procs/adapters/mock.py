@@ -27,6 +27,8 @@ class MockAdapter(EngineProcessAdapter):
         if not isinstance(msg, p.EngStep):
             return
         sink, vj = self.sink, self._vocab_json
+        for rid, n in msg.prompts:
+            sink.on_usage(rid, n)
         if self.replica.mock.stamp_tokens:
             stamp = json_string(str(msg.t_ns))
             for rid, toks in msg.tokens:

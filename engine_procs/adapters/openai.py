@@ -8,6 +8,12 @@ chunk ``{"error": {...}}``. Readiness is ``GET /health`` (vLLM, SGLang, llama-se
 ``GET /v1/models`` (Ollama has no /health). The model name comes from the config or the first
 entry of ``/v1/models`` (whose vLLM entries carry ``max_model_len``); the version from vLLM's
 ``GET /version`` or Ollama's ``GET /api/version``, else "unknown".
+
+The prompt's length: we ask for ``stream_options: {"include_usage": true}`` (OpenAI's API
+reference; vLLM's ``StreamOptions`` in vllm/entrypoints/openai/protocol.py; SGLang,
+llama-server and Ollama take it too). Every chunk then has ``"usage": null``, and one more
+chunk before ``[DONE]`` has ``"choices": []`` and ``"usage": {"prompt_tokens",
+"completion_tokens", "total_tokens"}``. An engine that ignores the option reports nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from engine_procs.adapters.base import EngineRequest
 from engine_procs.adapters.http_base import (
     HttpAdapter,
     StreamState,
+    as_count,
     as_int,
     engine_error,
     malformed,
@@ -37,6 +44,7 @@ class OpenAIAdapter(HttpAdapter):
             "model": self.model,
             "max_tokens": req.max_tokens,
             "stream": True,
+            "stream_options": {"include_usage": True},  # the prompt's length, at the end
             "seed": req.seed & I64_MAX,
         }
         if self.replica.endpoint.chat:
@@ -64,6 +72,9 @@ class OpenAIAdapter(HttpAdapter):
             raise malformed("not an object", data)
         if obj.get("error") is not None:
             raise engine_error(data)
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and st.prompt_tokens is None:
+            st.prompt_tokens = as_count(usage.get("prompt_tokens"))
         choices = obj.get("choices")
         if not isinstance(choices, list):
             raise malformed("no choices", data)

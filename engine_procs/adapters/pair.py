@@ -3,8 +3,11 @@
 mock engine and the built-in torch engine. Subclasses name the module to run, what to pass
 it, and how to turn one step into sink calls.
 
-Steps are read from ``loop.add_reader`` on the socket's FD, everything waiting in one go, as
-the supervisor reads the scheduler: no zmq.asyncio future per step on the token path."""
+The socket is one :class:`ipc.line.Line`, as the supervisor's other sockets are: steps are
+read from ``loop.add_reader``, everything waiting in one go; what is sent in one event-loop
+turn goes as one message; a send the engine's end will not take (it died) is held and retried
+until the supervisor restarts the engine, whose new line starts empty; and a pause stops
+reading, so that the engine stalls on its tiny send queue until :meth:`resume`."""
 
 from __future__ import annotations
 
@@ -19,27 +22,24 @@ import zmq
 
 from engine_procs.adapters.base import EngineAdapter, EngineRequest, EngineSink
 from ipc import protocol as p
+from ipc.line import Line
 from ipc.proc import die_with_parent
 from orchd import log
 from orchd.config import Replica
-
-RESEND_S = 0.01  # while the engine's end of the socket takes nothing
 
 
 class EngineProcessAdapter(EngineAdapter):
     module: str = ""  # run as ``python -m <module> ADDR CONFIG_JSON MODEL_REF``
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
+        self._line: Line | None = None  # one per engine process, made by start()
+        self._paused = False
         super().__init__(replica, engine_addr, sink)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._sock: zmq.Socket[bytes] | None = None
-        self._fd = -1
         self._hello: asyncio.Future[bytes] | None = None  # until the engine's first message
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
-        self._out: list[bytes] = []
-        self._retry: asyncio.TimerHandle | None = None
 
     @abc.abstractmethod
     def engine_config_json(self) -> str:
@@ -49,10 +49,19 @@ class EngineProcessAdapter(EngineAdapter):
     def on_step(self, msg: p.EngineMessage) -> None:
         """Report one step to the sink (the base flushes after it)."""
 
+    @property
+    def paused(self) -> bool:
+        """Set by the supervisor while its rings are backed up: the line stops reading."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+        if self._line is not None:
+            self._line.paused = value
+
     async def start(self, timeout_s: float) -> None:
-        self._out = []  # nothing queued for a previous engine goes to this one
-        self._cancel_retry()
-        self._unwatch()
+        self._close_line()  # nothing queued for a previous engine goes to this one
         path = self.engine_addr.removeprefix("ipc://")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -61,11 +70,10 @@ class EngineProcessAdapter(EngineAdapter):
         sock.setsockopt(zmq.RCVHWM, 4)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self.engine_addr)
-        self._sock = sock
-        loop = asyncio.get_running_loop()
-        hello = self._hello = loop.create_future()
-        self._fd = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-        loop.add_reader(self._fd, self._readable)
+        hello = self._hello = asyncio.get_running_loop().create_future()
+        line = self._line = Line(sock, self._on_frame, on_error=self._unreadable)
+        line.paused = self._paused
+        line.start()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -97,10 +105,11 @@ class EngineProcessAdapter(EngineAdapter):
             await self.stop()
             raise RuntimeError(why)
         died.cancel()
-        ready = p.decode_engine(hello.result())
+        ready = self._decode(hello.result())
         if not isinstance(ready, p.EngReady):
             await self.stop()
-            raise RuntimeError(f"{self.name} engine said {type(ready).__name__}, not EngReady")
+            said = type(ready).__name__ if ready is not None else "something unreadable"
+            raise RuntimeError(f"{self.name} engine said {said}, not EngReady")
         self.engine_version = ready.engine_version
         self._stopping = False
         self._watch = asyncio.create_task(self._watch_proc())
@@ -116,66 +125,51 @@ class EngineProcessAdapter(EngineAdapter):
     def engine_pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def _readable(self) -> None:
-        """Take every message waiting, unless the supervisor's rings are backed up (then the
-        engine stalls on its tiny send queue until :meth:`resume`)."""
-        sock = self._sock
-        # EVENTS, not a recv that raises zmq.Again: the exception costs more than the check.
-        while (
-            sock is not None and not self.paused and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
-        ):
-            data = sock.recv(zmq.NOBLOCK)
-            hello = self._hello
-            if hello is not None:
-                self._hello = None
-                if not hello.done():
-                    hello.set_result(data)
-                continue
-            msg = self._decode(data)
-            if msg is None:
-                if self._proc is not None and self._proc.returncode is None:
-                    self._proc.kill()  # _watch_proc reports the death: the engine restarts
-                return
-            self._apply(msg)
-
-    def _decode(self, data: bytes) -> p.EngineMessage | None:
-        try:
-            return p.decode_engine(data)
-        except msgspec.MsgspecError as e:  # our own engine said what nobody can read
-            log.error("engine sent an unreadable message; restarting it", error=repr(e))
-            return None
-
-    def _apply(self, msg: p.EngineMessage) -> None:
-        self.on_step(msg)
+    def _on_frame(self, data: bytes) -> None:
+        hello = self._hello
+        if hello is not None:  # the engine's first message is start()'s to read
+            self._hello = None
+            if not hello.done():
+                hello.set_result(data)
+            return
+        self.on_step(p.decode_engine(data))  # unreadable: the line calls _unreadable
         self.sink.flush()  # one ring publish per engine step
 
-    def _unwatch(self) -> None:
-        if self._fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            self._fd = -1
+    def _unreadable(self, error: BaseException) -> None:
+        """The line failed on a step (our own engine said what nobody can read) and reads no
+        more: kill the engine, so that the watcher reports its death and it is restarted."""
+        if isinstance(error, msgspec.MsgspecError):
+            log.error("engine sent an unreadable message; restarting it", error=repr(error))
+        else:
+            log.error("engine step failed in the supervisor; restarting it", error=repr(error))
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+
+    @staticmethod
+    def _decode(data: bytes) -> p.EngineMessage | None:
+        try:
+            return p.decode_engine(data)
+        except msgspec.MsgspecError:
+            return None
 
     async def _watch_proc(self) -> None:
         assert self._proc is not None
         code = await self._proc.wait()
         if self._stopping:
             return
-        # Take every step the engine sent before it died, then report the death.
-        self._unwatch()
-        while self._sock is not None:
-            try:
-                msg = self._decode(self._sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            if msg is not None:
-                self._apply(msg)
+        # Take every step the engine sent before it died (paused or not), then report the
+        # death. The line stays: sends are held until the supervisor restarts the engine.
+        if self._line is not None:
+            self._line.pump(force=True)
         self.sink.on_engine_dead(f"{self.name} engine process exited with status {code}")
 
     def resume(self) -> None:
-        super().resume()
-        asyncio.get_running_loop().call_soon(self._readable)  # the FD is edge-triggered
+        self._paused = False
+        if self._line is not None:
+            self._line.resume()  # reads again: the FD is edge-triggered
 
     def submit(self, req: EngineRequest) -> None:
-        assert self._sock is not None
+        assert self._line is not None
         msg = p.EngSubmit(
             req.rid,
             req.prompt,
@@ -184,49 +178,31 @@ class EngineProcessAdapter(EngineAdapter):
             temperature=req.temperature,
             top_p=req.top_p,
         )
-        self._send(p.encode(msg))
-
-    def _send(self, frame: bytes) -> None:
-        """Requests and aborts queued in one event-loop turn reach the engine together."""
-        self._out.append(frame)
-        if len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._cancel_retry()
-        if self._out and self._sock is not None:
-            try:
-                self._sock.send_multipart(self._out, zmq.NOBLOCK)
-            except zmq.Again:
-                # No engine at the other end (it died: the watcher restarts it, and a new
-                # engine gets none of this) or one that stopped reading: try again shortly.
-                self._retry = asyncio.get_running_loop().call_later(RESEND_S, self._flush)
-                return
-            self._out = []
-            self._readable()  # the FD is edge-triggered: a send can hide pending input
-
-    def _cancel_retry(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        self._line.send(p.encode(msg))
 
     def abort(self, rid: int) -> None:
-        if self._sock is not None:
-            self._send(p.encode(p.EngAbort(rid)))
+        if self._line is not None:
+            self._line.send(p.encode(p.EngAbort(rid)))
+
+    def _close_line(self) -> None:
+        """Drop the line and whatever it still held for its engine, and close its socket."""
+        line, self._line = self._line, None
+        if line is not None:
+            line.discard()
+            line.stop()
+            line.sock.close(0)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.engine_addr.removeprefix("ipc://"))
 
     async def stop(self) -> None:
         self._stopping = True
-        self._unwatch()
-        self._cancel_retry()
         self._hello = None
+        if self._line is not None:
+            self._line.stop()  # nothing more from this engine reaches the sink
         if self._watch is not None:
             self._watch.cancel()
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
             with contextlib.suppress(ProcessLookupError):
                 await self._proc.wait()
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.engine_addr.removeprefix("ipc://"))
+        self._close_line()

@@ -9,6 +9,13 @@ Wire format (docs/openapi.json in huggingface/text-generation-inference): reques
 ``{"error": ..., "error_type": ...}``. ``GET /health`` is 200 when serving; ``GET /info``
 gives ``version``, ``model_id``, ``max_total_tokens`` and ``max_concurrent_requests``.
 Special tokens (e.g. ``</s>``) are not text and are not forwarded.
+
+The prompt's length is the last event's ``details.input_length`` (``StreamDetails`` in
+router/src/lib.rs, filled in by ``generate_stream`` in router/src/server.rs when the request
+asks for ``details``, as we do), in TGI's tokens after its own truncation. Releases older
+than that field say nothing of the prompt in a stream (``details.prefill`` needs
+``decoder_input_details``, which a stream refuses: ``PrefillDetailsStream`` in
+router/src/validation.rs); then no prompt length is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from engine_procs.adapters.base import EngineRequest
 from engine_procs.adapters.http_base import (
     HttpAdapter,
     StreamState,
+    as_count,
     as_int,
     engine_error,
     malformed,
@@ -61,6 +69,8 @@ class TgiAdapter(HttpAdapter):
         details = obj.get("details")
         if obj.get("generated_text") is not None or details is not None:
             reason = details.get("finish_reason") if isinstance(details, dict) else None
+            if isinstance(details, dict):
+                st.prompt_tokens = as_count(details.get("input_length"))
             if reason is None:
                 st.finish = st.length_or_stop()
             else:

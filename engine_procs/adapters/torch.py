@@ -23,6 +23,8 @@ class TorchAdapter(EngineProcessAdapter):
         if not isinstance(msg, p.EngTextStep):
             return
         sink = self.sink
+        for rid, n in msg.prompts:
+            sink.on_usage(rid, n)
         for rid, pieces in msg.tokens:
             sink.on_tokens(rid, [json_string(t) for t in pieces])
         for rid, reason in msg.finished:

@@ -10,6 +10,12 @@ Wire format (docs/protocol/extension_generate.md in triton-inference-server/serv
 ``length`` when ``max_tokens`` pieces came, else ``stop``. Readiness is
 ``GET /v2/health/ready`` and ``GET /v2/models/{model}/ready``; ``GET /v2`` gives the server
 ``version``. ``endpoint.model`` is required.
+
+Triton itself says nothing of the prompt's length, nor does the TensorRT-LLM ensemble by
+default. A model that returns the output ``num_input_tokens`` (the vLLM backend's, when the
+request sets its optional input ``return_num_input_tokens``: triton-inference-server/
+vllm_backend src/model.py) has it reported. We do not ask for it: a model without that input
+would refuse the request.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from engine_procs.adapters.base import EngineRequest, EngineSink
 from engine_procs.adapters.http_base import (
     HttpAdapter,
     StreamState,
+    as_count,
     engine_error,
     malformed,
     parse_json,
@@ -68,6 +75,9 @@ class TritonAdapter(HttpAdapter):
         text = obj.get("text_output")
         if not isinstance(text, str):
             raise malformed("no text_output", data)
+        if st.prompt_tokens is None:
+            n = obj.get("num_input_tokens")  # a one-element tensor: a number or [number]
+            st.prompt_tokens = as_count(n[0] if isinstance(n, list) and len(n) == 1 else n)
         st.emit(text)
         # The stream's end (EOF) is the finish; decide the reason now, it holds until then.
         st.finish = st.length_or_stop()

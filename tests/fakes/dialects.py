@@ -24,6 +24,11 @@ def tokens_for(seed: int, prompt: str, n: int) -> list[str]:
     return [rng.choice(VOCAB) for _ in range(n)]
 
 
+def prompt_tokens(prompt: str) -> int:
+    """The fakes' tokenizer: a BOS token, then one token per whitespace-separated word."""
+    return 1 + len(prompt.split())
+
+
 @dataclass
 class Seen:
     path: str
@@ -85,9 +90,22 @@ class LlamaCpp(Dialect):
         return 404, {"error": "not found"}
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        return sse({"index": 0, "content": text, "tokens": [i], "stop": False, "id_slot": 0})
+        # Every partial result carries both counts (to_json_non_oaicompat in
+        # tools/server/server-task.cpp).
+        return sse(
+            {
+                "index": 0,
+                "content": text,
+                "tokens": [i],
+                "stop": False,
+                "id_slot": 0,
+                "tokens_predicted": i + 1,
+                "tokens_evaluated": prompt_tokens(s.body["prompt"]),
+            }
+        )
 
     def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
+        n = prompt_tokens(s.body["prompt"])
         return sse(
             {
                 "index": 0,
@@ -97,11 +115,20 @@ class LlamaCpp(Dialect):
                 "stop": True,
                 "model": MODEL,
                 "tokens_predicted": len(toks),
-                "tokens_evaluated": len(s.body["prompt"].split()),
+                "tokens_evaluated": n,
                 "stop_type": "eos" if eos else "limit",
                 "stopping_word": "",
                 "truncated": False,
-                "timings": {"predicted_n": len(toks), "predicted_ms": 1.0},
+                "tokens_cached": n + len(toks) - 1,
+                "timings": {
+                    "cache_n": 0,
+                    "prompt_n": n,
+                    "prompt_ms": 1.0,
+                    "prompt_per_token_ms": 1.0 / n,
+                    "prompt_per_second": 1000.0 * n,
+                    "predicted_n": len(toks),
+                    "predicted_ms": 1.0,
+                },
             }
         )
 
@@ -127,18 +154,31 @@ class OpenAI(Dialect):
             return 200, {"version": fake.version}
         return 404, {"detail": "Not Found"}
 
-    def _chunk(self, s: Seen, choice: dict[str, Any]) -> bytes:
+    @staticmethod
+    def _usage_asked(s: Seen) -> bool:
+        options = s.body.get("stream_options") or {}
+        return bool(options.get("include_usage"))
+
+    def _chunk(self, s: Seen, choice: dict[str, Any] | None) -> bytes:
+        """One chunk; ``None``: the usage chunk (``choices: []``) that ends a stream whose
+        request set ``stream_options.include_usage``, and then every other chunk has
+        ``"usage": null`` (vLLM's serving_completion.py / serving_chat.py)."""
         chat = s.path.endswith("chat/completions")
         kind = "chat.completion.chunk" if chat else "text_completion"
-        return sse(
-            {
-                "id": "cmpl-fake",
-                "object": kind,
-                "created": 1700000000,
-                "model": MODEL,
-                "choices": [{"index": 0, "logprobs": None, **choice}],
-            }
-        )
+        obj: dict[str, Any] = {
+            "id": "cmpl-fake",
+            "object": kind,
+            "created": 1700000000,
+            "model": MODEL,
+            "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}],
+        }
+        if choice is None:
+            n = prompt_tokens(self.params(s.body)[0])
+            done = len(s.toks)
+            obj["usage"] = {"prompt_tokens": n, "total_tokens": n + done, "completion_tokens": done}
+        elif self._usage_asked(s):
+            obj["usage"] = None
+        return sse(obj)
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
         reason = ("stop" if eos else "length") if last else None
@@ -154,6 +194,8 @@ class OpenAI(Dialect):
         if s.path.endswith("chat/completions"):
             reason = "stop" if eos else "length"
             out = self._chunk(s, {"delta": {}, "finish_reason": reason})
+        if self._usage_asked(s):
+            out += self._chunk(s, None)
         return out + b"data: [DONE]\n\n"
 
     def error(self, fake: FakeEngine, message: str) -> bytes:
@@ -199,8 +241,17 @@ class Tgi(Dialect):
         return sse(obj, b"data:")  # TGI (axum) writes no space after "data:"
 
     def _end(self, s: Seen, toks: list[str], reason: str) -> dict[str, Any]:
-        details = {"finish_reason": reason, "generated_tokens": len(toks), "input_length": 3}
-        return {"generated_text": "".join(toks), "details": {**details, "seed": None}}
+        """The last event's end, with ``details`` only when the request asked for them
+        (``StreamDetails`` in router/src/lib.rs)."""
+        if not s.body["parameters"].get("details"):
+            return {"generated_text": "".join(toks)}
+        details = {
+            "finish_reason": reason,
+            "generated_tokens": len(toks),
+            "seed": None,
+            "input_length": prompt_tokens(s.body["inputs"]),
+        }
+        return {"generated_text": "".join(toks), "details": details}
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
         if last and not eos:  # the last token's event carries the end
@@ -234,7 +285,10 @@ class Triton(Dialect):
         return 404, {"error": f"Request for unknown model: '{path}' is not found"}
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
-        return sse({"model_name": MODEL, "model_version": "1", "text_output": text})
+        obj: dict[str, Any] = {"model_name": MODEL, "model_version": "1", "text_output": text}
+        if s.body.get("return_num_input_tokens"):  # the vLLM backend's optional input
+            obj["num_input_tokens"] = prompt_tokens(s.body["text_input"])
+        return sse(obj)
 
     def error(self, fake: FakeEngine, message: str) -> bytes:
         return sse({"error": message})

@@ -5,7 +5,8 @@ Dialects (taken from each engine's public documentation; see the adapter modules
 ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/version``), ``tgi``
 (``/generate_stream``, ``/info``, ``/health``), ``triton`` (generate extension and the v2
 readiness endpoints). Output is seeded-deterministic: :func:`tokens_for` says what a request
-will produce. Faults are set when the fake is built and apply to every generation request.
+will produce, and :func:`prompt_tokens` the prompt length a fake reports where its engine
+does. Faults are set when the fake is built and apply to every generation request.
 
 Run in-process (``await fake.start()``), in a thread (``fake.start_in_thread()``) or as a
 process: ``python -m tests.fakes.engines llamacpp --port N [--exit-after K]``.
@@ -21,10 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.fakes.dialects import DIALECTS, MODEL, Dialect, Seen, tokens_for
+from tests.fakes.dialects import DIALECTS, MODEL, Dialect, Seen, prompt_tokens, tokens_for
 from tests.fakes.http import HttpServer, Request
 
-__all__ = ["MODEL", "FakeEngine", "Faults", "Seen", "tokens_for"]
+__all__ = ["MODEL", "FakeEngine", "Faults", "Seen", "prompt_tokens", "tokens_for"]
 
 
 @dataclass

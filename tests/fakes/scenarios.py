@@ -12,10 +12,13 @@ from engine_procs.adapters.base import EngineRequest
 from engine_procs.adapters.http_base import HttpAdapter
 from engine_procs.engine_process import free_port
 from orchd.config import Endpoint, Replica
-from tests.fakes.engines import MODEL, FakeEngine, Faults, tokens_for
+from tests.fakes.engines import MODEL, FakeEngine, Faults, prompt_tokens, tokens_for
 from tests.fakes.sink import RecordingSink, wait_until
 
 T = TypeVar("T")
+
+# The dialects whose engines say a stream's prompt length (each adapter's docstring says where).
+REPORTS_PROMPT = {"openai", "llamacpp", "tgi"}
 Scenario = Callable[[HttpAdapter, RecordingSink, FakeEngine], Awaitable[T]]
 
 
@@ -54,6 +57,7 @@ def run(
             await adapter.start(timeout_s=5.0)
             result = await scenario(adapter, sink, fake)
             assert sink.after_end == [], f"events after a request ended: {sink.after_end}"
+            assert sink.usage_twice == [], f"usage reported twice: {sink.usage_twice}"
             return result
         finally:
             await adapter.stop()
@@ -66,18 +70,28 @@ def req(rid: int, max_tokens: int = 8, seed: int = 7, prompt: str = "say hi") ->
     return EngineRequest(rid, prompt, seed, max_tokens)
 
 
+def expected_usage(a: HttpAdapter, *reqs: EngineRequest) -> dict[int, int]:
+    """What ``on_usage`` should have said for ``reqs``, by rid: the fake's prompt length
+    where the adapter's engine reports one, else nothing."""
+    if a.name not in REPORTS_PROMPT:
+        return {}
+    return {r.rid: prompt_tokens(r.prompt) for r in reqs}
+
+
 # ------------------------------------------------------------------------------ scenarios
 
 
 async def completes(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> list[dict[str, Any]]:
     """Three concurrent requests, each gets exactly its seeded tokens and ends with length."""
-    reqs = [req(1, 8, 7), req(2, 5, 8, 'a "quoted" prompt'), req(3, 12, 9)]
+    reqs = [req(1, 8, 7), req(2, 5, 8, 'a "quoted" prompt'), req(3, 12, 9, "")]
     for r in reqs:
         a.submit(r)
     for r in reqs:
         end = await sink.wait_end(r.rid)
         assert (end.kind, end.reason) == ("finish", "length"), end
         assert sink.tokens[r.rid] == tokens_for(r.seed, r.prompt, r.max_tokens)
+    # Each prompt's own length (2, 4 and 1 fake tokens), reported before its end.
+    assert sink.usage == expected_usage(a, *reqs)
     return [s.body for s in fake.seen]
 
 
@@ -86,6 +100,7 @@ async def eos_is_stop(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> 
     end = await sink.wait_end(1)
     assert (end.kind, end.reason) == ("finish", "stop"), end
     assert sink.tokens[1] == tokens_for(7, "say hi", 8)[: fake.faults.eos_at]
+    assert sink.usage == expected_usage(a, req(1))
 
 
 async def disconnect_is_worker_reset(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
@@ -111,6 +126,8 @@ async def engine_error_is_internal(a: HttpAdapter, sink: RecordingSink, fake: Fa
     assert (end.kind, end.reason) == ("error", "INTERNAL"), end
     assert "fault injected" in end.message
     assert len(sink.tokens[1]) == fake.faults.error_after
+    # Only llama.cpp says the prompt's length before its stream's last event.
+    assert sink.usage == (expected_usage(a, req(1)) if a.name == "llamacpp" else {})
 
 
 async def slow_first_token_ok(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:

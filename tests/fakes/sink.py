@@ -25,6 +25,9 @@ class RecordingSink:
     ends: list[End] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     after_end: list[int] = field(default_factory=list)  # rids with events after their end
+    usage: dict[int, int] = field(default_factory=dict)  # rid: prompt tokens, as reported
+    usage_twice: list[int] = field(default_factory=list)  # rids whose usage came again
+    calls: list[tuple[str, int]] = field(default_factory=list)  # (sink method, rid), in order
 
     def _check(self, rid: int) -> None:
         if any(e.rid == rid for e in self.ends):
@@ -32,16 +35,26 @@ class RecordingSink:
 
     def on_tokens(self, rid: int, texts_json: list[bytes]) -> None:
         self._check(rid)
+        self.calls.append(("on_tokens", rid))
         self.tokens[rid] += [json.loads(t) for t in texts_json]
+
+    def on_usage(self, rid: int, prompt_tokens: int) -> None:
+        self._check(rid)
+        if rid in self.usage:
+            self.usage_twice.append(rid)
+        self.calls.append(("on_usage", rid))
+        self.usage[rid] = prompt_tokens
 
     def on_finish(self, rid: int, reason: str) -> None:
         self._check(rid)
+        self.calls.append(("on_finish", rid))
         self.ends.append(End(rid, "finish", reason))
 
     def on_error(
         self, rid: int, code: str, message: str, retry_after_ms: int | None = None
     ) -> None:
         self._check(rid)
+        self.calls.append(("on_error", rid))
         self.ends.append(End(rid, "error", code, message, retry_after_ms))
 
     def on_engine_dead(self, reason: str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.engines import FakeEngine, Faults, tokens_for
-from tests.integration.conftest import cancel, run_task, stream, submit
+from tests.fakes.engines import FakeEngine, Faults, prompt_tokens, tokens_for
+from tests.integration.conftest import cancel, metric, run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.sse import sync_request
 from tests.support.wait import wait_for
@@ -95,7 +95,14 @@ def texts(events: list) -> list[str]:  # type: ignore[type-arg]
     return [e.json["t"] for e in events if e.event == "token"]
 
 
+def tokens_in(d: Daemon) -> float:
+    """``tokens_in_total`` once every task has ended at the scheduler."""
+    wait_for(lambda: metric(d, "replica_active_slots") == 0, 10, "tasks to settle")
+    return metric(d, "tokens_in_total")
+
+
 def test_llamacpp_task_streams_end_to_end(daemon: Daemon) -> None:
+    before = tokens_in(daemon)
     s = run_task(daemon, engine="llamacpp", max_tokens=16, seed=11, prompt="hello there")
     started, end = s.events[0].json, s.events[-1].json
     assert started["engine"] == "llamacpp" and started["replica_id"] == "llama"
@@ -103,13 +110,18 @@ def test_llamacpp_task_streams_end_to_end(daemon: Daemon) -> None:
     assert texts(s.events) == tokens_for(11, "hello there", 16)
     assert s.events[-1].event == "end" and end["reason"] == "length"
     assert end["tokens_out"] == 16
+    # The prompt's length as llama-server said it (tokens_evaluated): 3 fake tokens.
+    assert tokens_in(daemon) - before == prompt_tokens("hello there") == 3
 
 
 def test_vllm_task_streams_end_to_end(daemon: Daemon) -> None:
+    before = tokens_in(daemon)
     s = run_task(daemon, engine="vllm", max_tokens=9, seed=3, prompt='é "q" \\ ok')
     assert s.events[0].json["engine_version"] == "0.6.3"  # vLLM's GET /version
     assert texts(s.events) == tokens_for(3, 'é "q" \\ ok', 9)
     assert s.events[-1].json["reason"] == "length"
+    # The prompt's length from the stream's usage chunk: 5 fake tokens.
+    assert tokens_in(daemon) - before == prompt_tokens('é "q" \\ ok') == 5
 
 
 def test_cancel_reaches_the_engine(daemon: Daemon, engines: tuple[FakeEngine, FakeEngine]) -> None:
@@ -136,9 +148,12 @@ def test_engine_started_from_a_command_is_restarted_after_it_dies(daemon: Daemon
         lambda r: r.get("narration") == "engine died" and r.get("replica_id") == "tgi-cmd", 10
     )
     wait_for(lambda: daemon.count_log(lambda r: ready(r, "tgi-cmd")) >= 2, 30, "engine restart")
+    before = tokens_in(daemon)
     s = run_task(daemon, engine="tgi", max_tokens=5, seed=3)
     assert texts(s.events) == tokens_for(3, "hello", 5)
     assert s.events[-1].json["reason"] == "length"
+    # The prompt's length from TGI's last event (details.input_length): 2 fake tokens.
+    assert tokens_in(daemon) - before == prompt_tokens("hello") == 2
 
 
 def test_reload_restarts_a_command_engine_on_the_new_model_and_refuses_an_external_one(

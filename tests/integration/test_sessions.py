@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
 
+from engine_procs.mock_engine import prompt_tokens
 from tests.integration.conftest import stream, submit
 from tests.support.daemon import Daemon
-from tests.support.sse import sync_request
+from tests.support.sse import Event, sync_request
+from tests.support.wait import wait_for
 
 BUDGETS = """
 [server]
@@ -41,6 +44,12 @@ def budgets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
 
 
+def read_all(d: Daemon, task_id: str, timeout: float = 30.0) -> list[Event]:
+    """The task's whole stream, on a connection closed afterwards."""
+    with closing(stream(d, task_id)) as s:
+        return s.read_to_end(timeout)
+
+
 def as_key(d: Daemon, key: str) -> Daemon:
     d.key = key
     return d
@@ -51,16 +60,29 @@ def session(d: Daemon, sid: str, key: str) -> tuple[int, dict[str, Any]]:
     return status, json.loads(raw) if raw else {}
 
 
+KV_BYTES_PER_TOKEN = 1024  # the pools' default
+
+
 def test_session_view_turns_and_delete(budgets: Daemon) -> None:
     d = as_key(budgets, "k-alpha")
-    for _ in range(2):
-        status, body, _ = submit(d, session_id="s-view", max_tokens=10)
+    prompts = ["hello", "a longer prompt, with a comma"]
+    for prompt in prompts:
+        status, body, _ = submit(d, session_id="s-view", max_tokens=10, prompt=prompt)
         assert status == 202
-        stream(d, body["task_id"]).read_to_end()
+        read_all(d, body["task_id"])
+    # Each turn is charged its prompt (as the engine counted it) and its output.
+    used = sum(prompt_tokens(p) + 10 for p in prompts)
+    assert used == (2 + 10) + (10 + 10)  # hello 2; a 1 longer 2 prompt 2 , 1 with 1 a 1 comma 2
+    kv_bytes = used * KV_BYTES_PER_TOKEN
+
+    def settled() -> bool:  # the client sees its end before the scheduler settles the turn
+        return session(d, "s-view", "k-alpha")[1].get("kv_bytes") == kv_bytes
+
+    wait_for(settled, 10, f"the session's kv_bytes to reach {kv_bytes}")
     status, s = session(d, "s-view", "k-alpha")
     assert status == 200
     assert s["turns"] == 2 and s["max_turns"] == 8
-    assert s["kv_bytes"] > 0 and s["kv_warmth"] is True
+    assert s["kv_bytes"] == kv_bytes and s["kv_warmth"] is True
     assert s["tokens_budget_remaining"] is None  # k-alpha: unlimited
     assert 0 < s["ttl_ms_remaining"] <= 600_000
     assert session(d, "s-view", "k-beta")[0] == 404  # another key's session is not visible
@@ -82,9 +104,9 @@ def test_token_budget_headers_and_refusal_before_enqueue(budgets: Daemon) -> Non
     status, body, headers = submit(d, session_id="s-beta", max_tokens=30)
     assert status == 202
     assert headers["x-budget-tokens-remaining"] == "70"  # 100 less this task's reservation
-    s = stream(d, body["task_id"])
-    assert s.headers["x-budget-tokens-remaining"] == "70"
-    assert s.read_to_end()[-1].json["tokens_out"] == 30
+    with closing(stream(d, body["task_id"])) as s:
+        assert s.headers["x-budget-tokens-remaining"] == "70"
+        assert s.read_to_end()[-1].json["tokens_out"] == 30
     status, body, _ = submit(d, session_id="s-beta", max_tokens=71)
     assert status == 429 and body["code"] == "BUDGET_EXHAUSTED"
     assert body["retriable"] is False and body["policy_label"] == "budget:tokens"
@@ -98,7 +120,7 @@ def test_time_budget_ends_the_stream_with_reason_budget(budgets: Daemon) -> None
     status, body, headers = submit(d, session_id="s-gamma", max_tokens=1500)  # ~3 s of tokens
     assert status == 202 and headers["x-budget-time-remaining-ms"] == "300"
     assert headers["x-budget-cost-remaining"] == "250"  # 1000 less 1500 x 0.5 reserved
-    events = stream(d, body["task_id"]).read_to_end(timeout=10)
+    events = read_all(d, body["task_id"], timeout=10)
     end = events[-1].json
     assert events[-1].event == "end" and end["reason"] == "budget"
     assert 0 < end["tokens_out"] < 1500
@@ -115,7 +137,7 @@ def test_cost_budget_is_checked_before_enqueue(budgets: Daemon) -> None:
 def test_metrics_frames_are_interleaved(budgets: Daemon) -> None:
     d = as_key(budgets, "k-alpha")
     status, body, _ = submit(d, max_tokens=150, deadline_ms=60_000)  # ~300 ms of tokens
-    events = stream(d, body["task_id"]).read_to_end()
+    events = read_all(d, body["task_id"])
     kinds = [e.event for e in events]
     assert kinds[0] == "started" and kinds[-1] == "end"
     metrics = [e.json for e in events if e.event == "metrics"]

@@ -15,10 +15,11 @@ import torch
 
 from engine_procs import torch_models
 from engine_procs.torch_batch import BatchDecoder, NewRequest
-from tests.integration.conftest import cancel, run_task, stream, submit
+from tests.integration.conftest import cancel, metric, run_task, stream, submit
 from tests.support.daemon import Daemon
 from tests.support.hf import save_tiny_model
 from tests.support.sse import sync_request
+from tests.support.wait import wait_for
 
 CONFIG = """
 [server]
@@ -69,7 +70,14 @@ def get(d: Daemon, path: str) -> dict[str, Any]:
     return body
 
 
+def tokens_in(d: Daemon) -> float:
+    """``tokens_in_total`` once every task has ended at the scheduler."""
+    wait_for(lambda: metric(d, "replica_active_slots") == 0, 10, "tasks to settle")
+    return metric(d, "tokens_in_total")
+
+
 def test_streams_the_models_tokens(torchd: Daemon) -> None:
+    before = tokens_in(torchd)
     text, events = text_of(torchd, prompt="the quick brown fox", max_tokens=24)
     started = events[0].json
     assert started["engine"] == "torch" and started["engine_version"] == "torch-test"
@@ -77,6 +85,8 @@ def test_streams_the_models_tokens(torchd: Daemon) -> None:
     assert [e.json["i"] for e in events if e.event == "token"] == list(range(24))
     assert events[-1].json["tokens_out"] == 24 and events[-1].json["reason"] == "length"
     assert text.strip()
+    # random:tiny reads a token per byte of the prompt: 19.
+    assert tokens_in(torchd) - before == len(b"the quick brown fox") == 19
 
 
 def test_greedy_and_seeded_decoding_hold_under_concurrency(torchd: Daemon) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.http_base import HttpAdapter, StreamState
 from engine_procs.adapters.llamacpp import LlamaCppAdapter
 from tests.fakes import scenarios as sc
 from tests.fakes.engines import MODEL, FakeEngine, Faults
@@ -17,6 +17,25 @@ def test_streams_seeded_tokens_and_passes_parameters() -> None:
     bodies = sc.run(CLS, DIALECT, sc.completes)
     first = next(b for b in bodies if b["n_predict"] == 8)
     assert first == {"prompt": "say hi", "n_predict": 8, "stream": True, "seed": 7}
+
+
+def test_prompt_tokens_from_tokens_evaluated_else_the_final_timings() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+
+    def read(*events: str) -> int | None:
+        st = StreamState(sc.req(1, 4))
+        for e in events:
+            adapter.on_event("message", e, st)
+        return st.prompt_tokens
+
+    partial = '{"content": "a", "stop": false'
+    final = '{"content": "", "stop": true, "stop_type": "limit"'
+    assert read(partial + ', "tokens_evaluated": 9}') == 9  # current servers: every event
+    assert read(partial + "}", final + ', "tokens_evaluated": 9}') == 9
+    timings = '"timings": {"prompt_n": 4, "cache_n": 5, "predicted_n": 1}'
+    assert read(partial + "}", final + f", {timings}}}") == 9  # computed + from the cache
+    assert read(final + ', "timings": {"prompt_n": 4}}') == 4  # a build without cache_n
+    assert read(partial + "}", final + "}") is None  # nothing said: nothing reported
 
 
 def test_reads_version_context_and_slots_from_props() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.http_base import HttpAdapter, StreamState
 from engine_procs.adapters.openai import OpenAIAdapter
 from tests.fakes import scenarios as sc
 from tests.fakes.engines import MODEL, FakeEngine, Faults
@@ -16,7 +16,14 @@ CLS, DIALECT = OpenAIAdapter, "openai"
 def test_completions_stream_seeded_tokens_and_pass_parameters() -> None:
     bodies = sc.run(CLS, DIALECT, sc.completes)
     first = next(b for b in bodies if b["max_tokens"] == 8)
-    assert first == {"model": MODEL, "max_tokens": 8, "stream": True, "seed": 7, "prompt": "say hi"}
+    assert first == {
+        "model": MODEL,
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},  # the final usage chunk: prompt tokens
+        "seed": 7,
+        "prompt": "say hi",
+    }
 
 
 def test_chat_completions_stream_seeded_tokens() -> None:
@@ -24,6 +31,22 @@ def test_chat_completions_stream_seeded_tokens() -> None:
     first = next(b for b in bodies if b["max_tokens"] == 8)
     assert first["messages"] == [{"role": "user", "content": "say hi"}]
     assert "prompt" not in first
+
+
+def test_usage_comes_from_the_usage_chunk_only() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    st = StreamState(sc.req(1, 2))
+    chunk = '{"choices": [{"index": 0, "text": "a", "finish_reason": null}], "usage": null}'
+    adapter.on_event("message", chunk, st)
+    assert st.prompt_tokens is None  # "usage": null on every other chunk
+    usage = '{"prompt_tokens": 17, "completion_tokens": 2, "total_tokens": 19}'
+    adapter.on_event("message", f'{{"choices": [], "usage": {usage}}}', st)
+    assert st.prompt_tokens == 17
+    # An engine that ignores stream_options sends no usage: nothing is reported.
+    quiet = StreamState(sc.req(2, 1))
+    adapter.on_event("message", '{"choices": [{"text": "a", "finish_reason": "length"}]}', quiet)
+    adapter.on_event("message", "[DONE]", quiet)
+    assert quiet.finish == "length" and quiet.prompt_tokens is None
 
 
 def test_reads_model_version_and_context() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine_procs.adapters.base import EngineRequest
-from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.http_base import HttpAdapter, StreamState
 from engine_procs.adapters.tgi import TgiAdapter
 from tests.fakes import scenarios as sc
 from tests.fakes.engines import MODEL, FakeEngine, Faults
@@ -36,6 +36,23 @@ def test_sampling_parameters_switch_sampling_on() -> None:
     }
     _, greedy = adapter.request(EngineRequest(1, "p", 5, 4, temperature=0.0))
     assert "temperature" not in greedy["parameters"]  # TGI rejects temperature 0
+
+
+def test_prompt_tokens_come_from_the_last_events_details() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    token = '"token": {"id": 1, "text": "a", "logprob": -1.0, "special": false}'
+
+    def read(end: str) -> StreamState:
+        st = StreamState(sc.req(1, 2))
+        adapter.on_event("message", f'{{{token}, "generated_text": null, "details": null}}', st)
+        assert st.prompt_tokens is None
+        adapter.on_event("message", f'{{{token}, "generated_text": "aa", {end}}}', st)
+        assert st.done and st.finish == "length"
+        return st
+
+    details = '"finish_reason": "length", "generated_tokens": 2, "seed": null'
+    assert read(f'"details": {{{details}, "input_length": 12}}').prompt_tokens == 12
+    assert read(f'"details": {{{details}}}').prompt_tokens is None  # a TGI before input_length
 
 
 def test_reads_version_context_and_slots_from_info() -> None:

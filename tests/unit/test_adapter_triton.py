@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engine_procs.adapters.http_base import HttpAdapter
+from engine_procs.adapters.http_base import HttpAdapter, StreamState
 from engine_procs.adapters.triton import TritonAdapter
 from orchd.config import Endpoint, Replica
 from tests.fakes import scenarios as sc
@@ -24,6 +24,21 @@ def test_streams_seeded_tokens_and_passes_parameters() -> None:
         "text_input": "say hi",
         "parameters": {"stream": True, "max_tokens": 8, "random_seed": 7},
     }
+
+
+def test_prompt_tokens_only_from_a_model_that_returns_them() -> None:
+    # The fake, like Triton, sends no prompt length unless asked (the scenarios check that
+    # none is reported); a model that returns num_input_tokens has it reported.
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    head = '{"model_name": "m", "model_version": "1", "text_output": "a"'
+    for extra, want in (
+        ("", None),
+        (', "num_input_tokens": 7', 7),
+        (', "num_input_tokens": [7]', 7),
+    ):
+        st = StreamState(sc.req(1, 4))
+        adapter.on_event("message", head + extra + "}", st)
+        assert st.prompt_tokens == want, extra
 
 
 def test_reads_server_version() -> None:

@@ -105,9 +105,11 @@ def test_limits(tiny: torch_models.Loaded) -> None:
     assert fitted.max_tokens == 31 and fitted.prompt_ids == [99]
     fitted = d.fit(NewRequest(1, list(range(100)), 8))
     assert fitted.prompt_ids == list(range(76, 100))
-    assert d.fit(NewRequest(1, [], 8)).prompt_ids == [0]
+    assert d.fit(NewRequest(1, [], 8)).prompt_ids == []  # no prompt token to count
     out = d.add([NewRequest(1, [5, 6], 1)])
     assert out[0][2] == "length" and len(d) == 0
+    out = d.add([NewRequest(2, [], 1), NewRequest(3, [5, 6, 7], 1)])  # an empty prompt decodes
+    assert [(rid, reason) for rid, _, reason in out] == [(2, "length"), (3, "length")]
 
 
 def test_end_of_sequence_stops_a_request(tiny: torch_models.Loaded) -> None:

@@ -54,6 +54,21 @@ def test_requests_wait_for_a_row_and_all_finish(engine: TorchEngineProcess) -> N
     assert not engine.text
 
 
+def test_the_prefill_step_reports_the_prompt_as_the_engine_reads_it(
+    engine: TorchEngineProcess,
+) -> None:
+    # random:tiny encodes a byte per token; max_seq_len 64 less 10 output tokens leaves 54.
+    engine.handle(p.EngSubmit(1, "héllo", seed=0, max_tokens=10))
+    engine.handle(p.EngSubmit(2, "x" * 200, seed=0, max_tokens=10))
+    engine.handle(p.EngSubmit(3, "", seed=0, max_tokens=10))
+    first = engine.step()
+    assert first.prompts == [(1, 6), (2, 54)]  # 3 waits for a row: reported when it gets one
+    later = drive(engine)
+    assert [pr for s in later for pr in s.prompts] == [(3, 0)]
+    admitted = next(s for s in later if s.prompts)
+    assert 3 in {rid for rid, _ in admitted.tokens}  # in the step with its first token
+
+
 def test_abort_frees_a_queued_or_running_request(engine: TorchEngineProcess) -> None:
     for rid in (1, 2, 3):
         engine.handle(p.EngSubmit(rid, "x", seed=0, max_tokens=50))
