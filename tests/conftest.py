@@ -4,8 +4,11 @@ skipped, with the reason shown in the summary. Nothing else is ever skipped."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import pytest
+
+from tests.support.sse import SyncStream
 
 
 @functools.cache
@@ -28,3 +31,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU with a driver (NVML found none)")
         for item in gpu_tests:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _close_sse_streams() -> Iterator[None]:
+    """Whatever SSE connection a test opened and left open is closed when it ends."""
+    yield
+    SyncStream.close_all()

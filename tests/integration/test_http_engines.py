@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,7 +194,7 @@ class UnreadyDaemon(Daemon):
         self.proc = subprocess.Popen(
             [*cmd, "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=self.env
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.read_log()
         return self
 
 

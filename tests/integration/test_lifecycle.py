@@ -46,7 +46,7 @@ def test_sigterm_drains_and_leaves_no_process_segment_or_socket(tmp_path: Path) 
     events = s.read_to_end(timeout=30)  # the running stream finishes during the drain
     assert events[-1].event == "end" and events[-1].json["tokens_out"] == 300
 
-    assert d.proc.wait(30) == 0
+    assert d.stop(30) == 0  # (already stopping: this only waits, and closes its log)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"orchd-{tag}")]

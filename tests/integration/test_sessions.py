@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from engine_procs.mock_engine import prompt_tokens
-from tests.integration.conftest import stream, submit
+from tests.integration.conftest import stream, submit, task_body
 from tests.support.daemon import Daemon
 from tests.support.sse import Event, sync_request
 from tests.support.wait import wait_for
@@ -107,10 +107,14 @@ def test_token_budget_headers_and_refusal_before_enqueue(budgets: Daemon) -> Non
     with closing(stream(d, body["task_id"])) as s:
         assert s.headers["x-budget-tokens-remaining"] == "70"
         assert s.read_to_end()[-1].json["tokens_out"] == 30
-    status, body, _ = submit(d, session_id="s-beta", max_tokens=71)
+    # The prompt was charged too, in the engine's own tokens.
+    left = 70 - prompt_tokens(task_body()["prompt"])
+    assert 0 < left < 70
+    assert session(d, "s-beta", "k-beta")[1]["tokens_budget_remaining"] == left
+    status, body, _ = submit(d, session_id="s-beta", max_tokens=left + 1)
     assert status == 429 and body["code"] == "BUDGET_EXHAUSTED"
     assert body["retriable"] is False and body["policy_label"] == "budget:tokens"
-    status, body, headers = submit(d, session_id="s-beta", max_tokens=70)
+    status, body, headers = submit(d, session_id="s-beta", max_tokens=left)
     assert status == 202 and headers["x-budget-tokens-remaining"] == "0"
     assert session(d, "s-beta", "k-beta")[1]["tokens_budget_remaining"] == 0
 

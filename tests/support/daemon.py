@@ -62,12 +62,17 @@ class Daemon:
             env=self.env,
             preexec_fn=die_with_parent,  # a killed test run leaves no daemon behind
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.read_log()
         ready = self.wait_log(lambda r: r.get("narration") == "ready", READY_TIMEOUT_S)
         url = ready["url"]
         self.port = int(url.rsplit(":", 1)[1])
         self.run_dir = ready["run_dir"]
         return self
+
+    def read_log(self) -> None:
+        """Read the process's log lines as they come, in a thread."""
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -116,10 +121,19 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill_tree()
             raise
+        self._close_stderr()
+        return code
+
+    def _close_stderr(self) -> None:
+        """Once the process has exited, its log pipe reaches its end: read it, close it."""
+        assert self.proc is not None
+        self._reader.join(5.0)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def kill_tree(self) -> None:
         if self.proc is None:

@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.support import contract
 
@@ -104,10 +104,14 @@ def _request_bytes(
 
 
 class SyncStream:
-    """A blocking SSE connection."""
+    """A blocking SSE connection. Every one still open when its test ends is closed then
+    (:func:`close_all`), so a test that walks away mid-stream leaks no socket."""
+
+    open_streams: ClassVar[set[SyncStream]] = set()
 
     def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
         self.sock = socket.create_connection((host, port), timeout=30)
+        SyncStream.open_streams.add(self)
         self.sock.sendall(_request_bytes("GET", path, host, port, headers, None))
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -175,6 +179,12 @@ class SyncStream:
 
     def close(self) -> None:
         self.sock.close()
+        SyncStream.open_streams.discard(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for s in list(cls.open_streams):
+            s.close()
 
 
 def sync_request(

@@ -50,3 +50,31 @@ def test_core_sources_do_not_read_the_clock() -> None:
         assert "import time" not in text, path
         assert "from time" not in text, path
         assert "import random" not in text, path
+
+
+SUPERVISOR_CORE = ("supervisor_core", "supervisor_engines", "supervisor_effects")
+
+SUPERVISOR_PROBE = r"""
+import importlib, json, sys
+for name in sys.argv[2].split(","):
+    importlib.import_module("engine_procs." + name)
+forbidden = sys.argv[1].split(",")
+print(json.dumps([m for m in forbidden if m in sys.modules]))
+"""
+
+
+def test_the_supervisor_core_is_sans_io_too() -> None:
+    """The supervisor's rules import no socket or loop, and read no clock or randomness."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_PROBE, ",".join(FORBIDDEN), ",".join(SUPERVISOR_CORE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+    for name in SUPERVISOR_CORE:
+        text = (REPO / "engine_procs" / f"{name}.py").read_text()
+        for banned in ("import time", "from time", "import random", "import os", "urandom"):
+            assert banned not in text, (name, banned)
