@@ -11,7 +11,7 @@ import re
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
-from starlette.convertors import Convertor
+from starlette.convertors import Convertor, StringConvertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -136,28 +136,34 @@ class FastRoutes:
     def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], on_error: ErrorHandler) -> None:
         self.app = app
         self.on_error = on_error
-        self.exact: dict[tuple[str, str], Endpoint] = {}
-        self.patterns: list[tuple[str, re.Pattern[str], dict[str, Convertor[Any]], Endpoint]] = []
+        self.exact: dict[str, dict[str, Endpoint]] = {}  # path -> method -> endpoint
+        # (method, regex, convertors or None where every parameter is a plain str, endpoint)
+        self.patterns: list[
+            tuple[str, re.Pattern[str], dict[str, Convertor[Any]] | None, Endpoint]
+        ] = []
         for r in routes:
             if not isinstance(r, FastRoute):
                 continue
             for method in sorted(r.fast_methods):
-                if r.param_convertors:
-                    self.patterns.append((method, r.path_regex, r.param_convertors, r.endpoint))
-                else:
-                    self.exact[(method, r.path)] = r.endpoint
+                if not r.param_convertors:
+                    self.exact.setdefault(r.path, {})[method] = r.endpoint
+                    continue
+                plain = all(type(c) is StringConvertor for c in r.param_convertors.values())
+                convertors = None if plain else r.param_convertors
+                self.patterns.append((method, r.path_regex, convertors, r.endpoint))
 
     def match(self, scope: Scope) -> Endpoint | None:
         """The fast endpoint for this request, its ``path_params`` set in ``scope``; or None."""
-        method, path = scope["method"], scope["path"]
-        endpoint = self.exact.get((method, path))
-        if endpoint is not None:
+        path, method = scope["path"], scope["method"]
+        by_method = self.exact.get(path)
+        if by_method is not None and (endpoint := by_method.get(method)) is not None:
             return endpoint
         for m, regex, convertors, endpoint in self.patterns:
             if m == method and (found := regex.match(path)) is not None:
-                scope["path_params"] = {
-                    k: convertors[k].convert(v) for k, v in found.groupdict().items()
-                }
+                params = found.groupdict()
+                if convertors is not None:
+                    params = {k: convertors[k].convert(v) for k, v in params.items()}
+                scope["path_params"] = params
                 return endpoint
         return None
 
