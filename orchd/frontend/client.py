@@ -2,9 +2,9 @@
 notices (fences, stream terminations) handed to the stream table.
 
 Per-request cost matters here (every admission crosses it), so the socket is a plain
-ZeroMQ DEALER driven by ``loop.add_reader`` rather than zmq.asyncio futures: everything sent
-in one event-loop turn goes as one multipart message, everything waiting is read in one go,
-and request deadlines are swept by one timer instead of a timer per request.
+ZeroMQ DEALER driven by an :class:`ipc.line.Line` rather than zmq.asyncio futures (everything
+sent in one event-loop turn goes as one multipart message, everything waiting is read in one
+go), and request deadlines are swept by one timer instead of a timer per request.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 import zmq
 
 from ipc import protocol as p
+from ipc.line import Line
 from orchd import log
 from orchd.core.errors import Code, OrchdError
 
@@ -40,12 +41,11 @@ class SchedulerClient:
         self.sock.setsockopt(zmq.LINGER, 200)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block: requests are bounded upstream
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self.line = Line(self.sock, self._on_frame)
         self.ids = itertools.count(1)
         # req_id -> (future, deadline)
         self.pending: dict[int, tuple[asyncio.Future[p.Message], float]] = {}
         self.on_notice: Callable[[Notice], None] = lambda m: None
-        self._out: list[bytes] = []  # sent together once per event-loop turn
         self._timers: list[asyncio.TimerHandle] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -54,7 +54,7 @@ class SchedulerClient:
         self.sock.connect(self.addr)
         welcome = loop.create_future()
         self.pending[0] = (welcome, time.monotonic() + timeout_s)  # Welcome has no req_id
-        loop.add_reader(self.fd, self._pump)
+        self.line.start()
         self.send(p.Hello("frontend", self.ident, os.getpid()))
         try:
             msg = await asyncio.wait_for(welcome, timeout_s)
@@ -71,11 +71,10 @@ class SchedulerClient:
     async def stop(self) -> None:
         for t in self._timers:
             t.cancel()
-        if self._loop is not None:
-            self._loop.remove_reader(self.fd)
+        self.line.stop()
         with contextlib.suppress(zmq.ZMQError):
-            self.send(p.Goodbye("frontend stopping"))
-            self._flush()
+            self.line.send(p.encode(p.Goodbye("frontend stopping")))
+            self.line.flush()
         self.sock.close(200)
 
     # ---------------------------------------------------------------- sending
@@ -83,15 +82,7 @@ class SchedulerClient:
     def send(self, msg: p.Message) -> None:
         """Queue ``msg``; everything queued in one event-loop turn goes as one ZeroMQ
         message (one wake-up of ZeroMQ's I/O thread instead of one per request)."""
-        self._out.append(p.encode(msg))
-        if len(self._out) == 1 and self._loop is not None:
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        if self._out:
-            frames, self._out = self._out, []
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
-            self._pump()  # the FD is edge-triggered: a send can hide pending input
+        self.line.send(p.encode(msg))
 
     def next_id(self) -> int:
         return next(self.ids)
@@ -122,13 +113,8 @@ class SchedulerClient:
 
     # ---------------------------------------------------------------- receiving
 
-    def _pump(self) -> None:
-        sock = self.sock
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            for frame in sock.recv_multipart(zmq.NOBLOCK):
-                self._on_message(p.decode(frame))
-
-    def _on_message(self, msg: p.Message) -> None:
+    def _on_frame(self, frame: bytes) -> None:
+        msg = p.decode(frame)
         if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd | p.Release):
             self.on_notice(msg)
             return

@@ -1,13 +1,20 @@
-"""Pure-ASGI middleware: correlation ids on every response, API keys on every guarded path."""
+"""Pure-ASGI middleware of the frontend, one concern each, composed outermost first:
+:class:`CorrelationId` (ids on every response), :class:`ApiKeys` (every guarded path needs a
+key), :class:`FastRoutes` (the hottest routes skip Starlette's router)."""
 
 from __future__ import annotations
 
 import hmac
 import itertools
 import os
-from collections.abc import Awaitable, Callable, Iterable
+import re
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any
 
+from starlette.convertors import Convertor, StringConvertor
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchd.config import key_id
@@ -15,95 +22,159 @@ from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 
 OPEN_PATHS = frozenset({"/metrics"})
-FastHandler = Callable[[Request], Awaitable[ASGIApp]]
 _MAX_CID = 128
+
+Endpoint = Callable[[Request], Awaitable[Any]]
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 def _valid_cid(v: bytes) -> bool:
     return 0 < len(v) <= _MAX_CID and all(0x21 <= c <= 0x7E for c in v)
 
 
-class Gate:
-    def __init__(
-        self,
-        app: ASGIApp,
-        api_keys: Iterable[str],
-        frontend: int,
-        fast: dict[str, FastHandler] | None = None,
-    ) -> None:
-        self.app = app
-        self.fast = dict(fast or {})
-        self.frontend_header = (b"x-orchd-frontend", str(frontend).encode())
-        # Generated correlation ids: 32 hex digits, a random per-process prefix + a counter
-        # (unique without a urandom call per request).
-        self.cid_prefix = os.urandom(8).hex().encode()
-        self.cids = itertools.count(int.from_bytes(os.urandom(4), "big"))
-        self.keys = [k.encode() for k in api_keys]
-        self.key_ids = [key_id(k.decode()) for k in self.keys]
+class CorrelationId:
+    """Echoes a valid ``X-Correlation-Id`` (printable ASCII, at most 128 bytes) or makes one,
+    into ``scope["state"]["correlation_id"]`` and onto every response's headers, whichever
+    layer answers (a 401 from :class:`ApiKeys`, an SSE stream, a 500)."""
 
-    def _key_id(self, given: bytes) -> str | None:
-        """A non-secret id of the matching key, or None. Every key is compared, each in
-        constant time, so timing tells nothing about which one matched."""
-        found = None
-        for k, kid in zip(self.keys, self.key_ids, strict=True):
-            if hmac.compare_digest(given, k):
-                found = kid
-        return found
+    def __init__(self, app: ASGIApp, frontend: int) -> None:
+        self.app = app
+        self.frontend_header = (b"x-orchd-frontend", str(frontend).encode())
+        # Generated ids: 32 hex digits, a random per-process prefix + a counter (unique
+        # without a urandom call per request).
+        self.prefix = os.urandom(8).hex().encode()
+        self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         cid = b""
-        key: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"x-correlation-id":
                 cid = value
-            elif name == b"x-api-key":
-                key = value.strip()
-            elif name == b"authorization" and key is None:
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    key = token.strip()
         if not _valid_cid(cid):
-            cid = b"%s%016x" % (self.cid_prefix, next(self.cids))
+            cid = b"%s%016x" % (self.prefix, next(self.counter))
         scope.setdefault("state", {})["correlation_id"] = cid.decode()
+        added = [(b"x-correlation-id", cid), self.frontend_header]
 
         async def send_with_cid(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-correlation-id", cid),
-                    self.frontend_header,
-                ]
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
 
-        if scope["path"] not in OPEN_PATHS:
-            err = None
-            key_id = None if key is None else self._key_id(key)
-            if key is None:
-                err = OrchdError(Code.UNAUTHORIZED, "missing API key (X-API-Key or Bearer)")
-            elif key_id is None:
-                err = OrchdError(Code.FORBIDDEN, "API key not accepted")
-            if err is not None:
-                await error_response(err)(scope, receive, send_with_cid)
-                return
-            scope["state"]["api_key_id"] = key_id
-        fast = self.fast_path(scope)
-        if fast is not None:
-            # The hottest routes skip Starlette's routing and middleware stack.
-            response = await fast(Request(scope, receive))
-            await response(scope, receive, send_with_cid)
-            return
         await self.app(scope, receive, send_with_cid)
 
-    def fast_path(self, scope: Scope) -> FastHandler | None:
+
+class ApiKeys:
+    """Refuses a request to a guarded path without an accepted key (``X-API-Key``, else
+    ``Authorization: Bearer``): 401 when none is given, 403 when it is not one of ours. The
+    matching key's non-secret id goes to ``scope["state"]["api_key_id"]``: what a request
+    creates belongs to that key."""
+
+    def __init__(
+        self, app: ASGIApp, api_keys: Iterable[str], open_paths: Collection[str] = OPEN_PATHS
+    ) -> None:
+        self.app = app
+        self.open_paths = frozenset(open_paths)
+        self.keys = [(k.encode(), key_id(k)) for k in api_keys]
+
+    def key_id(self, given: bytes) -> str | None:
+        """The id of the key ``given`` is, or None. Every key is compared, each in constant
+        time, so timing tells nothing about which one (if any) matched."""
+        found = None
+        for k, kid in self.keys:
+            if hmac.compare_digest(given, k):
+                found = kid
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        key: bytes | None = None
+        bearer: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                key = value.strip()
+            elif name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    bearer = token.strip()
+        if key is None:
+            key = bearer
+        kid = None if key is None else self.key_id(key)
+        if kid is None:
+            if key is None:
+                err = OrchdError(Code.UNAUTHORIZED, "missing API key (X-API-Key or Bearer)")
+            else:
+                err = OrchdError(Code.FORBIDDEN, "API key not accepted")
+            await error_response(err)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key_id"] = kid
+        await self.app(scope, receive, send)
+
+
+class FastRoute(Route):
+    """A route :class:`FastRoutes` serves ahead of Starlette's router, for the methods given
+    (not the HEAD Starlette adds to a GET). Starlette's router serves it too, from this same
+    definition, for whatever FastRoutes passes on."""
+
+    def __init__(self, path: str, endpoint: Endpoint, *, methods: Collection[str]) -> None:
+        super().__init__(path, endpoint, methods=methods)
+        self.fast_methods = frozenset(m.upper() for m in methods)
+
+
+class FastRoutes:
+    """Dispatches the :class:`FastRoute` entries of a route list straight to their endpoints,
+    skipping Starlette's routing and middleware stack (a linear scan of every route, a child
+    scope per match): they carry every task. A path without parameters is one dict lookup;
+    one with parameters is the route's own compiled regex (Starlette's, from the same
+    template). Anything else goes to ``app``. An endpoint's exception becomes ``on_error``'s
+    response, as Starlette's exception handler would have made it."""
+
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], on_error: ErrorHandler) -> None:
+        self.app = app
+        self.on_error = on_error
+        self.exact: dict[str, dict[str, Endpoint]] = {}  # path -> method -> endpoint
+        # (method, regex, convertors or None where every parameter is a plain str, endpoint)
+        self.patterns: list[
+            tuple[str, re.Pattern[str], dict[str, Convertor[Any]] | None, Endpoint]
+        ] = []
+        for r in routes:
+            if not isinstance(r, FastRoute):
+                continue
+            for method in sorted(r.fast_methods):
+                if not r.param_convertors:
+                    self.exact.setdefault(r.path, {})[method] = r.endpoint
+                    continue
+                plain = all(type(c) is StringConvertor for c in r.param_convertors.values())
+                convertors = None if plain else r.param_convertors
+                self.patterns.append((method, r.path_regex, convertors, r.endpoint))
+
+    def match(self, scope: Scope) -> Endpoint | None:
+        """The fast endpoint for this request, its ``path_params`` set in ``scope``; or None."""
         path, method = scope["path"], scope["method"]
-        if method == "POST" and path == "/v1/tasks":
-            return self.fast.get("submit")
-        if method == "GET" and path.startswith("/v1/tasks/") and path.endswith("/stream"):
-            task_id = path[10:-7]
-            if task_id and "/" not in task_id:
-                scope["path_params"] = {"task_id": task_id}
-                return self.fast.get("stream")
+        by_method = self.exact.get(path)
+        if by_method is not None and (endpoint := by_method.get(method)) is not None:
+            return endpoint
+        for m, regex, convertors, endpoint in self.patterns:
+            if m == method and (found := regex.match(path)) is not None:
+                params = found.groupdict()
+                if convertors is not None:
+                    params = {k: convertors[k].convert(v) for k, v in params.items()}
+                scope["path_params"] = params
+                return endpoint
         return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.match(scope) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except Exception as e:
+            response = await self.on_error(request, e)
+        await response(scope, receive, send)
