@@ -24,12 +24,26 @@ _addrs = itertools.count()
 pytestmark = pytest.mark.timeout(60)
 
 
+class ClosingContext(zmq.Context):  # type: ignore[type-arg]
+    """A context that closes every socket it made when the test ends."""
+
+    made: list[zmq.Socket[bytes]]
+
+    def socket(self, *args: Any, **kwargs: Any) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = super().socket(*args, **kwargs)
+        self.made.append(sock)
+        return sock
+
+
 @pytest.fixture
 def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    c: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    c = ClosingContext()
+    object.__setattr__(c, "made", [])
     try:
         yield c
     finally:
+        for sock in c.made:
+            sock.close(linger=0)
         c.destroy(linger=0)
 
 
