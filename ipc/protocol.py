@@ -415,6 +415,17 @@ class EngSubmit(_Msg):
     max_tokens: int
     temperature: float | None = None  # None: the engine's default (greedy for torch)
     top_p: float | None = None
+    messages: list[tuple[str, str]] | None = None  # a chat: rendered with the chat template
+    workload: str = "completion"  # or "embedding": answered with EngEmbedding
+    inputs: list[str] | None = None  # the texts to embed
+
+
+class EngEmbedding(_Msg):
+    """An embedding request's result: one vector per input, and the tokens it read."""
+
+    rid: int
+    vectors: list[list[float]]
+    prompt_tokens: int = 0
 
 
 class EngAbort(_Msg):
@@ -449,7 +460,7 @@ class EngReady(_Msg):
     pid: int
 
 
-EngineMessage = EngSubmit | EngAbort | EngStep | EngTextStep | EngReady
+EngineMessage = EngSubmit | EngAbort | EngStep | EngTextStep | EngReady | EngEmbedding
 
 _eng_decoder = msgspec.msgpack.Decoder(EngineMessage)
 

@@ -93,6 +93,12 @@ DEFAULT_ADAPTER: dict[Engine, AdapterName] = {
     "torch": "torch",
 }
 
+# What each adapter can do beyond completions (the adapters' own ``chat`` / ``embeddings``
+# flags say the same; tests/unit/test_config_tables.py keeps them in step). Admission refuses
+# a chat or an embedding for a pool whose adapter is not named here, naming pool and engine.
+CHAT_ADAPTERS: frozenset[AdapterName] = frozenset({"mock", "torch", "openai", "llamacpp", "tgi"})
+EMBEDDING_ADAPTERS: frozenset[AdapterName] = frozenset({"mock", "torch", "openai"})
+
 
 class Replica(msgspec.Struct, forbid_unknown_fields=True):
     id: str

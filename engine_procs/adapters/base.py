@@ -23,6 +23,15 @@ class EngineRequest:
     # Sampling overrides; None leaves the engine's own default.
     temperature: float | None = None
     top_p: float | None = None
+    # A chat: (role, content) turns the engine renders with its own chat template (the
+    # prompt is then empty). Only for adapters whose ``chat`` is True.
+    messages: list[tuple[str, str]] | None = None
+    # Stop strings, for engines that take them (orchd also cuts the stream itself).
+    stop: list[str] | None = None
+    # "completion" (tokens) or "embedding" (one vector per input, to on_embedding); only
+    # adapters whose ``embeddings`` is True get "embedding".
+    workload: str = "completion"
+    inputs: list[str] | None = None  # the texts to embed
 
 
 class EngineSink(Protocol):
@@ -38,6 +47,10 @@ class EngineSink(Protocol):
         """The request's prompt length in the engine's own tokens, once the engine says it
         (any time before the request's finish or error)."""
 
+    def on_embedding(self, rid: int, vectors: list[list[float]]) -> None:
+        """An embedding request's result, one vector per input, in order; it ends the
+        request (no finish follows). ``on_usage`` may come before it."""
+
     def on_engine_dead(self, reason: str) -> None: ...
 
     def flush(self) -> None: ...
@@ -45,6 +58,10 @@ class EngineSink(Protocol):
 
 class EngineAdapter(abc.ABC):
     name: str = ""
+    # What the engine can do beyond completions (orchd refuses the rest with a clear 400;
+    # orchd/config.py names the same adapters in CHAT_ADAPTERS and EMBEDDING_ADAPTERS).
+    chat: bool = False
+    embeddings: bool = False
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
         self.replica = replica
