@@ -82,6 +82,10 @@ class _EngineSink:
         self.core.error(rid, code, message, retry_after_ms, _now())
         self.sup.kick()
 
+    def on_embedding(self, rid: int, vectors: list[list[float]]) -> None:
+        self.core.embedding(rid, vectors, _now())
+        self.sup.kick()
+
     def on_engine_dead(self, reason: str) -> None:
         self.core.engine_dead(self.eid, reason, _now())
         self.sup.flush()

@@ -284,6 +284,13 @@ class SupervisorCore:
         if run is not None:
             run.tokens_in = prompt_tokens
 
+    def embedding(self, rid: int, vectors: list[list[float]], now: float) -> None:
+        run = self.by_rid.get(rid)
+        if run is not None:
+            run.seq += 1
+            self._emit(run, frame("embedding", run.seq, {"vectors": vectors}))
+            self._end(run, "stop", now, engine_done=True)
+
     def finish(self, rid: int, reason: str, now: float) -> None:
         run = self.by_rid.get(rid)
         if run is not None:
