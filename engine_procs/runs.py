@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ipc import protocol as p
 from ipc.frames import frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical
 from orchd.core.ownership import Stream
+
+if TYPE_CHECKING:
+    from engine_procs.codecs import OpenAICodec
 
 NO_ENGINE = -1
 
@@ -46,6 +50,7 @@ class Run:
     cost_budget: float | None = None
     cost_per_token: float = 0.0
     kv_warm: bool = False
+    codec: OpenAICodec | None = None  # the OpenAI routes' bytes; None: native frames
 
     def over_budget(self, now: float) -> str:
         """Which budget ran out, or ''."""

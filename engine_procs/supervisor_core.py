@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine_procs.adapters.base import EngineRequest
+from engine_procs.codecs import OpenAICodec
 from engine_procs.runs import NO_ENGINE, Run
 from engine_procs.supervisor_effects import (
     Effect,
@@ -161,23 +162,37 @@ class SupervisorCore:
                 spec.max_tokens,
                 temperature=spec.temperature,
                 top_p=spec.top_p,
+                messages=spec.messages,
+                stop=spec.stop,
+                workload=spec.workload,
+                inputs=spec.inputs,
             )
             self.out.append(Submit(run.engine, req))
-        started = {
+        if spec.api != "native":
+            run.codec = OpenAICodec(spec)
+            first = run.codec.started(run)
+            if first:
+                self._emit(run, first)
+            else:
+                self._mark(run)  # (nothing to send yet)
+        else:
+            self._emit(run, frame("started", 0, self._started(msg)))
+        self._schedule(run, now)
+        if not self.engines.ready:
+            err = self.engines.worker_reset(f"is restarting: {self.engines.last_error}")
+            self._fail(run, err, now, engine_done=True)  # (never submitted)
+
+    def _started(self, msg: p.Dispatch) -> dict[str, Any]:
+        return {
             "queue_position": msg.queue_position,
             "predicted_start_ms": msg.predicted_start_ms,
             "engine": self.replica.engine,
             "engine_version": self.engines.version(),
             "pool_id": self.replica.pool_id,
             "replica_id": self.replica.id,
-            "sampler_profile_version": spec.sampler_profile_version,
+            "sampler_profile_version": msg.task.sampler_profile_version,
             "placement": msg.placement_reason,
         }
-        self._emit(run, frame("started", 0, started))
-        self._schedule(run, now)
-        if not self.engines.ready:
-            err = self.engines.worker_reset(f"is restarting: {self.engines.last_error}")
-            self._fail(run, err, now, engine_done=True)  # (never submitted)
 
     def _find(self, task_id: str) -> Run | None:
         return self.runs.get(task_id) or self.ended.get(task_id)
@@ -251,15 +266,26 @@ class SupervisorCore:
             run.t_first = now
         run.t_last = now
         fed = run.stream in FED
-        seq, i = run.seq, run.tokens
-        for tj in texts_json:
-            seq += 1
-            f = token_frame(seq, i, tj)
-            i += 1
-            run.transcript.append(f)
-            if fed:
-                run.outbox.append(f)
-        run.seq, run.tokens = seq, i
+        codec = run.codec
+        if codec is None:
+            seq, i = run.seq, run.tokens
+            for tj in texts_json:
+                seq += 1
+                f = token_frame(seq, i, tj)
+                i += 1
+                run.transcript.append(f)
+                if fed:
+                    run.outbox.append(f)
+            run.seq, run.tokens = seq, i
+        else:
+            run.tokens += len(texts_json)
+            for f in codec.tokens(run, texts_json):
+                run.transcript.append(f)
+                if fed:
+                    run.outbox.append(f)
+            if codec.stopped:
+                self._end(run, "stop", now)  # a stop string: the engine is told to stop
+                return
         if not (fed and self.coalesce > 1 and self._hold(run, len(texts_json), now)):
             self._mark(run)
         if (run.tokens_budget is not None or run.cost_budget is not None) and run.over_budget(now):
@@ -286,10 +312,14 @@ class SupervisorCore:
 
     def embedding(self, rid: int, vectors: list[list[float]], now: float) -> None:
         run = self.by_rid.get(rid)
-        if run is not None:
+        if run is None:
+            return
+        if run.codec is not None:
+            run.codec.vectors = vectors
+        else:
             run.seq += 1
             self._emit(run, frame("embedding", run.seq, {"vectors": vectors}))
-            self._end(run, "stop", now, engine_done=True)
+        self._end(run, "stop", now, engine_done=True)
 
     def finish(self, rid: int, reason: str, now: float) -> None:
         run = self.by_rid.get(rid)
@@ -361,13 +391,20 @@ class SupervisorCore:
 
     def _end(self, run: Run, reason: str, now: float, *, engine_done: bool = False) -> None:
         first_ms, decode_ms, decode_time_ms = self._timings(run, now)
-        aid = None
-        if self.cfg.artifacts.transcripts:
-            version = self.engines.version(run.engine)
-            aid, doc = run.transcript_doc(self.replica, version, reason)
-            self._send(p.PutArtifact(doc))
-        run.seq += 1
-        self._emit(run, end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid))
+        version = self.engines.version(run.engine)
+        keep = self.cfg.artifacts.transcripts
+        if run.codec is not None:  # OpenAI's shapes carry no artifact id: stored with its end
+            self._emit(run, run.codec.end(run, reason))
+            if keep:
+                self._send(p.PutArtifact(run.transcript_doc(self.replica, version, reason)[1]))
+        else:
+            aid = None
+            if keep:
+                aid, doc = run.transcript_doc(self.replica, version, reason)
+                self._send(p.PutArtifact(doc))
+            run.seq += 1
+            end = end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid)
+            self._emit(run, end)
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
         self._close(run, now)
@@ -394,8 +431,11 @@ class SupervisorCore:
 
     def _fail(self, run: Run, err: OrchdError, now: float, *, engine_done: bool = False) -> None:
         first_ms, decode_ms, _ = self._timings(run, now)
-        run.seq += 1
-        self._emit(run, error_frame(run.seq, err.envelope()))
+        if run.codec is not None:
+            self._emit(run, run.codec.error(run, err.envelope()))
+        else:
+            run.seq += 1
+            self._emit(run, error_frame(run.seq, err.envelope()))
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
         self._close(run, now)
@@ -447,7 +487,7 @@ class SupervisorCore:
         at = (run.t_last or run.t_start) + self.decode_timeout_s
         if run.time_budget_ms is not None:
             at = min(at, run.t_start + run.time_budget_ms / 1000.0)
-        if self.metrics_s > 0 and run.stream in FED:
+        if self.metrics_s > 0 and run.stream in FED and run.codec is None:
             at = min(at, run.t_metrics + self.metrics_s)
         if run.release_at:
             at = min(at, run.release_at)
@@ -501,7 +541,8 @@ class SupervisorCore:
             )
             self._fail(run, err, now)
             return
-        if self.metrics_s > 0 and run.stream in FED and now >= run.t_metrics + self.metrics_s:
+        metrics_due = self.metrics_s > 0 and now >= run.t_metrics + self.metrics_s
+        if metrics_due and run.stream in FED and run.codec is None:
             if not itl:
                 itl.append(self._itl_ms())
             run.t_metrics = now

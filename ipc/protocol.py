@@ -51,6 +51,18 @@ class TaskSpec(msgspec.Struct, array_like=True, omit_defaults=True):
     placement: dict[str, Any] | None = None
     temperature: float | None = None
     top_p: float | None = None
+    # The OpenAI-compatible routes: the response's shape ("native" = orchd's SSE events,
+    # else "chat" | "completions" | "embeddings"), whether it streams, the chat turns
+    # (role, content), stop strings, usage in the stream ("" | "final" | "continuous"),
+    # and the model name and creation time (unix s) the response echoes.
+    api: str = "native"
+    stream: bool = True
+    messages: list[tuple[str, str]] | None = None
+    stop: list[str] | None = None
+    stream_usage: str = ""
+    model: str = ""
+    created: int = 0
+    encoding_format: str = "float"  # embeddings: "float" lists or "base64" float32 bytes
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -60,6 +72,7 @@ class ErrorInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     retry_after_ms: int | None = None
     pool_id: str | None = None
     policy_label: str | None = None
+    param: str | None = None  # the request field at fault (OpenAI's error ``param``)
 
 
 # ---------------------------------------------------------------- handshake and liveness

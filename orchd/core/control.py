@@ -46,6 +46,7 @@ class Control:
         self.queue_capacity = queue_capacity
         self.reloads: dict[int, PendingReload] = {}
         self.wall_offset_ms = 0.0  # wall clock minus `now`: catalog times are for humans
+        self.started_ms: float | None = None  # when this scheduler first served (wall clock)
 
     # ---------------------------------------------------------------- dispatching a Query
 
@@ -266,6 +267,31 @@ class Control:
             )
         return 200, {"api_version": API_VERSION, "engines": engines}
 
+    def models(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """The models the pools serve, as OpenAI's ``GET /v1/models`` lists them: by catalog
+        id where the catalog names the pool's model, else by model ref."""
+        if self.started_ms is None:
+            self.started_ms = now + self.wall_offset_ms
+        by_ref = {m.ref: m for m in self.core.catalog.models.values() if m.state == "Active"}
+        seen: dict[str, dict[str, Any]] = {}
+        for pool in self.core.pools.pools.values():
+            m = by_ref.get(pool.model_ref)
+            mid = m.id if m is not None else pool.model_ref
+            created = (m.created_ms if m is not None and m.created_ms else self.started_ms) // 1000
+            entry = seen.setdefault(
+                mid,
+                {
+                    "id": mid,
+                    "object": "model",
+                    "created": int(created),
+                    "owned_by": "orchd",
+                    "root": pool.model_ref,
+                    "pools": [],
+                },
+            )
+            entry["pools"].append(pool.id)
+        return 200, {"object": "list", "data": list(seen.values())}
+
 
 OPS: dict[str, Callable[[Control, str, p.Query, float, Out], Result | None]] = {
     "pool.health": Control.pool_health,
@@ -279,4 +305,5 @@ OPS: dict[str, Callable[[Control, str, p.Query, float, Out], Result | None]] = {
     "catalog.state": Control.catalog_state,
     "catalog.verify": Control.catalog_verify,
     "capabilities": Control.capabilities,
+    "models.list": Control.models,
 }

@@ -1,4 +1,5 @@
-"""One error taxonomy, and one table mapping each code to its HTTP status and retry advice."""
+"""One error taxonomy, and one table mapping each code to its HTTP status, retry advice and
+the error ``type`` OpenAI's API gives it (for the OpenAI-compatible routes)."""
 
 from __future__ import annotations
 
@@ -33,29 +34,48 @@ class Code(StrEnum):
 class Rule:
     status: int
     retriable: bool
+    openai_type: str  # OpenAI's error type for this status
 
+
+_INVALID, _AUTH, _PERM = "invalid_request_error", "authentication_error", "permission_error"
+_NOT_FOUND, _RATE, _SERVER = "not_found_error", "rate_limit_error", "server_error"
+_UNAVAILABLE = "service_unavailable_error"
 
 TABLE: dict[Code, Rule] = {
-    Code.INVALID_PARAMS: Rule(400, False),
-    Code.DEADLINE_UNMET: Rule(400, False),
-    Code.UNTRUSTED_ARTIFACT: Rule(400, False),
-    Code.UNAUTHORIZED: Rule(401, False),
-    Code.FORBIDDEN: Rule(403, False),
-    Code.MODEL_DEPRECATED: Rule(403, False),
-    Code.NOT_FOUND: Rule(404, False),
-    Code.PAYLOAD_TOO_LARGE: Rule(413, False),
-    Code.RELOAD_FAILED: Rule(409, False),
-    Code.BUDGET_EXHAUSTED: Rule(429, False),
-    Code.ADMISSION_REJECT: Rule(429, True),
-    Code.QUEUE_FULL_DROP_LRU: Rule(429, True),
-    Code.POOL_UNREADY: Rule(503, True),
-    Code.POOL_UNAVAILABLE: Rule(503, True),
-    Code.REPLICA_EXHAUSTED: Rule(503, True),
-    Code.DECODE_TIMEOUT: Rule(500, True),
-    Code.WORKER_RESET: Rule(500, True),
-    Code.STREAM_OVERFLOW: Rule(500, True),
-    Code.INTERNAL: Rule(500, False),
+    Code.INVALID_PARAMS: Rule(400, False, _INVALID),
+    Code.DEADLINE_UNMET: Rule(400, False, _INVALID),
+    Code.UNTRUSTED_ARTIFACT: Rule(400, False, _INVALID),
+    Code.UNAUTHORIZED: Rule(401, False, _AUTH),
+    Code.FORBIDDEN: Rule(403, False, _PERM),
+    Code.MODEL_DEPRECATED: Rule(403, False, _PERM),
+    Code.NOT_FOUND: Rule(404, False, _NOT_FOUND),
+    Code.PAYLOAD_TOO_LARGE: Rule(413, False, _INVALID),
+    Code.RELOAD_FAILED: Rule(409, False, _INVALID),
+    Code.BUDGET_EXHAUSTED: Rule(429, False, _RATE),
+    Code.ADMISSION_REJECT: Rule(429, True, _RATE),
+    Code.QUEUE_FULL_DROP_LRU: Rule(429, True, _RATE),
+    Code.POOL_UNREADY: Rule(503, True, _UNAVAILABLE),
+    Code.POOL_UNAVAILABLE: Rule(503, True, _UNAVAILABLE),
+    Code.REPLICA_EXHAUSTED: Rule(503, True, _UNAVAILABLE),
+    Code.DECODE_TIMEOUT: Rule(500, True, _SERVER),
+    Code.WORKER_RESET: Rule(500, True, _SERVER),
+    Code.STREAM_OVERFLOW: Rule(500, True, _SERVER),
+    Code.INTERNAL: Rule(500, False, _SERVER),
 }
+
+
+def openai_error(envelope: dict[str, Any], param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, ``{"error": {message, type, param, code}}``, for an envelope of
+    ours; ``code`` keeps orchd's code so a client can still tell them apart."""
+    code = Code(envelope["code"])
+    return {
+        "error": {
+            "message": envelope["message"],
+            "type": TABLE[code].openai_type,
+            "param": param,
+            "code": code.value,
+        }
+    }
 
 
 class OrchdError(Exception):
@@ -70,8 +90,10 @@ class OrchdError(Exception):
         retry_after_ms: int | None = None,
         policy_label: str | None = None,
         pool_id: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.param = param  # the request field at fault, where one is
         self.code = Code(code)
         self.message = message
         self.engine = engine
@@ -86,6 +108,9 @@ class OrchdError(Exception):
     @property
     def retriable(self) -> bool:
         return TABLE[self.code].retriable
+
+    def openai(self) -> dict[str, Any]:
+        return openai_error(self.envelope(), self.param)
 
     def envelope(self) -> dict[str, Any]:
         """The contract's error body (also the data of an SSE ``error`` event)."""

@@ -22,6 +22,7 @@ class PoolState:
     supported_workloads: list[str]
     kv_bytes_per_token: int
     replicas: list[str] = field(default_factory=list)
+    chat: bool = True  # its engine renders chat turns with a chat template of its own
     draining: bool = False
     drain_deadline_ms: float | None = None
     reloading: bool = False
@@ -55,7 +56,12 @@ class Pools:
         return p
 
     def serving(self, engine: str, model_ref: str) -> list[PoolState]:
-        return [p for p in self.pools.values() if p.engine == engine and p.model_ref == model_ref]
+        """Pools of ``model_ref`` on ``engine`` ("" = on any engine: the OpenAI routes)."""
+        return [
+            p
+            for p in self.pools.values()
+            if p.model_ref == model_ref and (not engine or p.engine == engine)
+        ]
 
     def accept_version(self, r: ReplicaView, version: str) -> str:
         """Pin the pool's engine_version to the first one reported; '' or the refusal."""
@@ -84,17 +90,28 @@ class Pools:
         pl = placement or {}
         pools = self.serving(engine, model_ref)
         if not pools:
+            if not engine:  # the OpenAI routes: an unknown model is a 404
+                served = sorted({p.model_ref for p in self.pools.values()})
+                raise OrchdError(
+                    Code.NOT_FOUND,
+                    f"model {model_ref!r} is not served here (served: {', '.join(served)})",
+                    param="model",
+                )
             served = sorted({f"{p.engine}/{p.model_ref}" for p in self.pools.values()})
             raise OrchdError(
                 Code.INVALID_PARAMS,
                 f"model_ref: no pool serves {engine}/{model_ref} (served: {', '.join(served)})",
             )
-        pools = [p for p in pools if workload in p.supported_workloads]
-        if not pools:
+        able = [p for p in pools if workload in p.supported_workloads]
+        if not able:
+            which = ", ".join(f"pool {p.id}'s {p.engine} engine" for p in pools)
             raise OrchdError(
                 Code.INVALID_PARAMS,
-                f"workload: no pool serving {model_ref} supports workload {workload!r}",
+                f"workload: {which} cannot do {workload!r} (it does "
+                f"{', '.join(pools[0].supported_workloads)})",
+                param="model",
             )
+        pools = able
         if sampler_profile_version is not None:
             pools = [p for p in pools if p.sampler_profile_version == sampler_profile_version]
             if not pools:

@@ -95,6 +95,7 @@ class SchedulerCore(StreamOps):
             retry_after_ms=e.retry_after_ms,
             pool_id=e.pool_id,
             policy_label=e.policy_label,
+            param=e.param,
         )
 
     def _end(
@@ -179,6 +180,17 @@ class SchedulerCore(StreamOps):
         pools = self.pools.targets(
             spec.engine, model, spec.workload, spec.placement, spec.sampler_profile_version
         )
+        if spec.messages is not None:
+            chat = [x for x in pools if x.chat]
+            if not chat:
+                which = ", ".join(f"pool {x.id}'s {x.engine} engine" for x in pools)
+                raise OrchdError(
+                    Code.INVALID_PARAMS,
+                    f"messages: {which} has no chat template or chat endpoint; "
+                    "use /v1/completions with a prompt",
+                    param="messages",
+                )
+            pools = chat
         pool_ids = [x.id for x in pools]
         total, free = self._slots(pool_ids)
         ahead = len(self.queue)

@@ -15,15 +15,16 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from ipc import protocol as p
-from ipc.frames import error_frame
 from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, effective_api_keys
 from orchd.core.errors import Code, OrchdError
+from orchd.frontend import openai
 from orchd.frontend.client import SchedulerClient
 from orchd.frontend.control import routes as control_routes
 from orchd.frontend.http import JSON, error_response, read_body
 from orchd.frontend.middleware import ApiKeys, CorrelationId, FastRoute, FastRoutes
+from orchd.frontend.openai import OpenAIRoutes
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
@@ -38,10 +39,6 @@ def budget_headers(b: p.Budgets) -> dict[str, str]:
         "X-Budget-Time-Remaining-Ms": fmt(b.time_ms),
         "X-Budget-Cost-Remaining": fmt(b.cost),
     }
-
-
-def _header_list(b: p.Budgets) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode()) for k, v in budget_headers(b).items()]
 
 
 class Frontend:
@@ -136,7 +133,7 @@ class Frontend:
             self.client.send(p.Claim(task_id))
             self.m_open.inc()
             log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-            return SSEResponse(s, _header_list(s.budgets), self._stream_done)
+            return SSEResponse(s, self.budget_header_list(s.budgets), self.stream_done)
         if s is not None:  # admitted but its reply not yet seen: go the ordinary way
             self.table.close(s)
         try:
@@ -153,9 +150,13 @@ class Frontend:
         assert isinstance(reply, p.Subscribed)
         self.m_open.inc()
         log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-        return SSEResponse(s, _header_list(reply.budgets), self._stream_done)
+        return SSEResponse(s, self.budget_header_list(reply.budgets), self.stream_done)
 
-    def _stream_done(self, s: Stream) -> None:
+    @staticmethod
+    def budget_header_list(b: p.Budgets) -> list[tuple[bytes, bytes]]:
+        return [(k.lower().encode(), v.encode()) for k, v in budget_headers(b).items()]
+
+    def stream_done(self, s: Stream) -> None:
         left_early = not s.sent_terminal
         self.table.close(s)
         self.m_open.dec()
@@ -171,7 +172,7 @@ class Frontend:
             f"client read too slowly: more than {self.cfg.limits.stream_buffer_bytes} bytes "
             "were waiting; the task was canceled",
         )
-        s.push_terminal(error_frame(s.last_seq + 1, err.envelope()))
+        s.fail(err)
         self.client.send(p.Cancel(0, s.task_id, "slow_client"))
 
     async def cancel(self, request: Request) -> Response:
@@ -202,6 +203,7 @@ class Frontend:
             Route("/v1/tasks/{task_id}/cancel", self.cancel, methods=["POST"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             *control_routes(self.client, self.cfg.limits.max_body_bytes),
+            *OpenAIRoutes(self).routes(),
         ]
 
     def app(self) -> ASGIApp:
@@ -212,11 +214,18 @@ class Frontend:
             exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
         )
         fast = FastRoutes(star, routes, on_error=_internal)
-        return CorrelationId(ApiKeys(fast, effective_api_keys(self.cfg)), self.index)
+        keys = ApiKeys(fast, effective_api_keys(self.cfg), respond=_refusal)
+        return CorrelationId(keys, self.index)
+
+
+def _refusal(path: str, err: OrchdError) -> Response:
+    return openai.error_response(err) if openai.is_openai(path) else error_response(err)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error_response(OrchdError(Code.NOT_FOUND, f"no route for {request.url.path}"))
+    return _refusal(
+        request.url.path, OrchdError(Code.NOT_FOUND, f"no route for {request.url.path}")
+    )
 
 
 async def _internal(request: Request, exc: Exception) -> Response:

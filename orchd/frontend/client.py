@@ -108,6 +108,7 @@ class SchedulerClient:
                 retry_after_ms=e.retry_after_ms,
                 policy_label=e.policy_label,
                 pool_id=e.pool_id,
+                param=e.param,
             )
         return reply
 

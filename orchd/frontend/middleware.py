@@ -73,10 +73,16 @@ class ApiKeys:
     creates belongs to that key."""
 
     def __init__(
-        self, app: ASGIApp, api_keys: Iterable[str], open_paths: Collection[str] = OPEN_PATHS
+        self,
+        app: ASGIApp,
+        api_keys: Iterable[str],
+        open_paths: Collection[str] = OPEN_PATHS,
+        respond: Callable[[str, OrchdError], Response] | None = None,
     ) -> None:
         self.app = app
         self.open_paths = frozenset(open_paths)
+        # The refusal's shape for a path (the OpenAI routes answer in OpenAI's).
+        self.respond = respond or (lambda path, err: error_response(err))
         self.keys = [(k.encode(), key_id(k)) for k in api_keys]
 
     def key_id(self, given: bytes) -> str | None:
@@ -109,7 +115,7 @@ class ApiKeys:
                 err = OrchdError(Code.UNAUTHORIZED, "missing API key (X-API-Key or Bearer)")
             else:
                 err = OrchdError(Code.FORBIDDEN, "API key not accepted")
-            await error_response(err)(scope, receive, send)
+            await self.respond(scope["path"], err)(scope, receive, send)
             return
         scope.setdefault("state", {})["api_key_id"] = kid
         await self.app(scope, receive, send)

@@ -13,7 +13,9 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable
+from typing import Literal
 
+from ipc import openai_frames as oa
 from ipc import protocol as p
 from ipc.doorbell import BellReader
 from ipc.frames import KIND_TERMINAL, end_frame, error_frame
@@ -26,6 +28,10 @@ RECHECK_S = 0.1  # while streams are open
 IDLE_RECHECK_S = 1.0  # while none are
 FENCE_TIMEOUT_S = 5.0
 
+# The shape of a stream's bytes: orchd's SSE events, OpenAI's streamed chunks, or one
+# OpenAI response body (a request that does not stream).
+Codec = Literal["native", "openai", "body"]
+
 
 class Stream:
     """One SSE stream of this frontend; its ``state`` follows :mod:`orchd.core.ownership`."""
@@ -33,6 +39,7 @@ class Stream:
     __slots__ = (
         "slot",
         "task_id",
+        "codec",
         "state",
         "buf",
         "last_seq",
@@ -44,9 +51,12 @@ class Stream:
         "budgets",
     )
 
-    def __init__(self, slot: int, task_id: str, event: Ev = Ev.SUBSCRIBE) -> None:
+    def __init__(
+        self, slot: int, task_id: str, event: Ev = Ev.SUBSCRIBE, codec: Codec = "native"
+    ) -> None:
         self.slot = slot
         self.task_id = task_id
+        self.codec = codec  # the shape of its bytes, for the frames this frontend writes
         self.state = step(State.NONE, event)  # opened at admission (OPEN) or by a GET
         # Bytes not yet handed to the socket, copied in record by record: one buffer per
         # stream rather than one object per record, so a backlog costs its own size.
@@ -76,6 +86,25 @@ class Stream:
     def end(self) -> None:
         """The terminal frame is in the buffer."""
         self.state = step(self.state, Ev.TERMINAL)
+
+    def fail(self, err: OrchdError) -> None:
+        """End the stream with an error this frontend writes, in the stream's own shape."""
+        envelope = err.envelope()
+        if self.codec == "native":
+            self.push_terminal(error_frame(self.last_seq + 1, envelope))
+        elif self.codec == "openai":
+            self.push_terminal(oa.error_frame(self.last_seq + 1, err.openai()))
+        else:
+            self.push_terminal(oa.encode(err.openai()))
+
+    def finish(self, reason: str) -> None:
+        """End the stream of a task that never ran (canceled while queued)."""
+        if self.codec == "native":
+            self.push_terminal(end_frame(self.last_seq + 1, 0, 0.0, 0.0, reason))
+        elif self.codec == "openai":
+            self.push_terminal(oa.DONE)
+        else:
+            self.fail(OrchdError(Code.INVALID_PARAMS, f"the request ended: {reason}"))
 
     def wake(self) -> None:
         w = self.waiter
@@ -144,6 +173,7 @@ class StreamTable:
         self.bell.close()
 
     def open(self, task_id: str) -> Stream:
+        """A stream for a client's GET."""
         if len(self.streams) >= self.max_streams:
             raise OrchdError(
                 Code.REPLICA_EXHAUSTED,
@@ -154,12 +184,12 @@ class StreamTable:
         self.streams[s.slot] = s
         return s
 
-    def open_provisional(self, task_id: str) -> Stream | None:
+    def open_provisional(self, task_id: str, codec: Codec = "native") -> Stream | None:
         """A stream opened at admission, fed from the start; None when the table is full
         (the task is then streamed the ordinary way)."""
         if len(self.streams) >= self.max_streams or task_id in self.provisional:
             return None
-        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id, Ev.OPEN)
+        s = Stream(next(self.slots) & 0xFFFFFFFF, task_id, Ev.OPEN, codec)
         s.opened_at = time.monotonic()
         self.streams[s.slot] = s
         self.provisional[task_id] = s
@@ -262,9 +292,9 @@ class StreamTable:
                 retry_after_ms=msg.error.retry_after_ms,
                 pool_id=msg.error.pool_id,
             )
-            s.push_terminal(error_frame(s.last_seq + 1, err.envelope()))
+            s.fail(err)
         elif isinstance(msg, p.StreamEnd) and s is not None:
-            s.push_terminal(end_frame(s.last_seq + 1, 0, 0.0, 0.0, msg.reason))
+            s.finish(msg.reason)
         if s is None or s.sent_terminal or s.provisional:
             self.reply(p.FenceDone(msg.req_id))  # (an unclaimed stream has no wire yet)
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchd.config import Config, key_id
+from orchd.config import CHAT_ADAPTERS, EMBEDDING_ADAPTERS, Config, Pool, key_id
 from orchd.core.catalog import Catalog
 from orchd.core.control import Control
 from orchd.core.placement import ReplicaView
@@ -15,22 +15,30 @@ def _limits(tokens: int, time_ms: int, cost: float) -> Limits:
     return Limits(tokens or None, float(time_ms) if time_ms else None, cost or None)
 
 
+def _pool(cfg: Config, p: Pool) -> PoolState:
+    """A pool as the core sees it: what its engine can do comes from its replicas' adapter."""
+    adapters = {r.adapter_name for r in cfg.replicas if r.pool_id == p.id}
+    workloads = list(p.supported_workloads)
+    if adapters and adapters <= EMBEDDING_ADAPTERS and "embedding" not in workloads:
+        workloads.append("embedding")
+    state = PoolState(
+        p.id,
+        p.engine,
+        p.model_ref,
+        p.engine_version,
+        p.sampler_profile_version,
+        workloads,
+        p.kv_bytes_per_token,
+    )
+    state.chat = bool(adapters) and adapters <= CHAT_ADAPTERS
+    return state
+
+
 def build_core(cfg: Config) -> tuple[SchedulerCore, Control]:
     replicas = [
         ReplicaView(r.id, r.pool_id, r.engine, r.slots, devices=r.devices) for r in cfg.replicas
     ]
-    pools = [
-        PoolState(
-            p.id,
-            p.engine,
-            p.model_ref,
-            p.engine_version,
-            p.sampler_profile_version,
-            list(p.supported_workloads),
-            p.kv_bytes_per_token,
-        )
-        for p in cfg.all_pools()
-    ]
+    pools = [_pool(cfg, p) for p in cfg.all_pools()]
     ss = cfg.sessions
     b = ss.session_budget
     sessions = SessionTable(

@@ -616,7 +616,7 @@ def test_capabilities_lists_each_pool() -> None:
     a = engines["a"]
     assert (a["engine"], a["engine_version"], a["model_ref"]) == ("mock", "m-1", M)
     assert (a["ctx_max"], a["max_tokens_out"], a["concurrency"]) == (4096, 512, 2)
-    assert a["supported_workloads"] == ["completion"]
+    assert a["supported_workloads"] == ["completion", "embedding"]  # the mock can embed
     assert a["rate_limits"] == {"queue_capacity": 16}
     assert a["features"]["queue_policy"] == "reject"
     assert engines["c"]["model_ref"] == "mock:other"
