@@ -306,6 +306,9 @@ class SchedulerShell:
                     task_id=t.task_id,
                     session_id=t.session_id,
                     engine=t.engine,
+                    model=t.model_ref,
+                    priority=t.priority,
+                    api=t.api,
                     queue_position=m.queue_position,
                     predicted_start_ms=m.predicted_start_ms,
                 )
