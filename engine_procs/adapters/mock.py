@@ -14,6 +14,8 @@ from orchd.config import Replica
 
 class MockAdapter(EngineProcessAdapter):
     name = "mock"
+    chat = True  # rendered with the mock's own template (mock_engine.render_chat)
+    embeddings = True  # deterministic unit vectors (mock_engine.embed)
     module = "engine_procs.mock_engine"
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:

@@ -14,6 +14,8 @@ from ipc.frames import json_string
 
 class TorchAdapter(EngineProcessAdapter):
     name = "torch"
+    chat = True  # the tokenizer's chat template (a default one where the model has none)
+    embeddings = True  # mean-pooled, L2-normalised last hidden states
     module = "engine_procs.torch_engine"
 
     def engine_config_json(self) -> str:
