@@ -48,6 +48,7 @@ class TorchEngineProcess:
         self.text: dict[int, Detokenizer] = {}
         self.to_embed: dict[int, list[list[int]]] = {}  # embedding requests' inputs, as ids
         self.embedded: list[p.EngEmbedding] = []  # answers made by step(), not yet sent
+        self.refused: list[tuple[int, str]] = []  # (rid, why): failed in the next step
         self.ctx, self.sock = engine_link.connect(addr)
 
     def run(self) -> None:
@@ -56,7 +57,7 @@ class TorchEngineProcess:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while True:
-            busy = bool(self.waiting) or bool(self.to_embed) or len(self.decoder) > 0
+            busy = bool(self.waiting or self.to_embed or self.refused) or len(self.decoder) > 0
             if poller.poll(0 if busy else None):
                 for msg in engine_link.waiting(self.sock):
                     self.handle(msg)
@@ -74,12 +75,20 @@ class TorchEngineProcess:
             if msg.workload == "embedding":
                 self.to_embed[msg.rid] = [text.encode(t) for t in msg.inputs or []]
                 return
-            chat = msg.messages is not None
-            ids = text.encode_chat(msg.messages or []) if chat else text.encode(msg.prompt)
+            if msg.messages is None:
+                ids = text.encode(msg.prompt)
+            else:
+                try:
+                    ids = text.encode_chat(msg.messages)
+                except Exception as e:  # e.g. a template that wants alternating roles
+                    why = f"{engine_link.INVALID_PREFIX}the model's chat template refused it: {e}"
+                    self.refused.append((msg.rid, why[:500]))
+                    return
             self.waiting[msg.rid] = NewRequest(
                 msg.rid, ids, msg.max_tokens, msg.seed, msg.temperature, msg.top_p
             )
         elif isinstance(msg, p.EngAbort):
+            self.refused = [(rid, why) for rid, why in self.refused if rid != msg.rid]
             if self.to_embed.pop(msg.rid, None) is not None:
                 return
             if self.waiting.pop(msg.rid, None) is None:
@@ -104,7 +113,8 @@ class TorchEngineProcess:
             self.embedded.append(p.EngEmbedding(rid, vectors, n))
 
     def step(self) -> p.EngTextStep:
-        out = p.EngTextStep([])
+        out = p.EngTextStep([], errors=self.refused)
+        self.refused = []
         self.embed_waiting(out)
         admit: list[NewRequest] = []
         while self.waiting and len(admit) < self.decoder.room:

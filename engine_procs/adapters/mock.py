@@ -1,4 +1,6 @@
-"""Adapter for the mock engine process (``engine_procs/mock_engine.py``)."""
+"""Adapter for the mock engine process (``engine_procs/mock_engine.py``). Chats are rendered by
+the engine with its documented template; embeddings come back as one ``EngEmbedding``, which
+the base reports (usage, then the vectors)."""
 
 from __future__ import annotations
 

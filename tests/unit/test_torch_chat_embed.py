@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_procs import torch_models
+from engine_procs import engine_link, torch_models
 from engine_procs.adapters.base import EngineRequest
 from engine_procs.adapters.torch import TorchAdapter
 from engine_procs.torch_batch import embed
@@ -96,6 +96,32 @@ def test_a_models_own_template_is_used(model_dir: Path, tmp_path: Path) -> None:
     own = torch_models.load(f"file:{tmp_path}", CPU, torch.float32, 0)
     want = "[system] Be brief. [user] hello world [assistant]"
     assert own.text.render_chat(CHAT) == want
+
+
+def test_a_chat_its_template_refuses_fails_alone_as_invalid(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    loaded = torch_models.load(f"file:{model_dir}", CPU, torch.float32, 0)
+    tok = loaded.text.tokenizer
+    assert tok is not None
+    tok.chat_template = (  # as Llama 2's and Mistral's templates do
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    engine = make_engine(tmp_path, loaded)
+    try:
+        engine.handle(p.EngSubmit(1, "", seed=0, max_tokens=3, messages=CHAT))
+        engine.handle(p.EngSubmit(2, "", seed=0, max_tokens=3, messages=[("user", "hello")]))
+        steps = drive(engine)
+    finally:
+        engine.sock.close(0)
+        engine.ctx.term()
+    ((rid, why),) = [e for s in steps for e in s.errors]
+    assert rid == 1 and "roles must alternate" in why
+    assert engine_link.error_code(why) == "INVALID_PARAMS"
+    assert engine_link.error_code("torch engine step failed: OOM") == "INTERNAL"
+    assert [r for s in steps for r, _ in s.finished] == [2]
 
 
 def test_a_chat_decodes_as_its_rendered_prompt(engine: TorchEngineProcess) -> None:
