@@ -1,6 +1,10 @@
 """The engine process's end of its PAIR socket to the supervisor, shared by the mock and torch
 engines: tiny high-water marks (a supervisor that stops reading stalls the engine instead of
-letting steps pile up), and a non-blocking read of everything that is waiting."""
+letting steps pile up), and a non-blocking read of everything that is waiting.
+
+A step's errors carry no code; an error that is the request's own fault (a chat its model's
+template refuses) starts with :data:`INVALID_PREFIX`, which the adapter reports as
+``INVALID_PARAMS`` (the rest are ``INTERNAL``)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from collections.abc import Iterator
 import zmq
 
 from ipc import protocol as p
+
+INVALID_PREFIX = "invalid request: "
 
 
 def connect(addr: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
@@ -27,3 +33,8 @@ def waiting(sock: zmq.Socket[bytes]) -> Iterator[p.EngineMessage]:
     while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
         for frame in sock.recv_multipart(zmq.NOBLOCK):
             yield p.decode_engine(frame)
+
+
+def error_code(message: str) -> str:
+    """The taxonomy code of an engine step's error message (see the module docstring)."""
+    return "INVALID_PARAMS" if message.startswith(INVALID_PREFIX) else "INTERNAL"

@@ -14,6 +14,21 @@ word has at most 4 letters), any other piece 1. So ``"Hello, world!"`` is ``Hell
 1 + ``world`` 2 + ``!`` 1 = 6 tokens, and the empty prompt 0. The count goes out in the
 request's first step (``EngStep.prompts``), before its first token.
 
+A chat (``EngSubmit.messages``) is rendered with the mock's own chat template, and the
+rendered text is then the prompt (its tokens, its seed and its length all follow from it):
+each turn as ``<|role|>\ncontent\n``, then ``<|assistant|>\n`` for the reply
+(:func:`render_chat`). So ``[("system", "Be brief."), ("user", "Hi")]`` renders as
+``"<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"``, 23 prompt tokens: each
+``<|role|>`` is ``<``, ``|``, ``|``, ``>`` (4) and its role word (system 2, user 1,
+assistant 3), then ``Be`` 1 + ``brief`` 2 + ``.`` 1 and ``Hi`` 1.
+
+An embedding request (``workload = "embedding"``) answers, after the usual time to first
+token, with one ``EngEmbedding``: per input a unit-norm vector of ``embedding_dim`` floats
+drawn from a generator seeded by a sha256 of (engine_version, model, input text)
+(:func:`embed`), so the same text always gets the same vector and different texts different
+ones; its ``prompt_tokens`` is the sum of the inputs' counts by :func:`prompt_tokens`. The
+fault-injection settings apply to token generation only.
+
 Run by the mock adapter as ``python -m engine_procs.mock_engine ADDR CONFIG_JSON``; it talks
 over a ZeroMQ PAIR socket with tiny high-water marks, so a supervisor that stops reading
 stalls the engine instead of letting steps pile up.
@@ -66,6 +81,22 @@ def prompt_tokens(prompt: str) -> int:
     return sum(-(-len(piece) // WORD_UNIT) for piece in _PIECES.findall(prompt))
 
 
+def render_chat(messages: list[tuple[str, str]]) -> str:
+    """The mock's chat template (see the module docstring)."""
+    turns = "".join(f"<|{role}|>\n{content}\n" for role, content in messages)
+    return turns + "<|assistant|>\n"
+
+
+def embed(engine_version: str, model: str, text: str, dim: int) -> list[float]:
+    """The mock's embedding of ``text``: a unit vector that depends on nothing else."""
+    key = f"{engine_version}\0{model}\0{text}"
+    h = hashlib.sha256(key.encode()).digest()
+    rng = random.Random(int.from_bytes(h[:16], "little"))
+    v = [rng.gauss(0.0, 1.0) for _ in range(max(1, dim))]
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]
+
+
 def request_rng(
     engine_version: str, seed: int, prompt: str, max_tokens: int, model: str = ""
 ) -> random.Random:
@@ -92,6 +123,7 @@ class _Req:
     prompt_tokens: int = 0
     produced: int = 0
     queued: bool = False  # has a live entry in the due heap
+    inputs: list[str] | None = None  # an embedding request's texts
 
 
 class MockEngineProcess:
@@ -101,6 +133,7 @@ class MockEngineProcess:
         self.ctx, self.sock = engine_link.connect(addr)
         self.reqs: dict[int, _Req] = {}
         self.due: list[tuple[float, int]] = []  # (due time, rid): a heap
+        self.embedded: list[p.EngEmbedding] = []  # answers made by step(), not yet sent
 
     def run(self) -> None:
         cfg = self.cfg
@@ -121,6 +154,9 @@ class MockEngineProcess:
             if step.tokens or step.finished or step.errors or step.prompts:
                 step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
+            for answer in self.embedded:
+                self.sock.send(p.encode(answer))
+            self.embedded.clear()
 
     def step(self, now: float) -> p.EngStep:
         """One engine step: the next token(s) of every request that is due."""
@@ -136,6 +172,10 @@ class MockEngineProcess:
                 ready.append(r)
         for r in ready:
             r.queued = False
+            if r.inputs is not None:  # an embedding: all of it at once, then it is done
+                self.embedded.append(self._embedding(r.rid, r.inputs))
+                del self.reqs[r.rid]
+                continue
             if r.produced == 0:  # its first step: say how long its prompt was
                 step.prompts.append((r.rid, r.prompt_tokens))
             n = cfg.tokens_per_step
@@ -180,15 +220,21 @@ class MockEngineProcess:
         r.queued = True
         heapq.heappush(self.due, (r.due, r.rid))
 
+    def _embedding(self, rid: int, inputs: list[str]) -> p.EngEmbedding:
+        cfg = self.cfg
+        vectors = [embed(cfg.engine_version, self.model, t, cfg.embedding_dim) for t in inputs]
+        return p.EngEmbedding(rid, vectors, sum(prompt_tokens(t) for t in inputs))
+
     def handle(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, p.EngSubmit):
-            rng = request_rng(
-                self.cfg.engine_version, msg.seed, msg.prompt, msg.max_tokens, self.model
-            )
+            prompt = render_chat(msg.messages) if msg.messages is not None else msg.prompt
+            rng = request_rng(self.cfg.engine_version, msg.seed, prompt, msg.max_tokens, self.model)
             due = time.monotonic() + self.cfg.ttft_ms / 1000.0
             r = self.reqs[msg.rid] = _Req(
-                msg.rid, rng, max(1, msg.max_tokens), due, prompt_tokens(msg.prompt)
+                msg.rid, rng, max(1, msg.max_tokens), due, prompt_tokens(prompt)
             )
+            if msg.workload == "embedding":
+                r.inputs = list(msg.inputs or [])
             self._schedule(r)
         elif isinstance(msg, p.EngAbort):
             self.reqs.pop(msg.rid, None)  # its heap entry is skipped when it comes up

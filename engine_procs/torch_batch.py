@@ -229,6 +229,36 @@ class BatchDecoder:
         return rids
 
 
+@torch.inference_mode()
+def embed(
+    model: PreTrainedModel, prompts: list[list[int]], *, max_seq_len: int, max_batch: int
+) -> tuple[list[list[float]], int]:
+    """One vector per prompt: the base model's last hidden states, mean-pooled over the prompt's
+    real tokens and L2-normalised; and the tokens read. Outside the decode batch (no KV cache),
+    ``max_batch`` prompts per forward pass, right-padded so that padding is never attended to
+    by a real token (causal attention) and a prompt's vector does not depend on its neighbours.
+    A prompt longer than ``max_seq_len`` is cut to its head; an empty one is read as one
+    placeholder token that does not count."""
+    device = next(model.parameters()).device
+    base = model.base_model  # the decoder without its LM head: no vocabulary-sized logits
+    prompts = [ids[:max_seq_len] for ids in prompts]
+    vectors: list[list[float]] = []
+    for start in range(0, len(prompts), max(1, max_batch)):
+        chunk = [ids or [0] for ids in prompts[start : start + max(1, max_batch)]]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        mean = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
+        vectors += F.normalize(mean, dim=-1).tolist()
+    return vectors, sum(len(ids) for ids in prompts)
+
+
 def _layers(cache: DynamicCache) -> list[Any]:
     """The per-layer caches, each with ``keys`` and ``values`` (transformers 5's layout)."""
     return list(cache.layers)

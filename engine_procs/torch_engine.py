@@ -8,6 +8,12 @@ forwards text. Each loop turn takes every message waiting, prefills the new requ
 (``max_batch``), decodes one token for every running request, and sends what came out. A
 request's prompt length, in the model tokenizer's tokens the engine actually reads (the
 prompt's tail, when ``max_seq_len`` cuts it), goes out in the step that prefills it.
+
+A chat (``EngSubmit.messages``) is rendered with the model's chat template
+(:meth:`Text.encode_chat <engine_procs.torch_models.Text.encode_chat>`) and then decodes like
+any prompt. An embedding request (``workload = "embedding"``) does not join the decode batch:
+the next turn embeds its inputs (:func:`engine_procs.torch_batch.embed`, one forward pass per
+``max_batch`` inputs) and answers with one ``EngEmbedding`` carrying the tokens read.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import msgspec
 import zmq
 
 from engine_procs import engine_link, torch_models
-from engine_procs.torch_batch import BatchDecoder, NewRequest
+from engine_procs.torch_batch import BatchDecoder, NewRequest, embed
 from engine_procs.torch_models import Detokenizer, Loaded
 from ipc import protocol as p
 from orchd.config import TorchEngine
@@ -40,6 +46,9 @@ class TorchEngineProcess:
         )
         self.waiting: dict[int, NewRequest] = {}  # submitted, not yet in the batch (FIFO)
         self.text: dict[int, Detokenizer] = {}
+        self.to_embed: dict[int, list[list[int]]] = {}  # embedding requests' inputs, as ids
+        self.embedded: list[p.EngEmbedding] = []  # answers made by step(), not yet sent
+        self.refused: list[tuple[int, str]] = []  # (rid, why): failed in the next step
         self.ctx, self.sock = engine_link.connect(addr)
 
     def run(self) -> None:
@@ -48,7 +57,7 @@ class TorchEngineProcess:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while True:
-            busy = bool(self.waiting) or len(self.decoder) > 0
+            busy = bool(self.waiting or self.to_embed or self.refused) or len(self.decoder) > 0
             if poller.poll(0 if busy else None):
                 for msg in engine_link.waiting(self.sock):
                     self.handle(msg)
@@ -56,20 +65,57 @@ class TorchEngineProcess:
             if step.tokens or step.finished or step.errors or step.prompts:
                 step.t_ns = time.monotonic_ns()
                 self.sock.send(p.encode(step))  # blocks when the supervisor is not reading
+            for answer in self.embedded:
+                self.sock.send(p.encode(answer))
+            self.embedded.clear()
 
     def handle(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, p.EngSubmit):
-            ids = self.loaded.text.encode(msg.prompt)
+            text = self.loaded.text
+            if msg.workload == "embedding":
+                self.to_embed[msg.rid] = [text.encode(t) for t in msg.inputs or []]
+                return
+            if msg.messages is None:
+                ids = text.encode(msg.prompt)
+            else:
+                try:
+                    ids = text.encode_chat(msg.messages)
+                except Exception as e:  # e.g. a template that wants alternating roles
+                    why = f"{engine_link.INVALID_PREFIX}the model's chat template refused it: {e}"
+                    self.refused.append((msg.rid, why[:500]))
+                    return
             self.waiting[msg.rid] = NewRequest(
                 msg.rid, ids, msg.max_tokens, msg.seed, msg.temperature, msg.top_p
             )
         elif isinstance(msg, p.EngAbort):
+            self.refused = [(rid, why) for rid, why in self.refused if rid != msg.rid]
+            if self.to_embed.pop(msg.rid, None) is not None:
+                return
             if self.waiting.pop(msg.rid, None) is None:
                 self.decoder.remove([msg.rid])
             self.text.pop(msg.rid, None)
 
+    def embed_waiting(self, out: p.EngTextStep) -> None:
+        """Answer every embedding request waiting (into ``embedded``; a failure into
+        ``out.errors``, failing that request only)."""
+        cfg = self.cfg
+        while self.to_embed:
+            rid = next(iter(self.to_embed))
+            prompts = self.to_embed.pop(rid)
+            try:
+                vectors, n = embed(
+                    self.loaded.model, prompts, max_seq_len=cfg.max_seq_len, max_batch=cfg.max_batch
+                )
+            except Exception as e:  # e.g. CUDA out of memory: fail this request, keep serving
+                traceback.print_exc(file=sys.stderr)
+                out.errors.append((rid, f"torch engine embedding failed: {type(e).__name__}: {e}"))
+                continue
+            self.embedded.append(p.EngEmbedding(rid, vectors, n))
+
     def step(self) -> p.EngTextStep:
-        out = p.EngTextStep([])
+        out = p.EngTextStep([], errors=self.refused)
+        self.refused = []
+        self.embed_waiting(out)
         admit: list[NewRequest] = []
         while self.waiting and len(admit) < self.decoder.room:
             rid = next(iter(self.waiting))

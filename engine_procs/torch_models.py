@@ -4,10 +4,17 @@ weights on a named config (nothing is ever fetched from a hub), and the text sid
 ``random:<name>`` configs have Llama's shape at a few sizes, so that a GPU benchmark runs a
 real decoder's arithmetic with no weights on disk. Their tokens mean nothing; their text comes
 from the mock engine's synthetic vocabulary. A ``file:`` directory with a tokenizer uses it.
+
+A chat is rendered with the tokenizer's chat template (``apply_chat_template`` with
+``add_generation_prompt=True``) and tokenized without adding special tokens (a template writes
+its own, as vLLM does for chats). A model with no template of its own, and the ``random:``
+models (no tokenizer at all), use :data:`DEFAULT_CHAT_TEMPLATE`, the mock engine's shape:
+each turn as ``<|role|>\ncontent\n``, then ``<|assistant|>\n``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +23,9 @@ from typing import Any
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import jinja2  # noqa: E402
 import torch  # noqa: E402
+from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -26,6 +35,12 @@ from transformers import (  # noqa: E402
 )
 
 from engine_procs.mock_engine import vocab  # noqa: E402
+
+# The chat template of a model that has none (Jinja, as transformers renders templates).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 # Llama-shaped configs, by name: (hidden, intermediate, layers, heads, kv heads, vocab).
 RANDOM_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -64,6 +79,24 @@ class Text:
             ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=True)
             return ids
         return [b % self.vocab_size for b in prompt.encode()]
+
+    def render_chat(self, messages: list[tuple[str, str]]) -> str:
+        """The chat as the model reads it, with the reply's opening (see the module
+        docstring)."""
+        turns = [{"role": role, "content": content} for role, content in messages]
+        if self.tokenizer is not None:
+            text: str = self.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=False
+            )
+            return text
+        return _default_template().render(messages=turns, add_generation_prompt=True)
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        text = self.render_chat(messages)
+        if self.tokenizer is not None:
+            ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+            return ids
+        return self.encode(text)
 
     def stream(self) -> Detokenizer:
         return Detokenizer(self)
@@ -104,6 +137,14 @@ class Detokenizer:
         after = tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
         self.prefix = self.read = len(self.ids)
         return str(after[len(before) :])
+
+
+@functools.cache
+def _default_template() -> jinja2.Template:
+    """:data:`DEFAULT_CHAT_TEMPLATE` for a model with no tokenizer, compiled as transformers
+    compiles chat templates (a sandbox; blocks' whitespace kept)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(DEFAULT_CHAT_TEMPLATE)
 
 
 @dataclass(slots=True)
@@ -171,6 +212,8 @@ def _from_dir(path: str, device: torch.device, dtype: torch.dtype) -> Loaded:
     tokenizer = (
         AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
     )
+    if tokenizer is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so that every model takes a chat
     eos = model.generation_config.eos_token_id if model.generation_config else None
     if eos is None:
         eos = model.config.eos_token_id

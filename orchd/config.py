@@ -48,6 +48,8 @@ class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
     # Benchmarks only: each token's text is the engine's CLOCK_MONOTONIC ns at emission,
     # so a client on the same host measures engine-write-to-receipt latency.
     stamp_tokens: bool = False
+    # Length of the mock's embedding vectors (deterministic unit vectors; see mock_engine.py).
+    embedding_dim: int = 64
     # Fault injection (0 = off). Set per replica in config; never triggered by request content.
     crash_after_tokens: int = 0  # the engine process exits once any request reaches N tokens
     stall_after_tokens: int = 0  # a request stops producing tokens after N

@@ -1,12 +1,18 @@
 """What every HTTP engine adapter shares: one streaming task per request, SSE parsing, failure
 mapping to the taxonomy, readiness polling, and (optionally) the engine process itself.
 
+Chats (``EngineRequest.messages``) go to dialects whose ``chat`` is True (the others refuse
+them with ``INVALID_PARAMS`` naming the adapter); most engines stream them in OpenAI's chunk
+shape, read by :func:`openai_chunk`. Embeddings (``workload = "embedding"``) are one plain
+JSON request and answer (:meth:`HttpAdapter.embed_request` / ``read_embedding``), reported with
+``on_usage`` then ``on_embedding``; only dialects whose ``embeddings`` is True implement them.
+
 A dialect subclass says how to build a request, how to read one SSE event (its text, its end,
 and the prompt's length where the engine tells it: ``StreamState.prompt_tokens``, reported to
 the sink's ``on_usage`` once, before the request's end), how to probe readiness and what the
 engine tells about itself; everything else is here so that the four dialects fail, cancel and
-time out the same way. Per request the rule is: exactly one of ``on_finish`` / ``on_error``
-reaches the sink, or nothing at all once ``abort`` was called.
+time out the same way. Per request the rule is: exactly one of ``on_finish`` / ``on_error`` /
+``on_embedding`` reaches the sink, or nothing at all once ``abort`` was called.
 """
 
 from __future__ import annotations
@@ -143,6 +149,52 @@ def status_failure(status: int, body: bytes, headers: httpx.Headers) -> StreamFa
     return StreamFailure(Code.INTERNAL, msg)
 
 
+def chat_messages(req: EngineRequest) -> list[dict[str, str]]:
+    """The request's chat in OpenAI's ``messages`` shape."""
+    return [{"role": role, "content": content} for role, content in req.messages or []]
+
+
+def openai_chunk(name: str, data: str, st: StreamState) -> None:
+    """One event of an OpenAI-shaped stream (completions or chat completions): each chunk's
+    ``choices[0].text`` or ``choices[0].delta.content`` is the next piece, ``finish_reason``
+    (``"length"``; anything else, e.g. ``"stop"``, ``"eos_token"``, is a stop) ends it, a
+    chunk's ``usage`` (with ``stream_options.include_usage``: a last chunk with
+    ``"choices": []``) gives the prompt's length, and ``data: [DONE]`` closes the stream. An
+    error is an ``error`` event or a chunk ``{"error": ...}``."""
+    if data == "[DONE]":
+        if st.finish is None:
+            st.finish = st.length_or_stop()
+        st.done = True
+        return
+    if name == "error":
+        raise engine_error(data)
+    obj = parse_json(data)
+    if not isinstance(obj, dict):
+        raise malformed("not an object", data)
+    if obj.get("error") is not None:
+        raise engine_error(data)
+    usage = obj.get("usage")
+    if isinstance(usage, dict) and st.prompt_tokens is None:
+        st.prompt_tokens = as_count(usage.get("prompt_tokens"))
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        raise malformed("no choices", data)
+    for choice in choices:  # empty on a usage-only chunk
+        if not isinstance(choice, dict):
+            raise malformed("choice is not an object", data)
+        if "delta" in choice:
+            delta = choice["delta"]
+            text = delta.get("content") if isinstance(delta, dict) else None
+        else:
+            text = choice.get("text")
+        if text is not None and not isinstance(text, str):
+            raise malformed("text is not a string", data)
+        st.emit(text or "")
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            st.finish = "length" if reason == "length" else "stop"
+
+
 class HttpAdapter(EngineAdapter, abc.ABC):
     """Base of the HTTP dialects. Subclasses implement the four abstract methods."""
 
@@ -181,6 +233,17 @@ class HttpAdapter(EngineAdapter, abc.ABC):
     @abc.abstractmethod
     async def describe(self, client: httpx.AsyncClient) -> None:
         """Fill in ``engine_version``, ``ctx_max``, ``slots``, ``model`` where exposed."""
+
+    def embed_request(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of an embedding request; only where ``embeddings`` is True."""
+        raise StreamFailure(
+            Code.INVALID_PARAMS, f"the {self.name} engine adapter does not serve embeddings"
+        )
+
+    def read_embedding(self, obj: Any, req: EngineRequest) -> tuple[list[list[float]], int | None]:
+        """The vectors (one per input, in order) and the tokens read, from the answer's JSON;
+        raise :class:`StreamFailure` when it is not what the engine's API says."""
+        raise StreamFailure(Code.INTERNAL, f"the {self.name} engine adapter reads no embeddings")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -322,15 +385,31 @@ class HttpAdapter(EngineAdapter, abc.ABC):
         if self._tasks.pop(rid, None) is not None:
             self.sink.on_finish(rid, reason)
 
+    def _report_embedding(self, rid: int, vectors: list[list[float]], tokens: int | None) -> None:
+        if self._tasks.pop(rid, None) is not None:
+            if tokens is not None:
+                self.sink.on_usage(rid, tokens)
+            self.sink.on_embedding(rid, vectors)
+
     async def _run(self, req: EngineRequest) -> None:
         rid = req.rid
         try:
-            await self._stream(req)
+            if req.workload == "embedding":
+                await self._embed(req)
+            elif req.messages is not None and not self.chat:
+                raise StreamFailure(
+                    Code.INVALID_PARAMS,
+                    f"the {self.name} engine adapter does not serve chats (its API takes a"
+                    " prompt, not messages); send a completion instead",
+                )
+            else:
+                await self._stream(req)
         except StreamFailure as f:
             self._report_error(rid, f.code, f.message, f.retry_after_ms)
         except TimeoutError:
             ms = self.replica.decode_timeout_ms
-            self._report_error(rid, Code.DECODE_TIMEOUT, f"no token from the engine for {ms} ms")
+            what = "embedding" if req.workload == "embedding" else "token"
+            self._report_error(rid, Code.DECODE_TIMEOUT, f"no {what} from the engine for {ms} ms")
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             reason = f"cannot connect to engine at {self.base_url}: {e}"
             self._report_error(rid, Code.WORKER_RESET, reason)
@@ -375,6 +454,23 @@ class HttpAdapter(EngineAdapter, abc.ABC):
                 Code.WORKER_RESET, "engine closed the stream before the generation finished"
             )
         self._report_finish(req.rid, st.finish)
+
+    async def _embed(self, req: EngineRequest) -> None:
+        """One request, one JSON answer: no stream, so the decode timeout bounds the wait for
+        the whole answer (as it bounds the wait for a stream's first token)."""
+        client = self.client
+        if client is None:
+            raise StreamFailure(Code.WORKER_RESET, "engine is not running")
+        path, body = self.embed_request(req)
+        wait_s = min(
+            self.replica.decode_timeout_ms / 1000.0, self.replica.endpoint.request_timeout_s
+        )
+        async with asyncio.timeout(wait_s):
+            resp = await client.post(path, json=body)
+        if resp.status_code != 200:
+            raise status_failure(resp.status_code, resp.content, resp.headers)
+        vectors, tokens = self.read_embedding(parse_json(resp.text), req)
+        self._report_embedding(req.rid, vectors, tokens)
 
 
 def engine_error(data: str) -> StreamFailure:

@@ -1,4 +1,5 @@
-"""llama.cpp's ``llama-server``, native API: ``POST /completion`` with ``stream: true``.
+"""llama.cpp's ``llama-server``: completions on its native API, ``POST /completion`` with
+``stream: true``; chats on its OpenAI-compatible ``POST /v1/chat/completions``.
 
 Wire format (tools/server/README.md in ggml-org/llama.cpp): each SSE ``data:`` event is
 ``{"content": "...", "stop": false, ...}``; the last has ``"stop": true`` with
@@ -13,7 +14,20 @@ prompt", the README's /completion response), which current servers put in every 
 (``server_task_result_cmpl_partial::to_json_non_oaicompat`` and the final result's JSON in
 tools/server/server-task.cpp). A final event without it still has ``timings``: ``prompt_n``
 (the prompt tokens computed) plus ``cache_n`` (those taken from the prompt cache; builds
-without ``cache_n`` leave a cached prefix uncounted).
+without ``cache_n`` leave a cached prefix uncounted). Stop strings go as ``stop``.
+
+A chat goes to ``POST /v1/chat/completions`` with ``messages``, ``max_tokens``, ``seed``,
+``stop`` and ``stream_options.include_usage`` (tools/server/README.md, "OpenAI-compatible Chat
+Completions API"), rendered by the server with the model's chat template. Its stream has
+OpenAI's chunk shape (``server_task_result_cmpl_partial::to_json_oaicompat_chat`` and
+``server_task_result_cmpl_final::to_json_oaicompat_chat_stream`` in
+tools/server/server-task.cpp): a first delta ``{"role": "assistant", "content": null}``, the
+pieces as ``choices[0].delta.content``, a chunk with an empty delta and ``finish_reason``
+(``"length"``, or ``"stop"`` at an EOS or stop word), then, as asked, a ``"choices": []`` chunk
+with ``usage.prompt_tokens``, then ``data: [DONE]`` (older builds put ``usage`` in the
+finish chunk itself; both are read). An error is the same ``error: {...}`` line.
+llama-server's own ``/embedding`` needs a server started with ``--embeddings`` and is not used:
+this adapter serves no embeddings.
 """
 
 from __future__ import annotations
@@ -29,29 +43,46 @@ from engine_procs.adapters.http_base import (
     StreamState,
     as_count,
     as_int,
+    chat_messages,
     engine_error,
     malformed,
+    openai_chunk,
     parse_json,
 )
 
 
 class LlamaCppAdapter(HttpAdapter):
     name = "llamacpp"
+    chat = True
 
     def request(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
-            "prompt": req.prompt,
-            "n_predict": req.max_tokens,
             "stream": True,
             "seed": req.seed % U32_RANDOM,  # never the "random" sentinel
         }
+        if req.messages is not None:
+            path = "/v1/chat/completions"
+            body["messages"] = chat_messages(req)
+            body["max_tokens"] = req.max_tokens
+            body["stream_options"] = {"include_usage": True}
+            if self.model:
+                body["model"] = self.model
+        else:
+            path = "/completion"
+            body["prompt"] = req.prompt
+            body["n_predict"] = req.max_tokens
         if req.temperature is not None:
             body["temperature"] = req.temperature
         if req.top_p is not None:
             body["top_p"] = req.top_p
-        return "/completion", body
+        if req.stop:
+            body["stop"] = list(req.stop)
+        return path, body
 
     def on_event(self, name: str, data: str, st: StreamState) -> None:
+        if st.req.messages is not None:
+            openai_chunk(name, data, st)
+            return
         if name == "error":
             raise engine_error(data)
         obj = parse_json(data)

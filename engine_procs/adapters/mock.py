@@ -1,4 +1,6 @@
-"""Adapter for the mock engine process (``engine_procs/mock_engine.py``)."""
+"""Adapter for the mock engine process (``engine_procs/mock_engine.py``). Chats are rendered by
+the engine with its documented template; embeddings come back as one ``EngEmbedding``, which
+the base reports (usage, then the vectors)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from orchd.config import Replica
 
 class MockAdapter(EngineProcessAdapter):
     name = "mock"
+    chat = True  # rendered with the mock's own template (mock_engine.render_chat)
+    embeddings = True  # deterministic unit vectors (mock_engine.embed)
     module = "engine_procs.mock_engine"
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:

@@ -1,5 +1,5 @@
 """Adapters for engines that orchd runs as a child process speaking the engine protocol
-(``EngSubmit``/``EngAbort`` in, ``EngReady`` and steps out) over a ZeroMQ PAIR socket: the
+(``EngSubmit``/``EngAbort`` in, ``EngReady``, steps and ``EngEmbedding`` answers out) over a ZeroMQ PAIR socket: the
 mock engine and the built-in torch engine. Subclasses name the module to run, what to pass
 it, and how to turn one step into sink calls.
 
@@ -132,7 +132,12 @@ class EngineProcessAdapter(EngineAdapter):
             if not hello.done():
                 hello.set_result(data)
             return
-        self.on_step(p.decode_engine(data))  # unreadable: the line calls _unreadable
+        msg = p.decode_engine(data)  # unreadable: the line calls _unreadable
+        if isinstance(msg, p.EngEmbedding):  # the same for every engine: usage, then result
+            self.sink.on_usage(msg.rid, msg.prompt_tokens)
+            self.sink.on_embedding(msg.rid, msg.vectors)
+        else:
+            self.on_step(msg)
         self.sink.flush()  # one ring publish per engine step
 
     def _unreadable(self, error: BaseException) -> None:
@@ -177,6 +182,9 @@ class EngineProcessAdapter(EngineAdapter):
             req.max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
+            messages=req.messages,
+            workload=req.workload,
+            inputs=req.inputs,
         )
         self._line.send(p.encode(msg))
 

@@ -1,4 +1,5 @@
-"""Hugging Face text-generation-inference: ``POST /generate_stream``.
+"""Hugging Face text-generation-inference: completions on ``POST /generate_stream``; chats on
+its Messages API, ``POST /v1/chat/completions``.
 
 Wire format (docs/openapi.json in huggingface/text-generation-inference): request
 ``{"inputs": ..., "parameters": {"max_new_tokens", "seed", "do_sample", "temperature",
@@ -15,7 +16,21 @@ router/src/lib.rs, filled in by ``generate_stream`` in router/src/server.rs when
 asks for ``details``, as we do), in TGI's tokens after its own truncation. Releases older
 than that field say nothing of the prompt in a stream (``details.prefill`` needs
 ``decoder_input_details``, which a stream refuses: ``PrefillDetailsStream`` in
-router/src/validation.rs); then no prompt length is reported.
+router/src/validation.rs); then no prompt length is reported. Stop strings go as
+``parameters.stop`` (at most ``max_stop_sequences``, TGI's own limit).
+
+A chat goes to the Messages API (docs/source/messages_api.md; ``ChatRequest`` in
+router/src/lib.rs): ``{"model", "messages", "max_tokens", "seed", "stop", "stream": true,
+"stream_options": {"include_usage": true}, "temperature", "top_p"}``, rendered by TGI with the
+model's chat template. Temperature 0 there means greedy (``ChatRequest::try_into_generate``:
+``Some(0.0) => do_sample false``), so it is passed as given; ``top_p`` only inside (0, 1), as
+for /generate_stream. The stream has OpenAI's chunk shape (``ChatState::push`` in
+router/src/chat.rs): one chunk per token with ``choices[0].delta {"role": "assistant",
+"content"}`` (an EOS token's content is empty), the last one with ``finish_reason``
+(``FinishReason::format(true)``: ``"length"``, ``"stop"`` at EOS, ``"stop_sequence"``; all but
+``"length"`` are a stop), then with ``include_usage`` a ``"choices": []`` chunk whose
+``usage.prompt_tokens`` is the prompt's length, then ``data: [DONE]``. TGI serves no
+embeddings (that is text-embeddings-inference, another server).
 """
 
 from __future__ import annotations
@@ -30,8 +45,10 @@ from engine_procs.adapters.http_base import (
     StreamState,
     as_count,
     as_int,
+    chat_messages,
     engine_error,
     malformed,
+    openai_chunk,
     parse_json,
 )
 
@@ -40,8 +57,11 @@ U64_MASK = (1 << 64) - 1
 
 class TgiAdapter(HttpAdapter):
     name = "tgi"
+    chat = True
 
     def request(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
+        if req.messages is not None:
+            return "/v1/chat/completions", self._chat_body(req)
         params: dict[str, Any] = {
             "max_new_tokens": req.max_tokens,
             "seed": (req.seed & U64_MASK) or 1,  # TGI wants a positive seed
@@ -53,9 +73,31 @@ class TgiAdapter(HttpAdapter):
         if req.top_p is not None and 0 < req.top_p < 1:
             params["top_p"] = req.top_p
             params["do_sample"] = True
+        if req.stop:
+            params["stop"] = list(req.stop)
         return "/generate_stream", {"inputs": req.prompt, "parameters": params}
 
+    def _chat_body(self, req: EngineRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model or "tgi",  # unused by TGI, required by its schema
+            "messages": chat_messages(req),
+            "max_tokens": req.max_tokens,
+            "seed": (req.seed & U64_MASK) or 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if req.temperature is not None:
+            body["temperature"] = req.temperature  # 0: greedy (see the module docstring)
+        if req.top_p is not None and 0 < req.top_p < 1:
+            body["top_p"] = req.top_p
+        if req.stop:
+            body["stop"] = list(req.stop)
+        return body
+
     def on_event(self, name: str, data: str, st: StreamState) -> None:
+        if st.req.messages is not None:
+            openai_chunk(name, data, st)
+            return
         obj = parse_json(data)
         if not isinstance(obj, dict):
             raise malformed("not an object", data)

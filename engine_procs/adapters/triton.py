@@ -16,6 +16,12 @@ default. A model that returns the output ``num_input_tokens`` (the vLLM backend'
 request sets its optional input ``return_num_input_tokens``: triton-inference-server/
 vllm_backend src/model.py) has it reported. We do not ask for it: a model without that input
 would refuse the request.
+
+No chats: the generate extension takes one ``text_input`` and Triton applies no chat template
+(that is the model's business, and a TensorRT-LLM ensemble has none), so ``chat`` is False;
+orchd refuses a chat for a Triton pool before it gets here, and a chat that reaches this
+adapter anyway fails with ``INVALID_PARAMS`` naming it. No embeddings, and no stop strings
+(their parameter is model-specific: TensorRT-LLM's ``stop_words``, vLLM's ``stop``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ U64_MASK = (1 << 64) - 1
 
 class TritonAdapter(HttpAdapter):
     name = "triton"
+    chat = False  # the base refuses a chat: INVALID_PARAMS naming this adapter
+    embeddings = False
 
     def __init__(self, replica: Replica, engine_addr: str, sink: EngineSink) -> None:
         super().__init__(replica, engine_addr, sink)

@@ -29,6 +29,48 @@ def prompt_tokens(prompt: str) -> int:
     return 1 + len(prompt.split())
 
 
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The fakes' chat template (what a real server does with the model's own): each turn as
+    ``role: content`` on its own line, then ``assistant:``. The rendered text is the prompt."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+EMBEDDING_DIM = 8
+
+
+def embedding_for(text: str) -> list[float]:
+    """The fake embedding model's vector for ``text`` (seeded by it, nothing else)."""
+    rng = random.Random(f"embedding\0{text}")
+    return [round(rng.uniform(-1.0, 1.0), 6) for _ in range(EMBEDDING_DIM)]
+
+
+def chat_chunk(
+    choices: list[dict[str, Any]], usage: dict[str, int] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """An OpenAI ``chat.completion.chunk`` (the fields every chat server here writes)."""
+    obj: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": choices,
+        **extra,
+    }
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
+def usage_of(s: Seen, prompt: str) -> dict[str, int]:
+    n, done = prompt_tokens(prompt), len(s.toks)
+    return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+
+
+def usage_asked(s: Seen) -> bool:
+    options = s.body.get("stream_options") or {}
+    return bool(options.get("include_usage"))
+
+
 @dataclass
 class Seen:
     path: str
@@ -65,13 +107,46 @@ class Dialect(abc.ABC):
     @abc.abstractmethod
     def error(self, fake: FakeEngine, message: str) -> bytes: ...
 
+    def is_embed(self, path: str) -> bool:
+        return False
+
+    def embed(self, fake: FakeEngine, body: dict[str, Any]) -> tuple[int, Any]:
+        raise NotImplementedError
+
 
 class LlamaCpp(Dialect):
+    """``/completion`` (native) and ``/v1/chat/completions`` (OpenAI chunks, as
+    tools/server/server-task.cpp writes them)."""
+
     def is_generate(self, path: str) -> bool:
-        return path == "/completion"
+        return path in ("/completion", "/v1/chat/completions")
 
     def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
+        if "messages" in body:
+            return render_chat(body["messages"]), body["seed"], body["max_tokens"]
         return body["prompt"], body["seed"], body["n_predict"]
+
+    def _chat(self, fake: FakeEngine, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        choice = {"finish_reason": reason, "index": 0, "delta": delta}
+        return chat_chunk([choice], system_fingerprint=f"b{fake.version}")
+
+    def _timings(self, s: Seen) -> dict[str, Any]:
+        n = prompt_tokens(self.params(s.body)[0])
+        return {"cache_n": 0, "prompt_n": n, "prompt_ms": 1.0, "predicted_n": len(s.toks)}
+
+    def _chat_token(self, fake: FakeEngine, s: Seen, i: int, text: str) -> bytes:
+        out = b""
+        if i == 0:  # "an initial update to conform to openai behavior"
+            out = sse(self._chat(fake, {"role": "assistant", "content": None}, None))
+        return out + sse(self._chat(fake, {"content": text}, None))
+
+    def _chat_final(self, fake: FakeEngine, s: Seen, eos: bool) -> bytes:
+        chunks = [self._chat(fake, {}, "stop" if eos else "length")]
+        if usage_asked(s):
+            usage = usage_of(s, self.params(s.body)[0])
+            chunks.append(chat_chunk([], usage, system_fingerprint=f"b{fake.version}"))
+        chunks[-1]["timings"] = self._timings(s)
+        return b"".join(sse(c) for c in chunks) + b"data: [DONE]\n\n"
 
     def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
         if path == "/health":
@@ -90,6 +165,8 @@ class LlamaCpp(Dialect):
         return 404, {"error": "not found"}
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
+        if "messages" in s.body:
+            return self._chat_token(fake, s, i, text)
         # Every partial result carries both counts (to_json_non_oaicompat in
         # tools/server/server-task.cpp).
         return sse(
@@ -105,6 +182,8 @@ class LlamaCpp(Dialect):
         )
 
     def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
+        if "messages" in s.body:
+            return self._chat_final(fake, s, eos)
         n = prompt_tokens(s.body["prompt"])
         return sse(
             {
@@ -137,12 +216,44 @@ class LlamaCpp(Dialect):
 
 
 class OpenAI(Dialect):
+    """vLLM's OpenAI-compatible server: completions, chat completions, embeddings."""
+
     def is_generate(self, path: str) -> bool:
         return path in ("/v1/completions", "/v1/chat/completions")
 
     def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
-        prompt = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
+        prompt = body["prompt"] if "prompt" in body else render_chat(body["messages"])
         return prompt, body["seed"], body["max_tokens"]
+
+    def is_embed(self, path: str) -> bool:
+        return path == "/v1/embeddings"
+
+    def embed(self, fake: FakeEngine, body: dict[str, Any]) -> tuple[int, Any]:
+        """vLLM's ``EmbeddingResponse`` (serving_embedding.py); a 400 as vLLM's
+        ``ErrorResponse`` for an input it cannot take."""
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or body.get("model") != MODEL:
+            err = {
+                "object": "error",
+                "message": "bad embeddings request",
+                "type": "BadRequestError",
+            }
+            return 400, {**err, "param": None, "code": 400}
+        n = sum(prompt_tokens(t) for t in inputs)
+        data = [
+            {"index": i, "object": "embedding", "embedding": embedding_for(t)}
+            for i, t in enumerate(inputs)
+        ]
+        return 200, {
+            "id": "embd-fake",
+            "object": "list",
+            "created": 1700000000,
+            "model": MODEL,
+            "data": data,
+            "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0},
+        }
 
     def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
         if path == "/health":
@@ -153,11 +264,6 @@ class OpenAI(Dialect):
         if path == "/version":
             return 200, {"version": fake.version}
         return 404, {"detail": "Not Found"}
-
-    @staticmethod
-    def _usage_asked(s: Seen) -> bool:
-        options = s.body.get("stream_options") or {}
-        return bool(options.get("include_usage"))
 
     def _chunk(self, s: Seen, choice: dict[str, Any] | None) -> bytes:
         """One chunk; ``None``: the usage chunk (``choices: []``) that ends a stream whose
@@ -176,7 +282,7 @@ class OpenAI(Dialect):
             n = prompt_tokens(self.params(s.body)[0])
             done = len(s.toks)
             obj["usage"] = {"prompt_tokens": n, "total_tokens": n + done, "completion_tokens": done}
-        elif self._usage_asked(s):
+        elif usage_asked(s):
             obj["usage"] = None
         return sse(obj)
 
@@ -194,7 +300,7 @@ class OpenAI(Dialect):
         if s.path.endswith("chat/completions"):
             reason = "stop" if eos else "length"
             out = self._chunk(s, {"delta": {}, "finish_reason": reason})
-        if self._usage_asked(s):
+        if usage_asked(s):
             out += self._chunk(s, None)
         return out + b"data: [DONE]\n\n"
 
@@ -204,12 +310,34 @@ class OpenAI(Dialect):
 
 
 class Tgi(Dialect):
+    """``/generate_stream`` and the Messages API ``/v1/chat/completions`` (OpenAI chunks, as
+    ``ChatState::push`` in router/src/chat.rs writes them)."""
+
     def is_generate(self, path: str) -> bool:
-        return path == "/generate_stream"
+        return path in ("/generate_stream", "/v1/chat/completions")
 
     def params(self, body: dict[str, Any]) -> tuple[str, int, int]:
+        if "messages" in body:
+            return render_chat(body["messages"]), body["seed"], body["max_tokens"]
         p = body["parameters"]
         return body["inputs"], p["seed"], p["max_new_tokens"]
+
+    def _chat(self, fake: FakeEngine, text: str, reason: str | None) -> bytes:
+        delta = {"role": "assistant", "content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        fingerprint = f"{fake.version}-native"
+        return sse(
+            chat_chunk([choice], id="", system_fingerprint=fingerprint, usage=None), b"data:"
+        )
+
+    def _chat_end(self, fake: FakeEngine, s: Seen, text: str, reason: str) -> bytes:
+        """The last token's chunk with its finish reason, the usage chunk if asked, [DONE]."""
+        out = self._chat(fake, text, reason)
+        if usage_asked(s):
+            usage = usage_of(s, self.params(s.body)[0])
+            fingerprint = f"{fake.version}-native"
+            out += sse(chat_chunk([], usage, id="", system_fingerprint=fingerprint), b"data:")
+        return out + b"data:[DONE]\n\n"
 
     def get(self, fake: FakeEngine, path: str) -> tuple[int, Any]:
         if path == "/health":
@@ -254,6 +382,10 @@ class Tgi(Dialect):
         return {"generated_text": "".join(toks), "details": details}
 
     def token(self, fake: FakeEngine, s: Seen, i: int, text: str, last: bool, eos: bool) -> bytes:
+        if "messages" in s.body:
+            if last and not eos:
+                return self._chat_end(fake, s, text, "length")
+            return self._chat(fake, text, None)
         if last and not eos:  # the last token's event carries the end
             return self._event(i, text, False, self._end(s, s.toks, "length"))
         return self._event(i, text, False, None)
@@ -261,6 +393,8 @@ class Tgi(Dialect):
     def final(self, fake: FakeEngine, s: Seen, toks: list[str], eos: bool) -> bytes:
         if not eos:
             return b""
+        if "messages" in s.body:  # the EOS token: special, so no text; OpenAI's "stop"
+            return self._chat_end(fake, s, "", "stop")
         return self._event(len(toks), "</s>", True, self._end(s, toks, "eos_token"))
 
     def error(self, fake: FakeEngine, message: str) -> bytes:

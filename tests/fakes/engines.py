@@ -1,12 +1,14 @@
 """Fake engine servers speaking each engine's exact wire format, for adapter tests.
 
 Dialects (taken from each engine's public documentation; see the adapter modules):
-``llamacpp`` (llama-server ``/completion``, ``/health``, ``/props``), ``openai`` (vLLM-style
-``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/version``), ``tgi``
-(``/generate_stream``, ``/info``, ``/health``), ``triton`` (generate extension and the v2
-readiness endpoints). Output is seeded-deterministic: :func:`tokens_for` says what a request
-will produce, and :func:`prompt_tokens` the prompt length a fake reports where its engine
-does. Faults are set when the fake is built and apply to every generation request.
+``llamacpp`` (llama-server ``/completion``, ``/v1/chat/completions``, ``/health``,
+``/props``), ``openai`` (vLLM-style ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/embeddings``, ``/v1/models``, ``/version``), ``tgi`` (``/generate_stream``, the Messages
+API ``/v1/chat/completions``, ``/info``, ``/health``), ``triton`` (generate extension and the
+v2 readiness endpoints). Output is seeded-deterministic: :func:`tokens_for` says what a request
+will produce (a chat's prompt is :func:`render_chat` of its messages), :func:`prompt_tokens`
+the prompt length a fake reports where its engine does, and :func:`embedding_for` an input's
+vector. Faults are set when the fake is built and apply to every generation request.
 
 Run in-process (``await fake.start()``), in a thread (``fake.start_in_thread()``) or as a
 process: ``python -m tests.fakes.engines llamacpp --port N [--exit-after K]``.
@@ -22,10 +24,28 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.fakes.dialects import DIALECTS, MODEL, Dialect, Seen, prompt_tokens, tokens_for
+from tests.fakes.dialects import (
+    DIALECTS,
+    MODEL,
+    Dialect,
+    Seen,
+    embedding_for,
+    prompt_tokens,
+    render_chat,
+    tokens_for,
+)
 from tests.fakes.http import HttpServer, Request
 
-__all__ = ["MODEL", "FakeEngine", "Faults", "Seen", "prompt_tokens", "tokens_for"]
+__all__ = [
+    "MODEL",
+    "FakeEngine",
+    "Faults",
+    "Seen",
+    "embedding_for",
+    "prompt_tokens",
+    "render_chat",
+    "tokens_for",
+]
 
 
 @dataclass
@@ -105,6 +125,10 @@ class FakeEngine:
 
     # ------------------------------------------------------------ routing
 
+    def dialect_params(self, seen: Seen) -> tuple[str, int, int]:
+        """(prompt as generated from, seed, max tokens) of a generation request it saw."""
+        return DIALECTS[self.dialect].params(seen.body)
+
     @property
     def loading(self) -> bool:
         return time.monotonic() - self.started < self.faults.loading_s
@@ -115,7 +139,8 @@ class FakeEngine:
             status, body = d.get(self, req.path)
             await req.respond(status, body)
             return
-        if req.method != "POST" or not d.is_generate(req.path):
+        generate = d.is_generate(req.path)
+        if req.method != "POST" or not (generate or d.is_embed(req.path)):
             await req.respond(404, {"error": f"no route {req.method} {req.path}"})
             return
         body = req.json()
@@ -126,12 +151,28 @@ class FakeEngine:
                 503, {"error": "engine overloaded"}, {"Retry-After": self.faults.retry_after}
             )
             return
+        if not generate:  # an embedding: one JSON answer
+            await self.embed(d, req, seen)
+            return
         await self.stream(d, req, seen)
         if seen.finished:
             self.finished_count += 1
             if self.faults.exit_after and self.finished_count >= self.faults.exit_after:
                 await asyncio.sleep(0)
                 os._exit(3)
+
+    async def embed(self, d: Dialect, req: Request, seen: Seen) -> None:
+        """Answer an embedding request (after ``first_token_delay_s``, unless the client
+        leaves first: then it is ``canceled``)."""
+        delay = self.faults.first_token_delay_s
+        if delay:
+            req.watch()
+            if await req.wait_gone(delay):
+                seen.canceled = True
+                return
+        status, answer = d.embed(self, seen.body)
+        await req.respond(status, answer)
+        seen.finished = status == 200
 
     async def stream(self, d: Dialect, req: Request, seen: Seen) -> None:
         f = self.faults

@@ -52,8 +52,13 @@ class Request:
         head = {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
         self.writer.write(self._head(200, head))
         await self.writer.drain()
-        # The client sends nothing more on this connection: any read result means it left.
-        self._gone = asyncio.get_running_loop().create_task(self.reader.read(1))
+        self.watch()
+
+    def watch(self) -> None:
+        """Notice the client leaving: it sends nothing more on this connection, so any read
+        result means it left."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_task(self.reader.read(1))
 
     async def send(self, data: bytes) -> bool:
         """Write one chunk; False once the client is gone."""

@@ -12,13 +12,23 @@ from engine_procs.adapters.base import EngineRequest
 from engine_procs.adapters.http_base import HttpAdapter
 from engine_procs.engine_process import free_port
 from orchd.config import Endpoint, Replica
-from tests.fakes.engines import MODEL, FakeEngine, Faults, prompt_tokens, tokens_for
+from tests.fakes.engines import (
+    MODEL,
+    FakeEngine,
+    Faults,
+    Seen,
+    embedding_for,
+    prompt_tokens,
+    render_chat,
+    tokens_for,
+)
 from tests.fakes.sink import RecordingSink, wait_until
 
 T = TypeVar("T")
 
 # The dialects whose engines say a stream's prompt length (each adapter's docstring says where).
 REPORTS_PROMPT = {"openai", "llamacpp", "tgi"}
+CHAT = [("system", "Answer in one word."), ("user", 'say "hi"')]
 Scenario = Callable[[HttpAdapter, RecordingSink, FakeEngine], Awaitable[T]]
 
 
@@ -70,12 +80,36 @@ def req(rid: int, max_tokens: int = 8, seed: int = 7, prompt: str = "say hi") ->
     return EngineRequest(rid, prompt, seed, max_tokens)
 
 
+def chat_req(
+    rid: int,
+    max_tokens: int = 8,
+    seed: int = 7,
+    messages: list[tuple[str, str]] | None = None,
+    stop: list[str] | None = None,
+) -> EngineRequest:
+    return EngineRequest(rid, "", seed, max_tokens, messages=messages or CHAT, stop=stop)
+
+
+def prompt_seen(a: HttpAdapter, r: EngineRequest) -> str:
+    """The text the fake engine generates from for ``r``: a chat rendered with its template
+    (the openai adapter's ``endpoint.chat`` sends a prompt as one user turn), else the prompt."""
+    if r.messages is not None:
+        return render_chat([{"role": role, "content": c} for role, c in r.messages])
+    if a.name == "openai" and a.replica.endpoint.chat:
+        return render_chat([{"role": "user", "content": r.prompt}])
+    return r.prompt
+
+
+def expected_tokens(a: HttpAdapter, r: EngineRequest) -> list[str]:
+    return tokens_for(r.seed, prompt_seen(a, r), r.max_tokens)
+
+
 def expected_usage(a: HttpAdapter, *reqs: EngineRequest) -> dict[int, int]:
     """What ``on_usage`` should have said for ``reqs``, by rid: the fake's prompt length
     where the adapter's engine reports one, else nothing."""
     if a.name not in REPORTS_PROMPT:
         return {}
-    return {r.rid: prompt_tokens(r.prompt) for r in reqs}
+    return {r.rid: prompt_tokens(prompt_seen(a, r)) for r in reqs}
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -89,7 +123,7 @@ async def completes(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> li
     for r in reqs:
         end = await sink.wait_end(r.rid)
         assert (end.kind, end.reason) == ("finish", "length"), end
-        assert sink.tokens[r.rid] == tokens_for(r.seed, r.prompt, r.max_tokens)
+        assert sink.tokens[r.rid] == expected_tokens(a, r)
     # Each prompt's own length (2, 4 and 1 fake tokens), reported before its end.
     assert sink.usage == expected_usage(a, *reqs)
     return [s.body for s in fake.seen]
@@ -99,8 +133,76 @@ async def eos_is_stop(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> 
     a.submit(req(1, 8))
     end = await sink.wait_end(1)
     assert (end.kind, end.reason) == ("finish", "stop"), end
-    assert sink.tokens[1] == tokens_for(7, "say hi", 8)[: fake.faults.eos_at]
+    assert sink.tokens[1] == expected_tokens(a, req(1))[: fake.faults.eos_at]
     assert sink.usage == expected_usage(a, req(1))
+
+
+async def chat_completes(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> dict[int, Seen]:
+    """Chats beside a completion: each chat streams the tokens of its rendered messages, ends
+    with length and reports its rendered prompt's length; what the fake saw goes back by rid
+    (told apart by their max_tokens) for checking paths and bodies."""
+    reqs = [
+        chat_req(1, 8, 7),
+        chat_req(2, 5, 8, [("user", "a\nmultiline\nturn")], stop=["\n\n", "END"]),
+        req(3, 4, 9),
+    ]
+    for r in reqs:
+        a.submit(r)
+    for r in reqs:
+        end = await sink.wait_end(r.rid)
+        assert (end.kind, end.reason) == ("finish", "length"), end
+        assert sink.tokens[r.rid] == expected_tokens(a, r)
+    assert sink.usage == expected_usage(a, *reqs)
+    assert len(fake.seen) == 3
+    rid_of = {r.max_tokens: r.rid for r in reqs}
+    return {rid_of[fake.dialect_params(s)[2]]: s for s in fake.seen}
+
+
+async def chat_eos_is_stop(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
+    a.submit(chat_req(1, 8))
+    end = await sink.wait_end(1)
+    assert (end.kind, end.reason) == ("finish", "stop"), end
+    assert sink.tokens[1] == expected_tokens(a, chat_req(1, 8))[: fake.faults.eos_at]
+    assert sink.usage == expected_usage(a, chat_req(1))
+
+
+async def chat_refused(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
+    """An adapter whose engine takes no chat fails one clearly, and never sends it."""
+    a.submit(chat_req(1))
+    end = await sink.wait_end(1)
+    assert (end.kind, end.reason) == ("error", "INVALID_PARAMS"), end
+    assert a.name in end.message and "chat" in end.message
+    assert fake.seen == []
+    a.submit(req(2, 3))  # completions go on
+    assert (await sink.wait_end(2)).kind == "finish"
+
+
+def embed_req(rid: int, inputs: list[str]) -> EngineRequest:
+    return EngineRequest(rid, "", 0, 1, workload="embedding", inputs=inputs)
+
+
+async def embeddings_pass_through(
+    a: HttpAdapter, sink: RecordingSink, fake: FakeEngine
+) -> list[dict[str, Any]]:
+    """The engine's vectors, one per input in order, after the tokens it read."""
+    inputs = ["first input", "the second input", "first input", "é 日本 🙂"]
+    a.submit(embed_req(1, inputs))
+    a.submit(embed_req(2, ["alone"]))
+    for rid in (1, 2):
+        assert (await sink.wait_end(rid)).kind == "embedding"
+        assert [k for k, r in sink.calls if r == rid] == ["on_usage", "on_embedding"]
+    assert sink.vectors[1] == [embedding_for(t) for t in inputs]
+    assert sink.vectors[2] == [embedding_for("alone")]
+    assert sink.usage == {1: sum(prompt_tokens(t) for t in inputs), 2: prompt_tokens("alone")}
+    return [s.body for s in fake.seen]
+
+
+async def embeddings_refused(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
+    a.submit(embed_req(1, ["x"]))
+    end = await sink.wait_end(1)
+    assert (end.kind, end.reason) == ("error", "INVALID_PARAMS"), end
+    assert a.name in end.message and "embeddings" in end.message
+    assert fake.seen == [] and 1 not in sink.vectors
 
 
 async def disconnect_is_worker_reset(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 @dataclass
 class End:
     rid: int
-    kind: str  # "finish" | "error"
+    kind: str  # "finish" | "error" | "embedding"
     reason: str  # finish reason or error code
     message: str = ""
     retry_after_ms: int | None = None
@@ -28,6 +28,7 @@ class RecordingSink:
     usage: dict[int, int] = field(default_factory=dict)  # rid: prompt tokens, as reported
     usage_twice: list[int] = field(default_factory=list)  # rids whose usage came again
     calls: list[tuple[str, int]] = field(default_factory=list)  # (sink method, rid), in order
+    vectors: dict[int, list[list[float]]] = field(default_factory=dict)  # embedding results
 
     def _check(self, rid: int) -> None:
         if any(e.rid == rid for e in self.ends):
@@ -56,6 +57,13 @@ class RecordingSink:
         self._check(rid)
         self.calls.append(("on_error", rid))
         self.ends.append(End(rid, "error", code, message, retry_after_ms))
+
+    def on_embedding(self, rid: int, vectors: list[list[float]]) -> None:
+        """An embedding result ends its request, as a finish does."""
+        self._check(rid)
+        self.calls.append(("on_embedding", rid))
+        self.vectors[rid] = vectors
+        self.ends.append(End(rid, "embedding", ""))
 
     def on_engine_dead(self, reason: str) -> None:
         self.dead.append(reason)

@@ -1,10 +1,13 @@
-"""The llama.cpp adapter against a fake llama-server (native /completion stream)."""
+"""The llama.cpp adapter against a fake llama-server (native /completion stream; chats on its
+OpenAI-compatible /v1/chat/completions)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine_procs.adapters.http_base import HttpAdapter, StreamState
+import pytest
+
+from engine_procs.adapters.http_base import HttpAdapter, StreamFailure, StreamState
 from engine_procs.adapters.llamacpp import LlamaCppAdapter
 from tests.fakes import scenarios as sc
 from tests.fakes.engines import MODEL, FakeEngine, Faults
@@ -85,3 +88,69 @@ def test_connection_refused_is_worker_reset_and_engine_dead() -> None:
 
 def test_start_waits_for_health_and_gives_up_with_a_reason() -> None:
     sc.not_ready_in_time(CLS)
+
+
+def test_chats_go_to_its_openai_chat_endpoint_and_stop_strings_everywhere() -> None:
+    seen = sc.run(CLS, DIALECT, sc.chat_completes)
+    assert [seen[rid].path for rid in (1, 2, 3)] == [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/completion",
+    ]
+    assert seen[1].body == {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": 'say "hi"'},
+        ],
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "seed": 7,
+        "model": f"/models/{MODEL}.gguf",  # the model /props named
+    }
+    assert seen[2].body["stop"] == ["\n\n", "END"]
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    native = sc.req(4)
+    native.stop = ["###"]
+    assert adapter.request(native)[1]["stop"] == ["###"]  # /completion takes stop too
+
+
+def test_chat_eos_is_stop() -> None:
+    sc.run(CLS, DIALECT, sc.chat_eos_is_stop, Faults(eos_at=3))
+
+
+def test_chat_stream_of_an_older_build_and_its_errors() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    st = StreamState(sc.chat_req(1, 4))
+    adapter.on_event(
+        "message",
+        '{"choices": [{"delta": {"role": "assistant", "content": null}, "finish_reason": null}]}',
+        st,
+    )
+    adapter.on_event(
+        "message", '{"choices": [{"delta": {"content": "yes"}, "finish_reason": null}]}', st
+    )
+    # Builds before include_usage put usage in the finish chunk itself.
+    adapter.on_event(
+        "message",
+        '{"choices": [{"delta": {}, "finish_reason": "stop"}],'
+        ' "usage": {"completion_tokens": 1, "prompt_tokens": 12, "total_tokens": 13}}',
+        st,
+    )
+    assert (st.tokens, st.finish, st.prompt_tokens) == (1, "stop", 12)
+    with pytest.raises(StreamFailure, match="engine error: context exceeded"):
+        adapter.on_event("error", '{"code": 400, "message": "context exceeded"}', st)
+
+
+def test_chat_error_in_the_stream_is_internal() -> None:
+    async def chat_error(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
+        a.submit(sc.chat_req(1, 8))
+        end = await sink.wait_end(1)
+        assert (end.kind, end.reason) == ("error", "INTERNAL"), end
+        assert "fault injected" in end.message and len(sink.tokens[1]) == 2
+
+    sc.run(CLS, DIALECT, chat_error, Faults(error_after=2))
+
+
+def test_embeddings_are_refused() -> None:
+    sc.run(CLS, DIALECT, sc.embeddings_refused)

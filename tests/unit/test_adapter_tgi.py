@@ -1,4 +1,5 @@
-"""The TGI adapter against a fake text-generation-inference server (/generate_stream)."""
+"""The TGI adapter against a fake text-generation-inference server (/generate_stream; chats on
+the Messages API, /v1/chat/completions)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,65 @@ def test_connection_refused_is_worker_reset_and_engine_dead() -> None:
 
 def test_start_waits_for_health_and_gives_up_with_a_reason() -> None:
     sc.not_ready_in_time(CLS)
+
+
+def test_chats_go_to_the_messages_api_and_stop_strings_everywhere() -> None:
+    seen = sc.run(CLS, DIALECT, sc.chat_completes)
+    assert [seen[rid].path for rid in (1, 2, 3)] == [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/generate_stream",
+    ]
+    assert seen[1].body == {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": 'say "hi"'},
+        ],
+        "max_tokens": 8,
+        "seed": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert seen[2].body["stop"] == ["\n\n", "END"]
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    native = EngineRequest(4, "p", 0, 4, stop=["###"])
+    assert adapter.request(native)[1]["parameters"]["stop"] == ["###"]
+
+
+def test_chat_sampling_parameters() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    chat = [("user", "x")]
+    _, greedy = adapter.request(EngineRequest(1, "", 0, 4, temperature=0.0, messages=chat))
+    assert greedy["temperature"] == 0.0  # the Messages API reads 0 as greedy
+    assert greedy["seed"] == 1  # TGI rejects seed 0
+    _, sampled = adapter.request(EngineRequest(1, "", 5, 4, 0.7, 1.0, messages=chat))
+    assert sampled["temperature"] == 0.7 and "top_p" not in sampled  # TGI wants top_p < 1
+
+
+def test_chat_eos_is_stop_and_not_text() -> None:
+    sc.run(CLS, DIALECT, sc.chat_eos_is_stop, Faults(eos_at=3))
+
+
+def test_chat_finish_reasons() -> None:
+    adapter, _ = sc.adapter_for(CLS, "http://127.0.0.1:1")
+    for reason, want in (("length", "length"), ("stop", "stop"), ("stop_sequence", "stop")):
+        st = StreamState(sc.chat_req(1, 4))
+        delta = '{"role": "assistant", "content": "a"}'
+        chunk = f'{{"choices": [{{"index": 0, "delta": {delta}, "finish_reason": "{reason}"}}]}}'
+        adapter.on_event("message", chunk, st)
+        assert st.finish == want and st.tokens == 1
+
+
+def test_chat_error_in_the_stream_is_internal() -> None:
+    async def chat_error(a: HttpAdapter, sink: RecordingSink, fake: FakeEngine) -> None:
+        a.submit(sc.chat_req(1, 8))
+        end = await sink.wait_end(1)
+        assert (end.kind, end.reason) == ("error", "INTERNAL"), end
+        assert "fault injected" in end.message and len(sink.tokens[1]) == 2
+
+    sc.run(CLS, DIALECT, chat_error, Faults(error_after=2))
+
+
+def test_embeddings_are_refused() -> None:
+    sc.run(CLS, DIALECT, sc.embeddings_refused)

@@ -93,3 +93,12 @@ def test_connection_refused_is_worker_reset_and_engine_dead() -> None:
 
 def test_start_waits_for_readiness_and_gives_up_with_a_reason() -> None:
     sc.not_ready_in_time(CLS)
+
+
+def test_a_chat_is_refused_naming_triton() -> None:
+    assert not CLS.chat and not CLS.embeddings
+    sc.run(CLS, DIALECT, sc.chat_refused)
+
+
+def test_embeddings_are_refused() -> None:
+    sc.run(CLS, DIALECT, sc.embeddings_refused)

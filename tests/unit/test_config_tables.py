@@ -15,7 +15,9 @@ from engine_procs.adapters import ADAPTERS, adapter_class
 from engine_procs.adapters.base import EngineAdapter
 from orchd import log
 from orchd.config import (
+    CHAT_ADAPTERS,
     DEFAULT_ADAPTER,
+    EMBEDDING_ADAPTERS,
     AdapterName,
     ArtifactStoreName,
     Engine,
@@ -59,6 +61,15 @@ def test_every_adapter_resolves_to_an_engine_adapter(name: str) -> None:
     cls = adapter_class(name)
     assert issubclass(cls, EngineAdapter)
     assert cls.name == name
+
+
+def test_chat_and_embedding_tables_say_what_the_adapters_say() -> None:
+    """Admission reads the config's tables; each adapter's own flags must agree with them."""
+    classes = {name: adapter_class(name) for name in ADAPTERS}
+    chat = {name for name, cls in classes.items() if cls.chat}
+    embeddings = {name for name, cls in classes.items() if cls.embeddings}
+    assert chat == CHAT_ADAPTERS
+    assert embeddings == EMBEDDING_ADAPTERS
 
 
 def test_unknown_adapter_name_is_refused() -> None:
