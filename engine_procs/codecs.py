@@ -61,16 +61,30 @@ class OpenAICodec:
         self.stopped = False  # a stop string was met: the task ends
         self.pieces: list[bytes] = []  # a whole response's text, as JSON string insides
         self.vectors: list[list[float]] = []
+        self.role_sent = False
         self.encoding = spec.encoding_format
 
     def _usage_json(self, run: Run) -> bytes:
         return oa.encode(oa.usage(run.tokens_in, run.tokens))
 
     def started(self, run: Run) -> bytes:
-        """The stream's first frame (event 0), or b"" when it has none."""
-        if self.stream and self.kind == "chat":
+        """The stream's first frame (event 0), or b"" when it has none (yet: with usage on
+        every chunk, a chat's role chunk waits for the engine's first step, which brings
+        the prompt's token count)."""
+        if self.stream and self.kind == "chat" and self.usage_mode != "continuous":
             return oa.data_frame(0, self.shape.role())
         return b""
+
+    def _role_owed(self, run: Run) -> list[bytes]:
+        if (
+            self.stream
+            and self.kind == "chat"
+            and self.usage_mode == "continuous"
+            and not self.role_sent
+        ):
+            self.role_sent = True
+            return [oa.data_frame(0, self.shape.role(oa.encode(oa.usage(run.tokens_in, 0))))]
+        return []
 
     def tokens(self, run: Run, texts_json: list[bytes]) -> list[bytes]:
         """Frames for the engine's new tokens (none while a whole response is built)."""
@@ -83,7 +97,7 @@ class OpenAICodec:
             self.pieces += [tj[1:-1] for tj in texts_json]
             return []
         usage_json = self._usage_json(run) if self.usage_mode == "continuous" else b""
-        frames = []
+        frames = self._role_owed(run)
         for tj in texts_json:
             run.seq += 1
             frames.append(oa.data_frame(run.seq, self.shape.token(tj, usage_json)))
@@ -101,6 +115,7 @@ class OpenAICodec:
             return oa.completion_body(
                 self.kind, self.task_id, self.model, self.created, text_json, reason, use
             )
+        tail = self._role_owed(run) + tail
         usage_json = self._usage_json(run)
         run.seq += 1
         cont = usage_json if self.usage_mode == "continuous" else b""

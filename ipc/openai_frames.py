@@ -75,12 +75,13 @@ class ChunkShape:
             return b'%s%s%s,"usage":%s}' % (self.head, text_json, self.tail, usage_json)
         return b"%s%s%s}" % (self.head, text_json, self.tail)
 
-    def role(self) -> bytes:
+    def role(self, usage_json: bytes = b"") -> bytes:
         """A chat stream's first chunk: the assistant's role, no content yet."""
-        return self.base + (
+        body = self.base + (
             b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-            b'"logprobs":null,"finish_reason":null}]}'
+            b'"logprobs":null,"finish_reason":null}]'
         )
+        return body + (b',"usage":%s}' % usage_json if usage_json else b"}")
 
     def final(self, reason: str, usage_json: bytes = b"") -> bytes:
         delta = b'"delta":{}' if self.kind == "chat" else b'"text":""'

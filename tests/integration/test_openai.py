@@ -52,8 +52,9 @@ def test_models_list_and_retrieve(client: openai.OpenAI, daemon: Daemon) -> None
     assert (m.id, m.object, m.owned_by) == (MODEL, "model", "orchd") and m.created > 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
-    status, _, raw = sync_request(daemon.host, daemon.port, "GET", "/v1/models", daemon.headers)
-    oc.check_response("/v1/models", status, raw)
+    oc.check_response("/v1/models", *oc.get(daemon.port, "/v1/models"))
+    oc.check_response("/v1/models/{model}", *oc.get(daemon.port, f"/v1/models/{MODEL}"))
+    oc.check_response("/v1/models/{model}", *oc.get(daemon.port, "/v1/models/nope"))
 
 
 # ---------------------------------------------------------------- chat

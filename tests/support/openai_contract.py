@@ -30,7 +30,7 @@ def check(schema_name: str, value: Any) -> None:
 
 def check_response(path: str, status: int, body: bytes) -> Any:
     """The JSON body of a non-streamed answer, checked against its documented status."""
-    item = _doc(DOC)["paths"].get(path) or _doc(DOC)["paths"]["/v1/models/{model}"]
+    item = _doc(DOC)["paths"][path]
     op = item.get("post") or item["get"]
     spec = op["responses"].get(str(status))
     if spec is None:
@@ -44,6 +44,16 @@ def check_response(path: str, status: int, body: bytes) -> Any:
     if err is not None:
         raise ContractViolation(f"{path} {status}: {value!r}: {err.message}")
     return value
+
+
+def get(port: int, path: str, key: str = "dev") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def post(port: int, path: str, body: dict[str, Any], key: str = "dev") -> tuple[int, bytes]:

@@ -104,7 +104,14 @@ def test_a_chat_stream_is_role_deltas_final_usage_done() -> None:
 def test_continuous_usage_is_on_every_chunk() -> None:
     s = spec(stream_usage="continuous")
     codec, run = OpenAICodec(s), run_of(s)
-    (frame,) = feed(codec, run, "a")
+    assert codec.started(run) == b""  # the role waits for the prompt's count
+    run.tokens_in = 5
+    role, frame = feed(codec, run, "a")
+    assert json.loads(datas(role)[0])["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 0,
+        "total_tokens": 5,
+    }
     assert json.loads(datas(frame)[0])["usage"]["completion_tokens"] == 1
 
 
