@@ -198,40 +198,9 @@ class RingReader:
     def pending(self) -> int:
         return int(self._w[_W_WRITE_SEQ]) - self._read_seq
 
-    def read_all(self) -> list[Record]:
-        """Consume every published record; one ``read_seq`` store for the lot."""
-        seg = self._seg
-        end = int(self._w[_W_WRITE_SEQ])
-        start = self._read_seq
-        if end == start:
-            return []
-        cap = seg.capacity
-        n = end - start
-        off = start & seg.mask
-        # Copy the published span out (one or two slices) so the producer may reuse it.
-        if off + n <= cap:
-            buf = bytes(seg.data[off : off + n])
-        else:
-            buf = bytes(seg.data[off:cap]) + bytes(seg.data[0 : n - (cap - off)])
-        # Records were laid out relative to the ring, not to ``buf``: a record's header never
-        # straddles the end of the ring, but the copy unwraps it, so plain offsets work.
-        mv = memoryview(buf)
-        out: list[Record] = []
-        unpack = REC_HDR.unpack_from
-        p = 0
-        while p < n:
-            plen, slot, seq, kind = unpack(buf, p)
-            s = p + REC_HDR_SIZE
-            out.append(Record(slot, seq, kind, mv[s : s + plen]))
-            p += record_size(plen)
-        self._read_seq = end
-        self._w[_W_READ_SEQ] = end
-        return out
-
     def records(self) -> Iterator[Record]:
-        """Consume every published record, as :meth:`read_all` does, but yield each one as a
-        view of the ring itself: no copy of the span and no list of it, so that a long
-        drain costs no memory. A payload is valid only until the iteration ends (then
+        """Consume every published record, yielding each one as a view of the ring itself:
+        no copy of the span and no list of it, so that a long drain costs no memory. A payload is valid only until the iteration ends (then
         ``read_seq`` is stored, once, and the producer may reuse the space): copy it out."""
         seg = self._seg
         data, mask, cap = seg.data, seg.mask, seg.capacity

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import zmq
 
+from ipc import peers
 from ipc import protocol as p
 from ipc.doorbell import create_bell
+from ipc.peers import Peer
 from ipc.proc import die_with_parent, listen_socket
 from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
 from orchd import log
@@ -109,10 +111,12 @@ class Launcher:
         for ri, rep in enumerate(cfg.replicas):
             sup_env = child_env({"CUDA_VISIBLE_DEVICES": rep.devices})
             self._add(
-                f"sup-{rep.id}", [py, "-m", "engine_procs.supervisor", cfg_path, str(ri)], sup_env
+                peers.supervisor(rep.id),
+                [py, "-m", "engine_procs.supervisor", cfg_path, str(ri)],
+                sup_env,
             )
         for fi in range(s.frontends):
-            self._add(f"fe{fi}", [py, "-m", "orchd.frontend.main", cfg_path, str(fi)], env)
+            self._add(peers.frontend(fi), [py, "-m", "orchd.frontend.main", cfg_path, str(fi)], env)
         self.group = self.restart_group(time.monotonic())
         return res
 
@@ -123,6 +127,7 @@ class Launcher:
         return RestartGroup(list(self.children), LEADER, lambda: RestartPolicy(base_s, cap_s), now)
 
     def _add(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        name = str(name)  # a plain str: it goes into wire messages (PeerDown)
         self.children[name] = Child(name, argv, env)
 
     def _spawn(self, c: Child, group: RestartGroup, now: float) -> None:
@@ -278,8 +283,8 @@ class Launcher:
 
     def _shutdown(self) -> None:
         groups = [
-            [c for n, c in self.children.items() if n.startswith("fe")],
-            [c for n, c in self.children.items() if n.startswith("sup-")],
+            [c for n, c in self.children.items() if Peer(n).role == "frontend"],
+            [c for n, c in self.children.items() if Peer(n).role == "supervisor"],
             [self.children[LEADER]],
         ]
         for group in groups:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc import protocol as p
+from ipc.peers import Peer
 from orchd.core.catalog import parse_ref
 from orchd.core.errors import Code, OrchdError
 from orchd.core.scheduler import SchedulerCore
@@ -119,7 +120,7 @@ class Control:
 
     def reload_ready(self, peer: str, msg: p.ReloadReady, now: float) -> Out:
         rel = self.reloads.get(msg.req_id)
-        replica = peer.removeprefix("sup-")
+        replica = Peer(peer).replica_id
         if rel is None or replica not in rel.waiting:
             return []
         rel.waiting.discard(replica)
@@ -187,7 +188,7 @@ class Control:
 
     def peer_down(self, ident: str) -> Out:
         out: Out = []
-        replica = ident.removeprefix("sup-")
+        replica = Peer(ident).replica_id
         for rid, rel in list(self.reloads.items()):
             if replica in rel.waiting:
                 rel.waiting.discard(replica)

@@ -14,6 +14,7 @@ import itertools
 from collections import deque
 
 from ipc import protocol as p
+from ipc.peers import Peer
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
@@ -348,8 +349,9 @@ class SchedulerCore(StreamOps):
 
     def peer_down(self, ident: str, reason: str, now: float) -> Out:
         out: Out = []
-        if ident.startswith("sup-"):
-            r = self.replicas.get(ident[4:])
+        peer = Peer(ident)
+        if peer.role == "supervisor":
+            r = self.replicas.get(peer.replica_id)
             if r is None:
                 return out
             r.ready = False
@@ -372,8 +374,8 @@ class SchedulerCore(StreamOps):
                 if t.replayable and t.stream is Stream.NONE:
                     t.replayable = False  # lost with the process
                     t.error = err
-        elif ident.startswith("fe"):
-            out += self.frontend_lost(int(ident[2:]), now)
+        elif peer.role == "frontend":
+            out += self.frontend_lost(peer.frontend_index, now)
         return out
 
     # ------------------------------------------------------------------ shutdown and time

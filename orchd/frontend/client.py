@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import zmq
 
+from ipc import peers
 from ipc import protocol as p
 from ipc.line import Line
 from orchd import log
@@ -33,7 +34,7 @@ class SchedulerClient:
     def __init__(self, addr: str, index: int, heartbeat_s: float) -> None:
         self.addr = addr
         self.index = index
-        self.ident = f"fe{index}"
+        self.ident = str(peers.frontend(index))
         self.heartbeat_s = heartbeat_s
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)

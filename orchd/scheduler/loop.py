@@ -15,7 +15,9 @@ import time
 import msgspec
 import zmq
 
+from ipc import peers
 from ipc import protocol as p
+from ipc.peers import Peer
 from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
@@ -74,7 +76,7 @@ class SchedulerShell:
         """Send, supervisors first (a dispatch starts the engine: the first token is what
         clients wait for), then log what was sent: nothing is formatted before a send."""
         box = self.outbox
-        for peer in sorted(box, key=lambda peer: not peer.startswith("sup-")):
+        for peer in sorted(box, key=lambda peer: Peer(peer).role != "supervisor"):
             frames = box[peer]
             try:
                 self.sock.send_multipart([peer.encode(), *frames], zmq.NOBLOCK)
@@ -89,7 +91,7 @@ class SchedulerShell:
                 "placed",
                 task_id=d.task.task_id,
                 session_id=d.task.session_id,
-                replica_id=peer.removeprefix("sup-"),
+                replica_id=Peer(peer).replica_id,
                 queue_position=d.queue_position,
                 predicted_start_ms=d.predicted_start_ms,
                 why=d.placement_reason,
@@ -143,7 +145,7 @@ class SchedulerShell:
         depth = len(self.core.queue)
         if depth != self.last_depth:
             self.last_depth = depth
-            self.send([(f"sup-{r}", p.QueueDepth(depth)) for r in self.core.replicas])
+            self.send([(peers.supervisor(r), p.QueueDepth(depth)) for r in self.core.replicas])
 
     def _gpu_view(self) -> None:
         """Free VRAM for placement and per-device figures for pool health, from the sampler."""

@@ -22,6 +22,7 @@ from ipc.ring import (
     ALIGN,
     HEADER_BYTES,
     REC_HDR_SIZE,
+    Record,
     RingError,
     RingReader,
     RingWriter,
@@ -31,6 +32,11 @@ from ipc.ring import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def read_all(r: RingReader) -> list[Record]:
+    """Every published record, copied out of the ring (``records()`` yields views)."""
+    return [Record(x.slot, x.seq, x.kind, memoryview(bytes(x.payload))) for x in r.records()]
 
 
 def ring_name() -> str:
@@ -71,17 +77,17 @@ def test_single_record_round_trip(make_ring) -> None:
     name = make_ring(4096)
     w, r = RingWriter(name), RingReader(name)
     try:
-        assert r.read_all() == []
+        assert read_all(r) == []
         payload = b'event: token\nid: 17\ndata: {"t":"Hi","i":17}\n\n'
         assert w.write_batch([(5, 17, 2, payload)]) == 1
         assert r.pending() == record_size(len(payload))
-        recs = r.read_all()
+        recs = read_all(r)
         assert len(recs) == 1
         rec = recs[0]
         assert (rec.slot, rec.seq, rec.kind) == (5, 17, 2)
         assert bytes(rec.payload) == payload
         assert r.pending() == 0
-        assert r.read_all() == []
+        assert read_all(r) == []
         assert w.free_bytes() == 4096
     finally:
         w.close()
@@ -93,7 +99,7 @@ def test_empty_payload_and_large_header_values(make_ring) -> None:
     w, r = RingWriter(name), RingReader(name)
     try:
         assert w.write_batch([(0xFFFFFFFF, 0xFFFFFFFE, 255, b"")]) == 1
-        (rec,) = r.read_all()
+        (rec,) = read_all(r)
         assert (rec.slot, rec.seq, rec.kind, bytes(rec.payload)) == (
             0xFFFFFFFF,
             0xFFFFFFFE,
@@ -112,7 +118,7 @@ def test_many_records_one_batch_one_publish(make_ring) -> None:
         recs = [(i % 7, i, i % 3, payload_for(i, i * 3)) for i in range(100)]
         assert w.write_batch(iter(recs)) == 100
         assert r.pending() == sum(record_size(len(p)) for *_, p in recs)
-        got = r.read_all()
+        got = read_all(r)
         assert [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in got] == recs
     finally:
         w.close()
@@ -135,7 +141,7 @@ def test_batch_is_published_once_not_per_record(make_ring) -> None:
         assert w.write_batch(gen()) == 10
         assert seen_pending == [0] * 10
         assert r.pending() == 10 * record_size(20)
-        assert [rec.seq for rec in r.read_all()] == list(range(10))
+        assert [rec.seq for rec in read_all(r)] == list(range(10))
     finally:
         w.close()
         r.close()
@@ -190,7 +196,7 @@ def test_record_that_can_never_fit_raises(make_ring) -> None:
             w.write_batch([(0, 0, 0, b"z" * (biggest + 1))])
         assert r.pending() == 0
         assert w.write_batch([(1, 1, 1, payload_for(1, biggest))]) == 1
-        (rec,) = r.read_all()
+        (rec,) = read_all(r)
         assert bytes(rec.payload) == payload_for(1, biggest)
     finally:
         w.close()
@@ -211,11 +217,11 @@ def test_full_ring_never_overwrites_unread_data(make_ring) -> None:
         # A full ring takes nothing more.
         assert w.write_batch(recs[n:]) == 0
         assert w.write_batch([(9, 9, 9, b"")]) == 0
-        got = r.read_all()
+        got = read_all(r)
         assert [(g.seq, bytes(g.payload)) for g in got] == [(s, p) for _, s, _, p in recs[:n]]
         # After the read the rest fits, and nothing was overwritten in between.
         assert w.write_batch(recs[n:]) == 10
-        got = r.read_all()
+        got = read_all(r)
         assert [(g.seq, bytes(g.payload)) for g in got] == [(s, p) for _, s, _, p in recs[n:]]
     finally:
         w.close()
@@ -231,7 +237,7 @@ def test_partial_batch_stops_at_first_record_that_does_not_fit(make_ring) -> Non
         assert w.write_batch([(0, 0, 0, b"a" * 3000)]) == 1
         # 3024 used, 1072 free: a 2000-byte record does not fit, a 10-byte one would.
         assert w.write_batch([(0, 1, 0, b"b" * 2000), (0, 2, 0, b"c" * 10)]) == 0
-        assert [rec.seq for rec in r.read_all()] == [0]
+        assert [rec.seq for rec in read_all(r)] == [0]
     finally:
         w.close()
         r.close()
@@ -265,7 +271,7 @@ def test_wrap_around_many_rounds_small_ring(make_ring) -> None:
                     start += record_size(len(p))
                 written_bytes = start
                 pending = pending[n:]
-                got += r.read_all()
+                got += read_all(r)
             assert [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in got] == batch
         assert straddled > 20, "the test must exercise payloads that wrap"
         assert written_bytes > 50 * cap
@@ -283,10 +289,10 @@ def test_header_never_straddles_end(make_ring) -> None:
         # 4080 bytes of records: the next one starts at offset 4080 (cap - 16).
         assert w.write_batch([(0, 0, 0, b"f" * (4080 - REC_HDR_SIZE))]) == 1
         assert record_size(4080 - REC_HDR_SIZE) == 4080
-        r.read_all()
+        read_all(r)
         p = payload_for(7, 40)  # header at 4080..4093, 3 payload bytes, 37 wrap to the start
         assert w.write_batch([(3, 7, 1, p)]) == 1
-        (rec,) = r.read_all()
+        (rec,) = read_all(r)
         assert (rec.slot, rec.seq, rec.kind, bytes(rec.payload)) == (3, 7, 1, p)
     finally:
         w.close()
@@ -326,7 +332,7 @@ def test_park_returns_true_when_data_pending(make_ring) -> None:
     try:
         assert w.write_batch([(0, 0, 0, b"hello")]) == 1
         assert r.park() is True
-        r.read_all()
+        read_all(r)
         assert r.park() is False
     finally:
         w.close()
@@ -345,18 +351,18 @@ def test_reader_skip_existing_skips_unread_data(make_ring) -> None:
         r2 = RingReader(name, skip_existing=True)
         try:
             assert r2.pending() == 0
-            assert r2.read_all() == []
+            assert read_all(r2) == []
             # The skip is stored: the writer sees the space as free again.
             assert w.free_bytes() == 4096
             assert w.write_batch([(0, 99, 0, b"new")]) == 1
-            got = r2.read_all()
+            got = read_all(r2)
             assert [(g.seq, bytes(g.payload)) for g in got] == [(99, b"new")]
         finally:
             r2.close()
         # A reader without skip_existing starts from the published read_seq.
         r3 = RingReader(name)
         try:
-            assert r3.read_all() == []
+            assert read_all(r3) == []
         finally:
             r3.close()
     finally:
@@ -371,7 +377,7 @@ def test_reader_without_skip_reads_existing(make_ring) -> None:
         assert w.write_batch([(0, i, 0, b"x") for i in range(3)]) == 3
         r = RingReader(name)
         try:
-            assert [rec.seq for rec in r.read_all()] == [0, 1, 2]
+            assert [rec.seq for rec in read_all(r)] == [0, 1, 2]
         finally:
             r.close()
     finally:
@@ -391,7 +397,7 @@ def test_restarted_writer_resumes_from_published_write_seq(make_ring) -> None:
         try:
             assert w2.free_bytes() == free_before
             assert w2.write_batch([(0, i, 0, payload_for(i, 50)) for i in range(3, 6)]) == 3
-            got = r.read_all()
+            got = read_all(r)
             assert [(g.seq, bytes(g.payload)) for g in got] == [
                 (i, payload_for(i, 50)) for i in range(6)
             ]
@@ -399,7 +405,7 @@ def test_restarted_writer_resumes_from_published_write_seq(make_ring) -> None:
             for rnd in range(100):
                 batch = [(0, rnd, 0, payload_for(rnd, 300))]
                 assert w2.write_batch(batch) == 1
-                (rec,) = r.read_all()
+                (rec,) = read_all(r)
                 assert (rec.seq, bytes(rec.payload)) == (rnd, payload_for(rnd, 300))
         finally:
             w2.close()
@@ -471,11 +477,11 @@ def test_ring_matches_model(ops) -> None:
                     assert w.free_bytes() == cap - used
                     assert r.pending() == used
                 else:
-                    got = [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in r.read_all()]
+                    got = [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in read_all(r)]
                     assert got == list(model)
                     model.clear()
                     used = 0
-            got = [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in r.read_all()]
+            got = [(g.slot, g.seq, g.kind, bytes(g.payload)) for g in read_all(r)]
             assert got == list(model)
         finally:
             w.close()
@@ -543,7 +549,7 @@ def test_two_processes_million_records(make_ring, tmp_path: Path) -> None:
         while expected < total:
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {expected} of {total} records")
-            recs = reader.read_all()
+            recs = read_all(reader)
             if recs:
                 for rec in recs:
                     s = expected
@@ -571,7 +577,7 @@ def test_two_processes_million_records(make_ring, tmp_path: Path) -> None:
         assert expected == total, err
         # Exactly once: nothing is left over after the last record.
         assert reader.pending() == 0
-        assert reader.read_all() == []
+        assert read_all(reader) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -629,7 +635,7 @@ def test_records_stopped_early_releases_only_what_was_read(make_ring) -> None:
         it = r.records()
         assert [next(it).seq, next(it).seq] == [0, 1]
         it.close()  # the consumer stops after two: the other three stay published
-        assert [rec.seq for rec in r.read_all()] == [2, 3, 4]
+        assert [rec.seq for rec in read_all(r)] == [2, 3, 4]
     finally:
         w.close()
         r.close()
