@@ -96,11 +96,21 @@ class OpenAICodec:
         if not self.stream:
             self.pieces += [tj[1:-1] for tj in texts_json]
             return []
-        usage_json = self._usage_json(run) if self.usage_mode == "continuous" else b""
         frames = self._role_owed(run)
+        token = self.shape.token
+        if self.usage_mode != "continuous":
+            for tj in texts_json:
+                run.seq += 1
+                frames.append(oa.data_frame(run.seq, token(tj)))
+            return frames
+        # Usage on every chunk counts the tokens up to that chunk's (one chunk per token, or
+        # one for the text a stop scan released).
+        done = run.tokens - len(texts_json) if self.scanner is None else run.tokens - 1
         for tj in texts_json:
             run.seq += 1
-            frames.append(oa.data_frame(run.seq, self.shape.token(tj, usage_json)))
+            done += 1
+            use = oa.encode(oa.usage(run.tokens_in, min(done, run.tokens)))
+            frames.append(oa.data_frame(run.seq, token(tj, use)))
         return frames
 
     def end(self, run: Run, reason: str) -> bytes:

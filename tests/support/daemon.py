@@ -63,7 +63,13 @@ class Daemon:
             preexec_fn=die_with_parent,  # a killed test run leaves no daemon behind
         )
         self.read_log()
-        ready = self.wait_log(lambda r: r.get("narration") == "ready", READY_TIMEOUT_S)
+        try:
+            ready = self.wait_log(lambda r: r.get("narration") == "ready", READY_TIMEOUT_S)
+        except BaseException:
+            self.kill_tree()  # it never came up: leave no process or open pipe behind
+            self.proc.wait(10)
+            self._close_stderr()
+            raise
         url = ready["url"]
         self.port = int(url.rsplit(":", 1)[1])
         self.run_dir = ready["run_dir"]

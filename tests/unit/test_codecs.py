@@ -113,6 +113,12 @@ def test_continuous_usage_is_on_every_chunk() -> None:
         "total_tokens": 5,
     }
     assert json.loads(datas(frame)[0])["usage"]["completion_tokens"] == 1
+    # An engine step of three tokens: each chunk counts up to itself.
+    counts = [
+        json.loads(datas(f)[0])["usage"]["completion_tokens"]
+        for f in feed(codec, run, "b", "c", "d")
+    ]
+    assert counts == [2, 3, 4]
 
 
 def test_a_whole_chat_response_is_one_body() -> None:
