@@ -29,6 +29,7 @@ from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
 from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
+SUPERVISOR_PREFIX = str(peers.supervisor(""))
 IDLE_TICK_S = 1.0
 
 
@@ -107,12 +108,17 @@ class SchedulerShell:
             # Round up: a sub-millisecond timeout would poll(0) and spin until the tick.
             timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
             if poller.poll(timeout_ms):
-                # Take everything that is waiting before the next tick.
+                # Take everything that is waiting before the next tick; what supervisors
+                # report goes first (ROUTER queues each peer fairly, so a frontend's request
+                # made after a task's end could otherwise come before that end's report).
+                batch: list[tuple[str, list[bytes]]] = []
                 for _ in range(256):
                     if not int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         break  # (cheaper than a recv that raises zmq.Again)
                     ident, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    peer = ident.decode()
+                    batch.append((ident.decode(), frames))
+                batch.sort(key=lambda m: not m[0].startswith(SUPERVISOR_PREFIX))
+                for peer, frames in batch:
                     for data in frames:
                         self.handle(peer, data)
             if time.monotonic() >= next_tick:

@@ -98,7 +98,18 @@ def test_artifacts_are_content_addressed(daemon: Daemon) -> None:
 def test_every_stream_leaves_its_transcript(daemon: Daemon) -> None:
     s = run_task(daemon, max_tokens=12)
     end = s.events[-1].json
-    status, art = call(daemon, "GET", f"/v1/artifacts/{end['artifact_id']}")
+    # The supervisor hands the transcript to the store as the stream ends, on another line
+    # than the client's: it is there within moments, not necessarily before the client asks.
+    got: list[tuple[int, dict]] = []
+    wait_for(
+        lambda: (
+            got.append(call(daemon, "GET", f"/v1/artifacts/{end['artifact_id']}"))
+            or got[-1][0] == 200
+        ),
+        10,
+        "the transcript in the store",
+    )
+    status, art = got[-1]
     assert status == 200 and art["kind"] == "trace"
     t = art["content"]
     assert t["task_id"] and t["tokens_out"] == 12 and t["reason"] == "length"

@@ -102,7 +102,7 @@ def test_placement_errors_have_their_real_causes(pools: Daemon) -> None:
     assert headers["retry-after"] and headers["x-backoff-ms"]
     status, body, _ = submit(pools, model_ref="mock:nothing-serves-this")
     assert status == 400 and "model_ref" in body["message"]
-    status, body, _ = submit(pools, workload="embedding")
+    status, body, _ = submit(pools, workload="rerank")  # no engine here reranks
     assert status == 400 and "workload" in body["message"]
     status, body, _ = submit(pools, sampler_profile_version="v9")
     assert status == 400 and "sampler_profile_version" in body["message"]

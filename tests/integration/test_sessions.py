@@ -110,7 +110,13 @@ def test_token_budget_headers_and_refusal_before_enqueue(budgets: Daemon) -> Non
     # The prompt was charged too, in the engine's own tokens.
     left = 70 - prompt_tokens(task_body()["prompt"])
     assert 0 < left < 70
-    assert session(d, "s-beta", "k-beta")[1]["tokens_budget_remaining"] == left
+    # (The end's report reaches the scheduler on the supervisor's line, the client's next
+    # request on the frontend's: charged within moments of the end, wait for it.)
+    wait_for(
+        lambda: session(d, "s-beta", "k-beta")[1]["tokens_budget_remaining"] == left,
+        10,
+        "the task's tokens charged",
+    )
     status, body, _ = submit(d, session_id="s-beta", max_tokens=left + 1)
     assert status == 429 and body["code"] == "BUDGET_EXHAUSTED"
     assert body["retriable"] is False and body["policy_label"] == "budget:tokens"
@@ -128,6 +134,11 @@ def test_time_budget_ends_the_stream_with_reason_budget(budgets: Daemon) -> None
     end = events[-1].json
     assert events[-1].event == "end" and end["reason"] == "budget"
     assert 0 < end["tokens_out"] < 1500
+    wait_for(
+        lambda: session(d, "s-gamma", "k-gamma")[1]["time_budget_remaining_ms"] <= 0,
+        10,
+        "the task's time charged",
+    )
     status, body, _ = submit(d, session_id="s-gamma", max_tokens=1)
     assert status == 429 and body["policy_label"] == "budget:time"
 

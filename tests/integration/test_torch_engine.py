@@ -109,7 +109,8 @@ def test_greedy_and_seeded_decoding_hold_under_concurrency(torchd: Daemon) -> No
 
 
 def test_cancel_ends_the_stream_and_the_engine_serves_on(torchd: Daemon) -> None:
-    status, body, _ = submit(torchd, **task(max_tokens=400, prompt="long"))
+    # (A deadline far off: on a loaded machine the ETA of 400 CPU tokens can pass 60 s.)
+    status, body, _ = submit(torchd, **task(max_tokens=400, prompt="long", deadline_ms=600_000))
     assert status == 202, body
     s = stream(torchd, body["task_id"])
     s.read_until(lambda st: sum(e.event == "token" for e in st.events) >= 3)
