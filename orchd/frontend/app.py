@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
@@ -27,6 +27,7 @@ from orchd.frontend.middleware import ApiKeys, CorrelationId, FastRoute, FastRou
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
+from orchd.frontend.tenancy import local_error, scope_spec, scoped, tenant
 
 
 def budget_headers(b: p.Budgets) -> dict[str, str]:
@@ -82,6 +83,9 @@ class Frontend:
             ["frontend"],
             registry=self.registry,
         ).labels(*fl)
+        self.key_streams: dict[str, int] = {}  # key id -> streams open here
+        self.stream_keys: dict[int, str] = {}  # stream slot -> the key that opened it
+        self.stream_close: dict[int, Callable[[], None]] = {}  # slot -> drop its connection
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -103,9 +107,12 @@ class Frontend:
 
     async def submit(self, request: Request) -> Response:
         s = None
+        kid = request.scope["state"]["api_key_id"]
         try:
             body = await read_body(request, self.cfg.limits.max_body_bytes)
-            spec = parse_task(body, self.cfg.limits, request.scope["state"]["api_key_id"])
+            spec = parse_task(body, self.cfg.limits, kid)
+            client_task_id = spec.task_id
+            scope_spec(spec, kid)  # t-0 is <key id>/t-0 inside orchd
             # Feed a stream here from the start: a GET on this frontend then costs no round
             # trip, and its first bytes are already waiting.
             s = self.table.open_provisional(spec.task_id)
@@ -114,13 +121,13 @@ class Frontend:
         except OrchdError as e:
             if s is not None:
                 self.table.drop_provisional(s)
-            return error_response(e)
+            return error_response(local_error(e, kid))
         assert isinstance(reply, p.Admitted)
         if s is not None:
             s.budgets = reply.budgets
         return JSON(
             {
-                "task_id": reply.task_id,
+                "task_id": client_task_id,
                 "queue_position": reply.queue_position,
                 "predicted_start_ms": reply.predicted_start_ms,
                 "backoff_ms": reply.backoff_ms,
@@ -130,13 +137,17 @@ class Frontend:
         )
 
     async def stream(self, request: Request) -> Response | SSEResponse:
-        task_id = request.path_params["task_id"]
+        try:
+            owner = tenant(request)
+            kid = request.scope["state"]["api_key_id"]
+            self._key_stream_room(request, kid)
+        except OrchdError as e:
+            return error_response(e)
+        task_id = scoped(owner, request.path_params["task_id"])
         s = self.table.claim(task_id)
         if s is not None and s.budgets is not None:
             self.client.send(p.Claim(task_id))
-            self.m_open.inc()
-            log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-            return SSEResponse(s, _header_list(s.budgets), self._stream_done)
+            return self._sse(request, s, kid, _header_list(s.budgets))
         if s is not None:  # admitted but its reply not yet seen: go the ordinary way
             self.table.close(s)
         try:
@@ -149,16 +160,48 @@ class Frontend:
             )
         except OrchdError as e:
             self.table.close(s)
-            return error_response(e)
+            return error_response(local_error(e, owner))
         assert isinstance(reply, p.Subscribed)
+        return self._sse(request, s, kid, _header_list(reply.budgets))
+
+    def _key_stream_room(self, request: Request, kid: str) -> None:
+        """A key may hold so many streams on this frontend (its own cap, else the default)."""
+        cap = request.scope["state"].get("api_key_max_streams") or (
+            self.cfg.limits.max_streams_per_key
+        )
+        if cap and self.key_streams.get(kid, 0) >= cap:
+            raise OrchdError(
+                Code.ADMISSION_REJECT,
+                f"this API key has {cap} streams open on this frontend, its limit; "
+                "close one or wait for one to end",
+                retry_after_ms=1000,
+                policy_label="max_streams_per_key",
+            )
+
+    def _sse(
+        self, request: Request, s: Stream, kid: str, headers: list[tuple[bytes, bytes]]
+    ) -> SSEResponse:
         self.m_open.inc()
-        log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-        return SSEResponse(s, _header_list(reply.budgets), self._stream_done)
+        self.key_streams[kid] = self.key_streams.get(kid, 0) + 1
+        self.stream_keys[s.slot] = kid
+        close = request.scope.get("extensions", {}).get("orchd.close")  # edge.py
+        if close is not None:
+            self.stream_close[s.slot] = close
+        log.info("stream opened", task_id=s.task_id, frontend=self.index, slot=s.slot)
+        return SSEResponse(s, headers, self._stream_done)
 
     def _stream_done(self, s: Stream) -> None:
+        """Its response has returned: the socket is closed, or the stream's end is on it."""
         left_early = not s.sent_terminal
         self.table.close(s)
         self.m_open.dec()
+        self.stream_close.pop(s.slot, None)
+        kid = self.stream_keys.pop(s.slot, "")
+        left = self.key_streams.get(kid, 0) - 1
+        if left > 0:
+            self.key_streams[kid] = left
+        else:
+            self.key_streams.pop(kid, None)
         if left_early:
             self.m_disconnects.inc()
             log.info("client left mid-stream: canceling", task_id=s.task_id)
@@ -173,13 +216,29 @@ class Frontend:
         )
         s.push_terminal(error_frame(s.last_seq + 1, err.envelope()))
         self.client.send(p.Cancel(0, s.task_id, "slow_client"))
+        # A client that reads on gets the error frame; one that stopped reading has its
+        # connection closed (the stream stays open, and counted, until then).
+        close = self.stream_close.get(s.slot)
+        if close is not None:
+            asyncio.get_running_loop().call_later(
+                self.cfg.limits.stall_timeout_ms / 1000.0, self._close_stalled, s.slot, close
+            )
+
+    def _close_stalled(self, slot: int, close: Callable[[], None]) -> None:
+        if self.stream_close.get(slot) is close:
+            log.info("closing the connection of a stream that stopped reading", slot=slot)
+            close()
 
     async def cancel(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
+        try:
+            owner = tenant(request)
+        except OrchdError as e:
+            return error_response(e)
+        task_id = scoped(owner, request.path_params["task_id"])
         try:
             await self.client.request(p.Cancel(self.client.next_id(), task_id, "client"))
         except OrchdError as e:
-            return error_response(e)
+            return error_response(local_error(e, owner))
         return Response(status_code=204)
 
     async def metrics(self, request: Request) -> Response:
@@ -209,7 +268,7 @@ class Frontend:
         star = Starlette(
             routes=routes,
             lifespan=self.lifespan,
-            exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
+            exception_handlers={404: _not_found, 405: _not_allowed(routes), Exception: _internal},
         )
         fast = FastRoutes(star, routes, on_error=_internal)
         return CorrelationId(ApiKeys(fast, effective_api_keys(self.cfg)), self.index)
@@ -224,8 +283,22 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return error_response(OrchdError(Code.INTERNAL, "internal error; see the server log"))
 
 
-async def _not_allowed(request: Request, exc: Exception) -> Response:
-    e = OrchdError(Code.INVALID_PARAMS, f"method {request.method} not allowed here")
-    resp = error_response(e)
-    resp.status_code = 405
-    return resp
+def _not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """405 with ``Allow``: every method some route serves at this path."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        path = request.scope["path"]
+        allow = sorted(
+            {
+                m
+                for r in routes
+                if isinstance(r, Route) and r.methods and r.path_regex.match(path)
+                for m in r.methods
+            }
+        )
+        e = OrchdError(Code.INVALID_PARAMS, f"method {request.method} not allowed here")
+        resp = error_response(e, {"Allow": ", ".join(allow)})
+        resp.status_code = 405
+        return resp
+
+    return handler
