@@ -212,7 +212,9 @@ def test_file_refs_stay_under_the_model_roots(two: Daemon, roots: Path, tmp_path
             f"file:{fifo}",
         ]
     ):
-        status, _, body = call(two, ADMIN, "POST", "/v1/catalog/models", {"id": f"x{i}", "ref": ref})
+        status, _, body = call(
+            two, ADMIN, "POST", "/v1/catalog/models", {"id": f"x{i}", "ref": ref}
+        )
         assert status == 400 and body["code"] == "INVALID_PARAMS", (ref, body)
         assert repr(ref) in body["message"], body  # the ref as given ...
         assert str(outside) not in body["message"]  # ... never where it leads
