@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
@@ -85,7 +86,7 @@ class Frontend:
         ).labels(*fl)
         self.key_streams: dict[str, int] = {}  # key id -> streams open here
         self.stream_keys: dict[int, str] = {}  # stream slot -> the key that opened it
-        self.stream_close: dict[int, Callable[[], None]] = {}  # slot -> drop its connection
+        self.stream_conns: dict[int, Any] = {}  # slot -> its connection (edge.EdgeProtocol)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -184,9 +185,9 @@ class Frontend:
         self.m_open.inc()
         self.key_streams[kid] = self.key_streams.get(kid, 0) + 1
         self.stream_keys[s.slot] = kid
-        close = request.scope.get("extensions", {}).get("orchd.close")  # edge.py
-        if close is not None:
-            self.stream_close[s.slot] = close
+        conn = request.scope.get("extensions", {}).get("orchd.conn")  # edge.py
+        if conn is not None:
+            self.stream_conns[s.slot] = conn["handle"]
         log.info("stream opened", task_id=s.task_id, frontend=self.index, slot=s.slot)
         return SSEResponse(s, headers, self._stream_done)
 
@@ -194,14 +195,21 @@ class Frontend:
         """Its response has returned: the socket is closed, or the stream's end is on it."""
         left_early = not s.sent_terminal
         self.table.close(s)
-        self.m_open.dec()
-        self.stream_close.pop(s.slot, None)
+        conn = self.stream_conns.pop(s.slot, None)
         kid = self.stream_keys.pop(s.slot, "")
         left = self.key_streams.get(kid, 0) - 1
         if left > 0:
             self.key_streams[kid] = left
         else:
             self.key_streams.pop(kid, None)
+        if s.overflow and conn is not None:
+            # Cut off for reading too slowly: what was sent may still wait in the socket's
+            # buffers. The stream counts as open until its socket is closed: gracefully if
+            # the client drains it, else after limits.stall_timeout_ms (_on_overflow).
+            conn.on_lost(self.m_open.dec)
+            conn.close_after_flush()
+        else:
+            self.m_open.dec()
         if left_early:
             self.m_disconnects.inc()
             log.info("client left mid-stream: canceling", task_id=s.task_id)
@@ -218,16 +226,16 @@ class Frontend:
         self.client.send(p.Cancel(0, s.task_id, "slow_client"))
         # A client that reads on gets the error frame; one that stopped reading has its
         # connection closed (the stream stays open, and counted, until then).
-        close = self.stream_close.get(s.slot)
-        if close is not None:
+        conn = self.stream_conns.get(s.slot)
+        if conn is not None:
             asyncio.get_running_loop().call_later(
-                self.cfg.limits.stall_timeout_ms / 1000.0, self._close_stalled, s.slot, close
+                self.cfg.limits.stall_timeout_ms / 1000.0, self._close_stalled, s.slot, conn
             )
 
-    def _close_stalled(self, slot: int, close: Callable[[], None]) -> None:
-        if self.stream_close.get(slot) is close:
+    def _close_stalled(self, slot: int, conn: Any) -> None:
+        if not conn.lost:
             log.info("closing the connection of a stream that stopped reading", slot=slot)
-            close()
+            conn.abort()
 
     async def cancel(self, request: Request) -> Response:
         try:

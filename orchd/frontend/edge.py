@@ -30,6 +30,7 @@ import os
 import resource
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgspec
@@ -118,6 +119,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._dropped = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._on_lost: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------- connection
 
@@ -146,6 +148,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self.edge.live.pop(self, None)
         self._cancel_timers()
         super().connection_lost(exc)
+        callbacks, self._on_lost = self._on_lost, []
+        for cb in callbacks:
+            cb()
 
     def idle(self) -> bool:
         """No request is being served: between requests, or its headers not all in yet."""
@@ -216,7 +221,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
-        self.scope["extensions"] = {"orchd.close": self._close_now}  # type: ignore[dict-item]
+        self.scope["extensions"] = {"orchd.conn": {"handle": self}}
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -284,7 +289,25 @@ class EdgeProtocol(HttpToolsProtocol):
         )
         self._answer_and_close(408, err)
 
-    def _close_now(self) -> None:
-        """For the app: drop this connection at once (a stream cut off for a slow reader)."""
+    # ---------------------------------------------------------------- for the app
+    # (``scope["extensions"]["orchd.conn"]["handle"]``: a stream cut off for a slow reader)
+
+    @property
+    def lost(self) -> bool:
+        return self.parser is None  # (connection_lost has run)
+
+    def on_lost(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` once this connection is closed (at once if it already is)."""
+        if self.lost:
+            cb()
+        else:
+            self._on_lost.append(cb)
+
+    def close_after_flush(self) -> None:
+        """No further request on this connection: closed once its bytes are out."""
         if not self.transport.is_closing():
-            self.transport.abort()
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop this connection now, whatever it still holds to send."""
+        self.transport.abort()

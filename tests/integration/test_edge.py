@@ -215,3 +215,52 @@ def test_the_frontend_raises_its_open_file_limit(edge: Daemon) -> None:
     fe = edge.find("orchd.frontend.main")
     soft, _ = fe.rlimit(psutil.RLIMIT_NOFILE)
     assert soft >= 16 * 5 // 4 + 256
+
+
+STALL = """
+[limits]
+stream_buffer_bytes = 65536
+send_buffer_bytes = 8192
+stall_timeout_ms = 3000
+
+[[replicas]]
+id = "r0"
+[replicas.mock]
+ttft_ms = 1
+itl_ms = 0
+"""
+
+
+def metric(d: Daemon, name: str) -> float:
+    _, _, raw = sync_request(d.host, d.port, "GET", "/metrics", {})
+    for line in raw.decode().splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_counted_until_closed(tmp_path: Path) -> None:
+    with Daemon(tmp_path, STALL) as d:
+        body = task_body(task_id="stall", max_tokens=30_000, deadline_ms=600_000)
+        assert sync_request(d.host, d.port, "POST", "/v1/tasks", d.headers, body)[0] == 202
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((d.host, d.port))
+        try:
+            s.sendall(b"GET /v1/tasks/stall/stream HTTP/1.1\r\nHost: x\r\nX-API-Key: dev\r\n\r\n")
+            wait_for(lambda: metric(d, "frontend_stream_overflows_total") == 1, 30, "the cut")
+            # Cut off, its end sent into full buffers: still open, and counted, ...
+            assert metric(d, "frontend_streams_open") == 1
+            # ... until the frontend closes its socket (limits.stall_timeout_ms).
+            d.wait_log(lambda r: r.get("narration", "").startswith("closing the connection"), 30)
+            wait_for(lambda: metric(d, "frontend_streams_open") == 0, 10, "the stream's close")
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                s.settimeout(5)
+                while chunk := s.recv(65536):
+                    got += len(chunk)
+            # Held for the client: at most its stream buffer, the kernel buffers, and what
+            # was in flight (far less than the 30,000 tokens of the task).
+            assert got < 1 << 20
+        finally:
+            s.close()
