@@ -42,8 +42,18 @@ SLACK_S = 2.0  # a timer's deadline, plus a loaded machine's scheduling
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(Path(tmp_path_factory.mktemp("edge")), LIMITS) as d:
+    # orchd starts under the common 1,024-descriptor limit (its frontend raises it only as
+    # far as limits.max_connections needs), as in the report.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        d = Daemon(Path(tmp_path_factory.mktemp("edge")), LIMITS).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
         yield d
+    finally:
+        assert d.stop() == 0
 
 
 @contextlib.contextmanager
