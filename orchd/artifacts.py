@@ -2,6 +2,10 @@
 
 Documents are canonical JSON bytes (``orchd.core.artifacts.canonical``) addressed by their
 sha256; putting the same content twice yields the same id and stores it once.
+
+Each document also has owners: the API key ids that put it (a transcript's owner is the key
+of its task). ``get`` with an owner returns the document only to one of them, so an id tells
+another key nothing, not even that it exists. ``None`` skips the check (internal use).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ def valid_id(aid: str) -> bool:
 
 
 class ArtifactStore(Protocol):
-    def put(self, doc: bytes) -> str: ...
+    def put(self, doc: bytes, owner: str | None = None) -> str: ...
 
-    def get(self, aid: str) -> bytes | None: ...
+    def get(self, aid: str, owner: str | None = None) -> bytes | None: ...
 
 
 class MemoryStore:
@@ -35,20 +39,26 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._docs: OrderedDict[str, bytes] = OrderedDict()
+        self._owners: dict[str, set[str]] = {}
 
-    def put(self, doc: bytes) -> str:
+    def put(self, doc: bytes, owner: str | None = None) -> str:
         aid = artifact_id(doc)
+        if owner is not None:
+            self._owners.setdefault(aid, set()).add(owner)
         if aid in self._docs:
             self._docs.move_to_end(aid)
             return aid
         self._docs[aid] = doc
         self.bytes += len(doc)
         while self.bytes > self.max_bytes and len(self._docs) > 1:
-            _, old = self._docs.popitem(last=False)
+            gone, old = self._docs.popitem(last=False)
+            self._owners.pop(gone, None)
             self.bytes -= len(old)
         return aid
 
-    def get(self, aid: str) -> bytes | None:
+    def get(self, aid: str, owner: str | None = None) -> bytes | None:
+        if owner is not None and owner not in self._owners.get(aid, ()):
+            return None
         doc = self._docs.get(aid)
         if doc is not None:
             self._docs.move_to_end(aid)
@@ -66,16 +76,29 @@ class FsStore:
     def _path(self, aid: str) -> str:
         return os.path.join(self.root, aid.replace(":", "-"))
 
-    def put(self, doc: bytes) -> str:
+    def _owners(self, aid: str) -> set[str]:
+        try:
+            with open(self._path(aid) + ".owners", encoding="ascii") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+    def put(self, doc: bytes, owner: str | None = None) -> str:
         aid = artifact_id(doc)
         path = self._path(aid)
+        if owner is not None:
+            owners = self._owners(aid)
+            if owner not in owners:
+                write_atomic(path + ".owners", "\n".join(sorted(owners | {owner})).encode())
         if os.path.exists(path):
             return aid
         write_atomic(path, doc)
         return aid
 
-    def get(self, aid: str) -> bytes | None:
+    def get(self, aid: str, owner: str | None = None) -> bytes | None:
         if not valid_id(aid):
+            return None
+        if owner is not None and owner not in self._owners(aid):
             return None
         try:
             with open(self._path(aid), "rb") as f:

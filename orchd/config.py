@@ -31,6 +31,7 @@ TrustPolicy = Literal["permissive", "strict"]  # strict: signed and verified mod
 ArtifactStoreName = Literal["memory", "fs"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 GpuMode = Literal["", "auto"]
+Role = Literal["client", "admin"]  # client: the data plane; admin: also the control plane
 
 
 class ConfigError(Exception):
@@ -120,11 +121,23 @@ class Replica(msgspec.Struct, forbid_unknown_fields=True):
         return self.adapter or DEFAULT_ADAPTER[self.engine]
 
 
+class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
+    """A key with its role: ``{key = "sha256:<hex>", role = "client"}``. A plain string in
+    ``api_keys`` is an admin key (what every key was before roles)."""
+
+    key: str  # the secret itself, or "sha256:<64 hex digits>" of it
+    role: Role
+    max_streams: int = 0  # open SSE streams per frontend; 0 = limits.max_streams_per_key
+
+
 class Server(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
     frontends: int = 1
-    api_keys: list[str] = msgspec.field(default_factory=list)
+    api_keys: list[str | ApiKey] = msgspec.field(default_factory=list)
+    # More keys, one a line: "<role> <key or sha256:hex>" ("#" starts a comment). Read at
+    # start; its keys reach the other processes only as their sha256.
+    api_keys_file: str = ""
     run_dir: str = ""  # "" = a fresh directory under /tmp
     drain_deadline_ms: int = 30_000
     log_level: LogLevel = "info"
@@ -143,9 +156,19 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     ring_bytes: int = 4 << 20
     stream_buffer_bytes: int = 4 << 20  # per stream, in the frontend, before it is cut off
     max_streams: int = 10_000  # per frontend
+    max_streams_per_key: int = 0  # per frontend and API key; 0 = max_streams
     max_tokens_limit: int = 32_768
     ctx_limit: int = 1 << 20
     transcript_retention_ms: int = 60_000
+    # The edge (orchd/frontend/edge.py): what one client may hold of a frontend.
+    max_connections: int = 4096  # per frontend; past it idle ones are closed, else 503
+    max_header_bytes: int = 16_384  # request line + headers; beyond it: 431
+    max_headers: int = 100  # beyond it: 431
+    header_timeout_ms: int = 10_000  # from connect (or a request's first byte) to its headers
+    body_timeout_ms: int = 30_000  # from the headers to the end of the body; then 408
+    keepalive_timeout_ms: int = 5_000  # an idle keep-alive connection is closed after this
+    send_buffer_bytes: int = 262_144  # kernel send buffer (SO_SNDBUF) per connection; 0 = OS
+    stall_timeout_ms: int = 5_000  # a stream cut off for reading too slowly: socket closed
 
 
 class Pool(msgspec.Struct, forbid_unknown_fields=True):
@@ -196,6 +219,11 @@ class Catalog(msgspec.Struct, forbid_unknown_fields=True):
     catalog_dir: str = ""  # "" = the catalog lives in memory only
     trust_policy: TrustPolicy = "permissive"
     signing_keys: dict[str, str] = msgspec.field(default_factory=dict)  # key id -> HMAC secret
+    # file: model refs resolve only under these directories ([] = <run_dir>/models).
+    model_roots: list[str] = msgspec.field(default_factory=list)
+    verify_max_bytes: int = 64 << 30  # a verify reads at most this much
+    verify_timeout_ms: int = 600_000  # ... for at most this long
+    verify_concurrency: int = 2  # verifications at once; more: 429
 
 
 class Artifacts(msgspec.Struct, forbid_unknown_fields=True):
@@ -269,7 +297,7 @@ def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         for section, cls in sections.items():
             if name in cls.__struct_fields__:
                 value: Any = raw
-                if name == "api_keys":
+                if name in ("api_keys", "model_roots"):
                     value = [k.strip() for k in raw.split(",") if k.strip()]
                 out[section][name] = value
                 break
@@ -304,8 +332,34 @@ def load(
         cfg = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"invalid config: {_explain(e, data)}") from e
+    if cfg.server.api_keys_file:
+        cfg.server.api_keys += read_keys_file(cfg.server.api_keys_file)
     validate(cfg)
     return cfg
+
+
+def read_keys_file(path: str) -> list[str | ApiKey]:
+    """``<role> <key>`` a line; each key kept as its sha256 (children never see the secret)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read server.api_keys_file {path}: {e}") from e
+    out: list[str | ApiKey] = []
+    for n, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2 or words[0] not in ("client", "admin"):
+            raise ConfigError(
+                f"server.api_keys_file {path} line {n}: expected '<client|admin> <key>'"
+            )
+        role: Role = "admin" if words[0] == "admin" else "client"
+        key = words[1]
+        if not key.startswith("sha256:"):
+            key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        out.append(ApiKey(key, role))
+    return out
 
 
 _AT = re.compile(r" - at `\$(.*)`$")
@@ -374,6 +428,29 @@ def validate(cfg: Config) -> None:
                 )
     if len(pool_ids) != len(cfg.all_pools()):
         raise ConfigError("pool ids must be unique")
+    for i, entry in enumerate(s.api_keys):
+        _check_key(f"server.api_keys[{i}]", entry)
+    for name, value in (
+        ("max_connections", lim.max_connections),
+        ("max_header_bytes", lim.max_header_bytes),
+        ("max_headers", lim.max_headers),
+        ("header_timeout_ms", lim.header_timeout_ms),
+        ("body_timeout_ms", lim.body_timeout_ms),
+        ("keepalive_timeout_ms", lim.keepalive_timeout_ms),
+        ("stall_timeout_ms", lim.stall_timeout_ms),
+    ):
+        if value < 1:
+            raise ConfigError(f"limits.{name} must be >= 1, got {value}")
+    if lim.max_header_bytes < 1024:
+        raise ConfigError(f"limits.max_header_bytes must be >= 1024, got {lim.max_header_bytes}")
+    if lim.max_streams_per_key < 0 or lim.send_buffer_bytes < 0:
+        raise ConfigError("limits.max_streams_per_key and send_buffer_bytes must be >= 0")
+    c = cfg.catalog
+    if c.verify_concurrency < 1 or c.verify_max_bytes < 1 or c.verify_timeout_ms < 1:
+        raise ConfigError("catalog.verify_concurrency, verify_max_bytes, verify_timeout_ms: >= 1")
+    for root in c.model_roots:
+        if not os.path.isabs(root):
+            raise ConfigError(f"catalog.model_roots: {root!r} is not an absolute path")
     if not s.api_keys and not is_loopback(s.host):
         raise ConfigError(
             f"refusing to listen on non-loopback address {s.host} with no API keys: "
@@ -381,14 +458,51 @@ def validate(cfg: Config) -> None:
         )
 
 
-def effective_api_keys(cfg: Config) -> list[str]:
-    """Configured keys, or the development key ``dev`` on a loopback address."""
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+
+def _check_key(where: str, entry: str | ApiKey) -> None:
+    key = entry if isinstance(entry, str) else entry.key
+    if not key.strip():
+        raise ConfigError(f"{where} is empty: an empty key would let anyone in")
+    if not _KEY_CHARS.match(key):
+        raise ConfigError(f"{where}: a key is printable ASCII without spaces")
+    if key.startswith("sha256:") and not _SHA256.match(key):
+        raise ConfigError(f"{where}: sha256: must be followed by 64 lowercase hex digits")
+    if isinstance(entry, ApiKey) and entry.max_streams < 0:
+        raise ConfigError(f"{where}: max_streams must be >= 0")
+
+
+def effective_api_keys(cfg: Config) -> list[str | ApiKey]:
+    """Configured keys, or the development key ``dev`` (an admin) on a loopback address."""
     return list(cfg.server.api_keys) or ["dev"]
 
 
-def key_id(key: str) -> str:
-    """A non-secret, stable id for an API key: what logs, metrics and the scheduler see."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+class KeyEntry(msgspec.Struct, frozen=True):
+    """An accepted key as the frontend holds it: only its digest, never the secret."""
+
+    digest: bytes  # sha256 of the key
+    id: str  # key_id: what logs, metrics and the scheduler see
+    role: Role
+    max_streams: int  # 0 = limits.max_streams_per_key
+
+
+def key_entry(entry: str | ApiKey) -> KeyEntry:
+    role: Role = "admin"
+    if isinstance(entry, str):
+        key, streams = entry, 0
+    else:
+        key, role, streams = entry.key, entry.role, entry.max_streams
+    hashed = _SHA256.match(key)
+    digest = bytes.fromhex(key[7:]) if hashed else hashlib.sha256(key.encode()).digest()
+    return KeyEntry(digest, digest.hex()[:12], role, streams)
+
+
+def key_id(key: str | ApiKey) -> str:
+    """A non-secret, stable id for an API key: what logs, metrics and the scheduler see. A
+    key given as ``sha256:<hex>`` has the id of the key it is the hash of."""
+    return key_entry(key).id
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

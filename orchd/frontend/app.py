@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
@@ -28,6 +29,7 @@ from orchd.frontend.openai import OpenAIRoutes
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
+from orchd.frontend.tenancy import local_error, scope_spec, scoped, tenant
 
 
 def budget_headers(b: p.Budgets) -> dict[str, str]:
@@ -79,6 +81,9 @@ class Frontend:
             ["frontend"],
             registry=self.registry,
         ).labels(*fl)
+        self.key_streams: dict[str, int] = {}  # key id -> streams open here
+        self.stream_keys: dict[int, str] = {}  # stream slot -> the key that opened it
+        self.stream_conns: dict[int, Any] = {}  # slot -> its connection (edge.EdgeProtocol)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -100,9 +105,12 @@ class Frontend:
 
     async def submit(self, request: Request) -> Response:
         s = None
+        kid = request.scope["state"]["api_key_id"]
         try:
             body = await read_body(request, self.cfg.limits.max_body_bytes)
-            spec = parse_task(body, self.cfg.limits, request.scope["state"]["api_key_id"])
+            spec = parse_task(body, self.cfg.limits, kid)
+            client_task_id = spec.task_id
+            scope_spec(spec, kid)  # t-0 is <key id>/t-0 inside orchd
             # Feed a stream here from the start: a GET on this frontend then costs no round
             # trip, and its first bytes are already waiting.
             s = self.table.open_provisional(spec.task_id)
@@ -111,13 +119,13 @@ class Frontend:
         except OrchdError as e:
             if s is not None:
                 self.table.drop_provisional(s)
-            return error_response(e)
+            return error_response(local_error(e, kid))
         assert isinstance(reply, p.Admitted)
         if s is not None:
             s.budgets = reply.budgets
         return JSON(
             {
-                "task_id": reply.task_id,
+                "task_id": client_task_id,
                 "queue_position": reply.queue_position,
                 "predicted_start_ms": reply.predicted_start_ms,
                 "backoff_ms": reply.backoff_ms,
@@ -127,13 +135,17 @@ class Frontend:
         )
 
     async def stream(self, request: Request) -> Response | SSEResponse:
-        task_id = request.path_params["task_id"]
+        try:
+            owner = tenant(request)
+            kid = request.scope["state"]["api_key_id"]
+            self.key_stream_room(request, kid)
+        except OrchdError as e:
+            return error_response(e)
+        task_id = scoped(owner, request.path_params["task_id"])
         s = self.table.claim(task_id)
         if s is not None and s.budgets is not None:
             self.client.send(p.Claim(task_id))
-            self.m_open.inc()
-            log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-            return SSEResponse(s, self.budget_header_list(s.budgets), self.stream_done)
+            return self._sse(request, s, kid, self.budget_header_list(s.budgets))
         if s is not None:  # admitted but its reply not yet seen: go the ordinary way
             self.table.close(s)
         try:
@@ -146,20 +158,63 @@ class Frontend:
             )
         except OrchdError as e:
             self.table.close(s)
-            return error_response(e)
+            return error_response(local_error(e, owner))
         assert isinstance(reply, p.Subscribed)
+        return self._sse(request, s, kid, self.budget_header_list(reply.budgets))
+
+    def key_stream_room(self, request: Request, kid: str) -> None:
+        """A key may hold so many streams on this frontend (its own cap, else the default)."""
+        cap = request.scope["state"].get("api_key_max_streams") or (
+            self.cfg.limits.max_streams_per_key
+        )
+        if cap and self.key_streams.get(kid, 0) >= cap:
+            raise OrchdError(
+                Code.ADMISSION_REJECT,
+                f"this API key has {cap} streams open on this frontend, its limit; "
+                "close one or wait for one to end",
+                retry_after_ms=1000,
+                policy_label="max_streams_per_key",
+            )
+
+    def _sse(
+        self, request: Request, s: Stream, kid: str, headers: list[tuple[bytes, bytes]]
+    ) -> SSEResponse:
+        self.opened(request, s, kid)
+        return SSEResponse(s, headers, self.stream_done)
+
+    def opened(self, request: Request, s: Stream, kid: str) -> None:
+        """A stream (or a whole response) is now a client's: counted until it is done."""
         self.m_open.inc()
-        log.info("stream opened", task_id=task_id, frontend=self.index, slot=s.slot)
-        return SSEResponse(s, self.budget_header_list(reply.budgets), self.stream_done)
+        self.key_streams[kid] = self.key_streams.get(kid, 0) + 1
+        self.stream_keys[s.slot] = kid
+        conn = request.scope.get("extensions", {}).get("orchd.conn")  # edge.py
+        if conn is not None:
+            self.stream_conns[s.slot] = conn["handle"]
+        log.info("stream opened", task_id=s.task_id, frontend=self.index, slot=s.slot)
 
     @staticmethod
     def budget_header_list(b: p.Budgets) -> list[tuple[bytes, bytes]]:
         return [(k.lower().encode(), v.encode()) for k, v in budget_headers(b).items()]
 
     def stream_done(self, s: Stream) -> None:
+        """Its response has returned: the socket is closed, or the stream's end is on it."""
         left_early = not s.sent_terminal
         self.table.close(s)
-        self.m_open.dec()
+        conn = self.stream_conns.pop(s.slot, None)
+        kid = self.stream_keys.pop(s.slot, "")
+        left = self.key_streams.get(kid, 0) - 1
+        if left > 0:
+            self.key_streams[kid] = left
+        else:
+            self.key_streams.pop(kid, None)
+        if s.overflow and conn is not None:
+            # Cut off for reading too slowly: what was sent may still wait in the socket's
+            # buffers. The stream counts as open until its socket is closed: gracefully if
+            # the client drains it, else after limits.stall_timeout_ms (_on_overflow).
+            conn.on_lost(self.m_open.dec)
+            conn.close_after_flush()
+        else:
+            self.m_open.dec()
         if left_early:
             self.m_disconnects.inc()
             log.info("client left mid-stream: canceling", task_id=s.task_id)
@@ -174,13 +229,29 @@ class Frontend:
         )
         s.fail(err)
         self.client.send(p.Cancel(0, s.task_id, "slow_client"))
+        # A client that reads on gets the error frame; one that stopped reading has its
+        # connection closed (the stream stays open, and counted, until then).
+        conn = self.stream_conns.get(s.slot)
+        if conn is not None:
+            asyncio.get_running_loop().call_later(
+                self.cfg.limits.stall_timeout_ms / 1000.0, self._close_stalled, s.slot, conn
+            )
+
+    def _close_stalled(self, slot: int, conn: Any) -> None:
+        if not conn.lost:
+            log.info("closing the connection of a stream that stopped reading", slot=slot)
+            conn.abort()
 
     async def cancel(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
+        try:
+            owner = tenant(request)
+        except OrchdError as e:
+            return error_response(e)
+        task_id = scoped(owner, request.path_params["task_id"])
         try:
             await self.client.request(p.Cancel(self.client.next_id(), task_id, "client"))
         except OrchdError as e:
-            return error_response(e)
+            return error_response(local_error(e, owner))
         return Response(status_code=204)
 
     async def metrics(self, request: Request) -> Response:
@@ -211,7 +282,7 @@ class Frontend:
         star = Starlette(
             routes=routes,
             lifespan=self.lifespan,
-            exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
+            exception_handlers={404: _not_found, 405: _not_allowed(routes), Exception: _internal},
         )
         fast = FastRoutes(star, routes, on_error=_internal)
         keys = ApiKeys(fast, effective_api_keys(self.cfg), respond=_refusal)
@@ -233,8 +304,22 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return error_response(OrchdError(Code.INTERNAL, "internal error; see the server log"))
 
 
-async def _not_allowed(request: Request, exc: Exception) -> Response:
-    e = OrchdError(Code.INVALID_PARAMS, f"method {request.method} not allowed here")
-    resp = error_response(e)
-    resp.status_code = 405
-    return resp
+def _not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """405 with ``Allow``: every method some route serves at this path."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        path = request.scope["path"]
+        allow = sorted(
+            {
+                m
+                for r in routes
+                if isinstance(r, Route) and r.methods and r.path_regex.match(path)
+                for m in r.methods
+            }
+        )
+        e = OrchdError(Code.INVALID_PARAMS, f"method {request.method} not allowed here")
+        resp = error_response(e, {"Allow": ", ".join(allow)})
+        resp.status_code = 405
+        return resp
+
+    return handler

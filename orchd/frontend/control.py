@@ -1,4 +1,7 @@
-"""Control-plane and session routes: thin translations of HTTP into scheduler ``Query`` ops."""
+"""Control-plane and session routes: thin translations of HTTP into scheduler ``Query`` ops.
+
+Pools and catalog writes (``ADMIN_OPS``) need an admin key; sessions and artifacts are the
+caller's own (or, for an admin, ``?tenant=``'s: orchd/frontend/tenancy.py)."""
 
 from __future__ import annotations
 
@@ -23,21 +26,42 @@ from orchd.frontend.schema import (
     StateBody,
     parse_body,
 )
+from orchd.frontend.tenancy import local_error, require_admin, scoped, tenant, unscoped
 
 RELOAD_TIMEOUT_S = 600.0
 Handler = Callable[[Request], Awaitable[Response]]
+# The control plane: a client key gets 403.
+ADMIN_OPS = frozenset(
+    {
+        "pool.health",
+        "pool.drain",
+        "pool.reload",
+        "catalog.create",
+        "catalog.delete",
+        "catalog.state",
+        "catalog.verify",
+    }
+)
+# Ops on the caller's own (or ?tenant='s) records; their id parameters are namespaced.
+TENANT_OPS = {"session.get": "session_id", "session.delete": "session_id"}
 
 
 def routes(client: SchedulerClient, max_body: int) -> list[Route]:
     async def ask(
-        op: str, args: dict[str, Any], request: Request, timeout: float = 10.0
+        op: str, args: dict[str, Any], request: Request, timeout: float = 10.0, key: str = ""
     ) -> Response:
-        key = request.scope["state"].get("api_key_id", "")
-        reply = await client.request(p.Query(client.next_id(), op, args, key), timeout)
+        key = key or request.scope["state"].get("api_key_id", "")
+        try:
+            reply = await client.request(p.Query(client.next_id(), op, args, key), timeout)
+        except OrchdError as e:
+            raise local_error(e, key) from None
         assert isinstance(reply, p.Reply)
         if reply.status == 204:
             return Response(status_code=204)
-        return JSON(reply.body, status_code=reply.status)
+        body = reply.body
+        if op in TENANT_OPS and isinstance(body, dict) and TENANT_OPS[op] in body:
+            body[TENANT_OPS[op]] = unscoped(body[TENANT_OPS[op]])
+        return JSON(body, status_code=reply.status)
 
     def handler(
         op: str,
@@ -47,12 +71,17 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
     ) -> Handler:
         async def handle(request: Request) -> Response:
             try:
+                if op in ADMIN_OPS:
+                    require_admin(request, "the control plane")
+                owner = tenant(request) if op in TENANT_OPS else ""
                 args: dict[str, Any] = {}
                 if body is not None:
                     args = parse_body(await read_body(request, max_body), body)
                 for name in params:
                     args[name] = request.path_params[name]
-                return await ask(op, args, request, timeout)
+                if owner:
+                    args[TENANT_OPS[op]] = scoped(owner, args[TENANT_OPS[op]])
+                return await ask(op, args, request, timeout, owner)
             except OrchdError as e:
                 return error_response(e)
 
@@ -74,7 +103,7 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
         try:
             if not aid.startswith("sha256:"):
                 raise OrchdError(Code.NOT_FOUND, f"no artifact {aid!r}")
-            key = request.scope["state"].get("api_key_id", "")
+            key = tenant(request)  # shown only to a key that put it (or ran its task)
             reply = await client.request(
                 p.Query(client.next_id(), "artifact.get", {"id": aid}, key)
             )

@@ -14,6 +14,7 @@ from ipc.proc import listen_socket
 from orchd import log
 from orchd.config import load_resolved
 from orchd.frontend.app import Frontend
+from orchd.frontend.edge import FD_RESERVE, Edge, fds_needed, raise_nofile
 
 
 class Server(uvicorn.Server):
@@ -52,13 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     res = load_resolved(argv[0])
     index = int(argv[1])
     log.setup(f"frontend-{index}", res.config.server.log_level)
-    s = res.config.server
+    s, lim = res.config.server, res.config.limits
+    edge = Edge(lim)
+    needed = fds_needed(lim)
+    soft, hard = raise_nofile(needed)
+    if soft < needed:
+        edge.max_connections = max(1, (soft - FD_RESERVE) * 4 // 5)
+        log.warning(
+            "the open-file limit is below what limits.max_connections needs: connections "
+            "capped lower; raise the hard limit (ulimit -Hn, LimitNOFILE=) to lift it",
+            frontend=index,
+            open_files_limit=soft,
+            hard_limit=hard,
+            needed=needed,
+            max_connections=edge.max_connections,
+        )
     sock = listen_socket(s.host, s.port)
     sock.listen(4096)
     config = uvicorn.Config(
         Frontend(res, index).app(),
         loop="uvloop",
-        http="httptools",
+        http=edge.protocol(),
+        timeout_keep_alive=lim.keepalive_timeout_ms / 1000.0,  # type: ignore[arg-type]
         lifespan="on",
         access_log=False,
         proxy_headers=False,  # orchd is the edge; X-Forwarded-* is not trusted here

@@ -4,6 +4,7 @@ key), :class:`FastRoutes` (the hottest routes skip Starlette's router)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import itertools
 import os
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchd.config import key_id
+from orchd.config import ApiKey, KeyEntry, key_entry
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 
@@ -69,13 +70,14 @@ class CorrelationId:
 class ApiKeys:
     """Refuses a request to a guarded path without an accepted key (``X-API-Key``, else
     ``Authorization: Bearer``): 401 when none is given, 403 when it is not one of ours. The
-    matching key's non-secret id goes to ``scope["state"]["api_key_id"]``: what a request
-    creates belongs to that key."""
+    matching key's non-secret id goes to ``scope["state"]["api_key_id"]`` (what a request
+    creates belongs to that key), its role to ``api_key_role`` and its stream cap to
+    ``api_key_max_streams``. Only the keys' sha256 digests are held."""
 
     def __init__(
         self,
         app: ASGIApp,
-        api_keys: Iterable[str],
+        api_keys: Iterable[str | ApiKey | KeyEntry],
         open_paths: Collection[str] = OPEN_PATHS,
         respond: Callable[[str, OrchdError], Response] | None = None,
     ) -> None:
@@ -83,16 +85,21 @@ class ApiKeys:
         self.open_paths = frozenset(open_paths)
         # The refusal's shape for a path (the OpenAI routes answer in OpenAI's).
         self.respond = respond or (lambda path, err: error_response(err))
-        self.keys = [(k.encode(), key_id(k)) for k in api_keys]
+        self.keys = [k if isinstance(k, KeyEntry) else key_entry(k) for k in api_keys]
+
+    def entry(self, given: bytes) -> KeyEntry | None:
+        """The key ``given`` is, or None. Its digest is compared with every key's, each in
+        constant time, so timing tells nothing about which one (if any) matched."""
+        digest = hashlib.sha256(given).digest()
+        found = None
+        for k in self.keys:
+            if hmac.compare_digest(digest, k.digest):
+                found = k
+        return found
 
     def key_id(self, given: bytes) -> str | None:
-        """The id of the key ``given`` is, or None. Every key is compared, each in constant
-        time, so timing tells nothing about which one (if any) matched."""
-        found = None
-        for k, kid in self.keys:
-            if hmac.compare_digest(given, k):
-                found = kid
-        return found
+        e = self.entry(given)
+        return None if e is None else e.id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -109,15 +116,18 @@ class ApiKeys:
                     bearer = token.strip()
         if key is None:
             key = bearer
-        kid = None if key is None else self.key_id(key)
-        if kid is None:
+        entry = None if not key else self.entry(key)
+        if entry is None:
             if key is None:
                 err = OrchdError(Code.UNAUTHORIZED, "missing API key (X-API-Key or Bearer)")
             else:
                 err = OrchdError(Code.FORBIDDEN, "API key not accepted")
             await self.respond(scope["path"], err)(scope, receive, send)
             return
-        scope.setdefault("state", {})["api_key_id"] = kid
+        state = scope.setdefault("state", {})
+        state["api_key_id"] = entry.id
+        state["api_key_role"] = entry.role
+        state["api_key_max_streams"] = entry.max_streams
         await self.app(scope, receive, send)
 
 

@@ -28,6 +28,7 @@ from orchd.frontend.http import JSON, read_body
 from orchd.frontend.openai_schema import parse
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream
+from orchd.frontend.tenancy import local_error, scoped
 
 if TYPE_CHECKING:
     from orchd.frontend.app import Frontend
@@ -149,9 +150,13 @@ class OpenAIRoutes:
     async def _task(self, request: Request, api: str) -> Response | SSEResponse | BodyResponse:
         fe = self.fe
         s = None
+        kid = request.scope["state"]["api_key_id"]
         try:
+            fe.key_stream_room(request, kid)
             body = await read_body(request, fe.cfg.limits.max_body_bytes)
-            spec = parse(body, api, fe.cfg.limits, request.scope["state"]["api_key_id"])
+            spec = parse(body, api, fe.cfg.limits, kid)
+            # Its session is the key's own (task ids here are random: nobody can name them).
+            spec.session_id = scoped(kid, spec.session_id)
             s = fe.table.open_provisional(spec.task_id, "openai" if spec.stream else "body")
             if s is None:
                 raise OrchdError(
@@ -164,12 +169,12 @@ class OpenAIRoutes:
         except OrchdError as e:
             if s is not None:
                 fe.table.drop_provisional(s)
-            return error_response(e)
+            return error_response(local_error(e, kid))
         assert isinstance(reply, p.Admitted)
         claimed = fe.table.claim(spec.task_id)
         assert claimed is s
         fe.client.send(p.Claim(spec.task_id))
-        fe.m_open.inc()
+        fe.opened(request, s, kid)
         log.info("openai request admitted", task_id=spec.task_id, api=api, model=spec.model)
         if spec.stream:
             return SSEResponse(s, fe.budget_header_list(reply.budgets), fe.stream_done)

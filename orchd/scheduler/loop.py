@@ -25,12 +25,26 @@ from orchd.core.errors import Code, OrchdError
 from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
-from orchd.scheduler.stores import CatalogDisk, Verifier, make_store
+from orchd.scheduler.models import Verifier, check_refs, model_roots
+from orchd.scheduler.stores import CatalogDisk, make_store
 from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
 SUPERVISOR_PREFIX = str(peers.supervisor(""))
 IDLE_TICK_S = 1.0
+
+
+class _TraceIds(msgspec.Struct):
+    task_id: str = ""
+
+
+class _Trace(msgspec.Struct):
+    """What the scheduler reads of a transcript: whose task it is."""
+
+    content: _TraceIds = msgspec.field(default_factory=_TraceIds)
+
+
+_trace = msgspec.json.Decoder(_Trace)
 
 
 def _now_ms() -> float:
@@ -47,7 +61,8 @@ class SchedulerShell:
         self.metrics = SchedulerMetrics(self.core, self.gpus if self.gpus.available else None)
         self.store = make_store(cfg, res.runtime.run_dir)
         self.catalog_disk = CatalogDisk(self.core.catalog, cfg.catalog.catalog_dir)
-        self.verifier = Verifier()
+        self.roots = model_roots(cfg.catalog, res.runtime.run_dir)
+        self.verifier = Verifier(cfg.catalog, self.roots)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -127,6 +142,7 @@ class SchedulerShell:
                 next_tick = time.monotonic() + (TICK_S if busy else IDLE_TICK_S)
                 self.tick()
             self.flush_out()
+        self.verifier.stop()
         self.sock.close(0)
         self.ctx.term()
         self.gpus.close()
@@ -213,7 +229,7 @@ class SchedulerShell:
             case p.TaskEnded():
                 out = core.task_ended(peer, msg, now)
             case p.PutArtifact():
-                self.store.put(msg.doc)
+                self.store.put(msg.doc, self._transcript_owner(msg.doc))
                 return
             case p.Query():
                 out = self.query(peer, msg, now)
@@ -248,15 +264,37 @@ class SchedulerShell:
                 return
         self.send(out)
 
+    def _transcript_owner(self, doc: bytes) -> str:
+        """A transcript belongs to the key of its task (no task known: to nobody)."""
+        try:
+            tid = _trace.decode(doc).content.task_id
+        except msgspec.DecodeError:
+            return ""
+        t = self.core.tasks.get(tid)
+        return t.spec.api_key_id if t is not None else ""
+
+    def _catalog_ref(self, ref_or_id: str) -> str:
+        m = self.core.catalog.resolve(ref_or_id)
+        return m.ref if m is not None else ref_or_id
+
     def query(self, peer: str, q: p.Query, now: float) -> Out:
         if q.op == "artifact.put":
-            return [(peer, p.Reply(q.req_id, {"id": self.store.put(q.args["doc"])}, 201))]
+            aid = self.store.put(q.args["doc"], q.key)
+            return [(peer, p.Reply(q.req_id, {"id": aid}, 201))]
         if q.op == "artifact.get":
-            doc = self.store.get(q.args["id"])
+            doc = self.store.get(q.args["id"], q.key)
             if doc is None:
                 err = OrchdError(Code.NOT_FOUND, f"no artifact {q.args['id']!r}")
                 return [(peer, p.Failed(q.req_id, self.core.error_info(err)))]
             return [(peer, p.Reply(q.req_id, doc, 200))]
+        try:
+            check_refs(q.op, q.args, self.roots, self._catalog_ref)
+            if q.op == "catalog.verify":
+                self.verifier.check_room(q.args["model_id"])
+        except OrchdError as e:
+            return [(peer, p.Failed(q.req_id, self.core.error_info(e)))]
+        if q.op == "catalog.delete":
+            self.verifier.cancel(q.args["model_id"])
         out = self.control.handle(peer, q, now)
         if q.op.startswith("catalog.") and q.op != "catalog.get":
             ok = any(isinstance(m, p.Reply) for _, m in out)

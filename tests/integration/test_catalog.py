@@ -25,6 +25,13 @@ def model_file(tmp: Path, name: str, data: bytes) -> tuple[str, str]:
     return f"file:{f}", "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def models_dir(d: Daemon) -> Path:
+    """The default model root: file: refs resolve only under <run_dir>/models."""
+    root = Path(d.run_dir) / "models"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 def wait_verified(d: Daemon, mid: str) -> dict[str, Any]:
     def verified() -> bool:
         return call(d, "GET", f"/v1/catalog/models/{mid}")[1]["last_verified_ms"] is not None
@@ -33,8 +40,8 @@ def wait_verified(d: Daemon, mid: str) -> dict[str, Any]:
     return call(d, "GET", f"/v1/catalog/models/{mid}")[1]  # type: ignore[no-any-return]
 
 
-def test_catalog_lifecycle_and_admission_checks(daemon: Daemon, tmp_path: Path) -> None:
-    ref, digest = model_file(tmp_path, "good.bin", b"good weights")
+def test_catalog_lifecycle_and_admission_checks(daemon: Daemon) -> None:
+    ref, digest = model_file(models_dir(daemon), "good.bin", b"good weights")
     status, m = call(
         daemon, "POST", "/v1/catalog/models", {"id": "good", "ref": ref, "digest": digest}
     )
@@ -45,7 +52,7 @@ def test_catalog_lifecycle_and_admission_checks(daemon: Daemon, tmp_path: Path) 
     assert m["verified"] is True and m["actual_digest"] == digest and m["last_verified_ms"] > 1e12
 
     # A digest that does not match the file fails before admission.
-    bad_ref, _ = model_file(tmp_path, "tampered.bin", b"tampered weights")
+    bad_ref, _ = model_file(models_dir(daemon), "tampered.bin", b"tampered weights")
     status, _ = call(
         daemon, "POST", "/v1/catalog/models", {"id": "tampered", "ref": bad_ref, "digest": digest}
     )
@@ -122,6 +129,7 @@ STRICT = """
 trust_policy = "strict"
 catalog_dir = "{dir}"
 signing_keys = {{ops = "s3cret"}}
+model_roots = ["{root}"]
 
 [[pools]]
 id = "signed"
@@ -136,7 +144,7 @@ model_ref = "{ref}"
 
 def test_strict_trust_and_catalog_survives_restart(tmp_path: Path) -> None:
     ref, digest = model_file(tmp_path, "signed.bin", b"signed weights")
-    cfg = STRICT.format(dir=tmp_path / "catalog", ref=ref)
+    cfg = STRICT.format(dir=tmp_path / "catalog", ref=ref, root=tmp_path)
     d = Daemon(tmp_path, cfg).start()
     try:
         # Uncatalogued: refused under strict trust.

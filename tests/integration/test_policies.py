@@ -104,9 +104,16 @@ def test_a_flood_from_one_key_does_not_starve_another(tmp_path: Path) -> None:
             status, body, _ = submit(d, max_tokens=10, deadline_ms=600_000)
             assert status == 202 and body["queue_position"] <= 8
             quiet.append(body["task_id"])
-        d.wait_log(lambda r: r.get("narration") == "placed" and r.get("task_id") == flood[-1], 60)
-        # The scheduler logs admissions and placements in the order it made them.
-        log = [(r["narration"], r["task_id"]) for r in d.lines
+        d.wait_log(
+            lambda r: (
+                r.get("narration") == "placed"
+                and r.get("task_id", "").partition("/")[2] == flood[-1]
+            ),
+            60,
+        )
+        # The scheduler logs admissions and placements in the order it made them (with the
+        # ids namespaced by key: <key id>/<task id>).
+        log = [(r["narration"], r["task_id"].partition("/")[2]) for r in d.lines
                if r.get("component") == "scheduler" and r.get("narration") in ("admitted", "placed")]  # fmt: skip
         placed = [t for n, t in log if n == "placed"]
         at_arrival = sum(1 for n, t in log[: log.index(("admitted", quiet[0]))] if n == "placed")

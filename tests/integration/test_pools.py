@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +17,9 @@ POOLS = """
 [server]
 restart_backoff_ms = 100
 restart_backoff_max_ms = 400
+
+[catalog]
+model_roots = ["{models}"]  # reloads to file: refs resolve only under it
 
 [[pools]]
 id = "pool-a"
@@ -57,7 +59,9 @@ model_ref = "file:/nonexistent/orchd-test-model.bin"
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(tmp_path_factory.mktemp("pools"), POOLS) as d:
+    workdir = tmp_path_factory.mktemp("pools")
+    (workdir / "models").mkdir()
+    with Daemon(workdir, POOLS.replace("{models}", str(workdir / "models"))) as d:
         yield d
 
 
@@ -146,9 +150,9 @@ def test_drain_ends_running_tasks_at_the_deadline_and_reload_brings_it_back(pool
 
 
 def test_failed_reload_is_409_and_the_old_model_keeps_serving(pools: Daemon) -> None:
-    status, body = post(
-        pools, "/v1/pools/pool-c/reload", {"new_model_ref": "file:/nonexistent/x.bin"}
-    )
+    not_a_model = pools.workdir / "models" / "a-directory"
+    not_a_model.mkdir(exist_ok=True)  # under the model roots, but no engine can load it
+    status, body = post(pools, "/v1/pools/pool-c/reload", {"new_model_ref": f"file:{not_a_model}"})
     assert status == 409 and body["code"] == "RELOAD_FAILED"
     assert "engine failed to start" in body["message"]
     assert started(pools, model_ref="mock:other")["pool_id"] == "pool-c"
@@ -158,8 +162,8 @@ def test_failed_reload_is_409_and_the_old_model_keeps_serving(pools: Daemon) -> 
     assert status == 404
 
 
-def test_reload_switches_model_atomically(pools: Daemon, tmp_path: Path) -> None:
-    weights = tmp_path / "model-v2.bin"
+def test_reload_switches_model_atomically(pools: Daemon) -> None:
+    weights = pools.workdir / "models" / "model-v2.bin"
     weights.write_bytes(b"weights of model v2" * 100)
     ref = f"file:{weights}"
     before = run_task(pools, model_ref="mock:other", seed=3, max_tokens=16)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from orchd.config import (
@@ -14,6 +16,8 @@ from orchd.config import (
     Runtime,
     effective_api_keys,
     is_loopback,
+    key_entry,
+    key_id,
     load,
     load_resolved,
     write_resolved,
@@ -251,3 +255,55 @@ def test_replica_engine_and_adapter_are_names(tmp_path: Path) -> None:
 def test_a_type_error_keeps_msgspecs_message() -> None:
     with pytest.raises(ConfigError, match=r"Expected `int`, got `str` - at `\$\.server\.port`"):
         load(env={"ORCHD_PORT": "eighty"})
+
+
+# ---------------------------------------------------------------- keys and roles (issue 13)
+
+
+@pytest.mark.parametrize("keys", ['[""]', '["  "]', '["ok", ""]', '[{key = " ", role = "client"}]'])
+def test_an_empty_or_blank_key_is_a_config_error(tmp_path: Path, keys: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'[server]\nhost = "0.0.0.0"\napi_keys = {keys}\n')
+    with pytest.raises(ConfigError, match="empty"):
+        load(str(f), env={})
+
+
+def test_a_bad_sha256_key_or_role_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\napi_keys = ["sha256:abc"]\n')
+    with pytest.raises(ConfigError, match="64 lowercase hex"):
+        load(str(f), env={})
+    f.write_text('[server]\napi_keys = [{key = "k", role = "root"}]\n')
+    with pytest.raises(ConfigError, match="role"):
+        load(str(f), env={})
+
+
+def test_keys_with_roles_hashes_and_a_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    digest = hashlib.sha256(b"c2").hexdigest()
+    keys.write_text(f"# tenants\nclient c1\nclient sha256:{digest}  # by hash\nadmin ops\n")
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[server]\nhost = "0.0.0.0"\n'
+        'api_keys = ["plain", {key = "t", role = "client", max_streams = 4}]\n'
+        f'api_keys_file = "{keys}"\n'
+    )
+    cfg = load(str(f), env={})
+    entries = [key_entry(k) for k in cfg.server.api_keys]
+    assert [(e.id, e.role) for e in entries] == [
+        (key_id("plain"), "admin"),
+        (key_id("t"), "client"),
+        (key_id("c1"), "client"),
+        (key_id("c2"), "client"),
+        (key_id("ops"), "admin"),
+    ]
+    assert entries[1].max_streams == 4
+    # The file's keys reach the resolved config (and so the other processes) only hashed.
+    assert "c1" not in msgspec.json.encode(cfg).decode().replace(key_id("c1"), "")
+
+
+def test_a_keys_file_line_without_a_role_is_an_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("just-a-key\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load(env={"ORCHD_API_KEYS_FILE": str(keys)})

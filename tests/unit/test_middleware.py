@@ -5,6 +5,7 @@ the fast routes taken for exactly the routes marked fast."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import re
@@ -19,7 +20,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchd.config import key_id
+from orchd.config import ApiKey, key_id
 from orchd.frontend.middleware import ApiKeys, CorrelationId, FastRoute, FastRoutes
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -228,7 +229,38 @@ def test_every_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(hmac, "compare_digest", counting)
     keys = ApiKeys(Inner(), ["k1", "k2", "k3"])
     assert call(keys, headers={"X-API-Key": "k1"}).status == 200  # matches the first
-    assert compared == [(b"k1", b"k1"), (b"k1", b"k2"), (b"k1", b"k3")]
+    d = {k: hashlib.sha256(k).digest() for k in (b"k1", b"k2", b"k3")}
+    assert compared == [(d[b"k1"], d[b"k1"]), (d[b"k1"], d[b"k2"]), (d[b"k1"], d[b"k3"])]
+
+
+def test_a_key_given_by_its_sha256_is_accepted_with_the_same_id() -> None:
+    inner = Inner()
+    hashed = "sha256:" + hashlib.sha256(b"secret").hexdigest()
+    keys = ApiKeys(inner, [ApiKey(hashed, "client")])
+    assert call(keys, headers={"X-API-Key": "secret"}).status == 200
+    assert inner.scopes[0]["state"]["api_key_id"] == key_id("secret") == key_id(hashed)
+    # The hash itself is not a key.
+    assert call(keys, headers={"X-API-Key": hashed}).status == 403
+
+
+def test_the_key_role_and_stream_cap_go_to_state() -> None:
+    inner = Inner()
+    keys = ApiKeys(inner, ["plain", ApiKey("c", "client", max_streams=3)])
+    call(keys, headers={"X-API-Key": "plain"})
+    call(keys, headers={"X-API-Key": "c"})
+    states = [s["state"] for s in inner.scopes]
+    assert [(s["api_key_role"], s["api_key_max_streams"]) for s in states] == [
+        ("admin", 0),  # a plain string key is an admin key
+        ("client", 3),
+    ]
+
+
+@pytest.mark.parametrize("given", ["", " ", "Bearer "])
+def test_an_empty_key_is_never_accepted(given: str) -> None:
+    header = {"Authorization": given} if given.startswith("Bearer") else {"X-API-Key": given}
+    # Even if an empty key slipped into the list, an empty key given never matches.
+    r = call(ApiKeys(Inner(), ["k1", ""]), headers=header)
+    assert r.status in (401, 403)
 
 
 # ---------------------------------------------------------------- FastRoutes
