@@ -70,12 +70,23 @@ def engines() -> Iterator[tuple[FakeEngine, FakeEngine]]:
 
 
 @pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The daemon's model root, holding the files a reload names (file: refs resolve only
+    under a root)."""
+    root = tmp_path_factory.mktemp("models")
+    for name in ("llama-v2.gguf", "tgi-v2.safetensors"):
+        (root / name).write_bytes(b"weights")
+    return root
+
+
+@pytest.fixture(scope="module")
 def daemon(
-    tmp_path_factory: pytest.TempPathFactory, engines: tuple[FakeEngine, FakeEngine]
+    tmp_path_factory: pytest.TempPathFactory, engines: tuple[FakeEngine, FakeEngine], models: Path
 ) -> Iterator[Daemon]:
+    roots = f'\n[catalog]\nmodel_roots = ["{models}"]\n'
     d = Daemon(
         tmp_path_factory.mktemp("http-engines"),
-        config(*engines),
+        config(*engines) + roots,
         env={"PYTHONPATH": ROOT},
     ).start()
     try:
@@ -156,7 +167,7 @@ def test_engine_started_from_a_command_is_restarted_after_it_dies(daemon: Daemon
 
 
 def test_reload_restarts_a_command_engine_on_the_new_model_and_refuses_an_external_one(
-    daemon: Daemon,
+    daemon: Daemon, models: Path
 ) -> None:
     def reload(pool: str, ref: str) -> tuple[int, dict[str, object]]:
         status, _, raw = sync_request(
@@ -169,11 +180,11 @@ def test_reload_restarts_a_command_engine_on_the_new_model_and_refuses_an_extern
         )
         return status, json.loads(raw)
 
-    status, body = reload("llama", "file:/models/llama-v2.gguf")
+    status, body = reload("llama", f"file:{models}/llama-v2.gguf")
     assert status == 409 and body["code"] == "RELOAD_FAILED"
     assert "no endpoint.command" in str(body["message"])
     assert run_task(daemon, engine="llamacpp", max_tokens=3).events[-1].event == "end"
-    ref = "file:/models/tgi-v2.safetensors"
+    ref = f"file:{models}/tgi-v2.safetensors"
     status, body = reload("tgi", ref)
     assert status == 200 and body["model_ref"] == ref
     s = run_task(daemon, engine="tgi", model_ref=ref, max_tokens=5, seed=4)

@@ -47,8 +47,15 @@ model_ref = "random:nope"
 
 
 @pytest.fixture(scope="module")
-def torchd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(tmp_path_factory.mktemp("torch"), CONFIG) as d:
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model root of the daemon below: file: refs resolve only under it."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def torchd(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[Daemon]:
+    roots = f'\n[catalog]\nmodel_roots = ["{models}"]\n'
+    with Daemon(tmp_path_factory.mktemp("torch"), CONFIG + roots) as d:
         yield d
 
 
@@ -123,8 +130,8 @@ def test_cancel_ends_the_stream_and_the_engine_serves_on(torchd: Daemon) -> None
     assert [e[-1].json["tokens_out"] for e in ends] == [8] * 8
 
 
-def test_reload_onto_a_model_directory_with_its_tokenizer(torchd: Daemon, tmp_path: Path) -> None:
-    model = save_tiny_model(tmp_path / "tiny-bpe")
+def test_reload_onto_a_model_directory_with_its_tokenizer(torchd: Daemon, models: Path) -> None:
+    model = save_tiny_model(models / "tiny-bpe")
     ref = f"file:{model}"
     status, _, raw = sync_request(
         torchd.host,
