@@ -45,9 +45,10 @@ class Profile:
     soak_s: float = 0.0  # 0: skipped
     arrivals: list[tuple[float, float]] = field(default_factory=list)  # (x capacity, burstiness)
     # openai: alternating native/OpenAI rounds (throughput and latency), and the LiteLLM load
-    oa_rounds: int = 2
+    oa_rounds: int = 3
     oa_lat_rounds: int = 1
-    ll_streams: int = 16  # LiteLLM streams ~450 tokens/s on this machine: keep requests short
+    # LiteLLM streams a few hundred tokens/s here: requests short enough to end in the window
+    ll_streams: int = 8
     ll_tokens: int = 100
 
 
@@ -62,7 +63,7 @@ PROFILES = {
         3,
         lat_duration_s=20.0,
         admit_duration_s=8.0,
-        oa_rounds=3,
+        oa_rounds=5,
         oa_lat_rounds=2,
         idle_s=60.0,
         scale_frontends=[1, 2, 4],

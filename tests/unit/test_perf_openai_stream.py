@@ -114,3 +114,25 @@ def test_conn_sees_an_error_frame() -> None:
     rec = _feed_conn([HEAD + _chunked(body)])
     assert rec.tokens == 1 and rec.errors == 1 and not rec.oa_done and rec.done
     assert b"boom" in rec.error_text
+
+
+def test_per_core_divides_by_the_named_roles_cpu() -> None:
+    from perf.oa_scenario import per_core
+
+    run = {
+        "token_events_per_s": 1000.0,
+        "server_cpu_pct_by_role": {"litellm": 40.0, "upstream": 8.0, "engine0": 2.0},
+    }
+    assert per_core(run) == pytest.approx(2000.0)
+    assert per_core(run, ("litellm",)) == pytest.approx(2500.0)
+    assert per_core({"token_events_per_s": 5.0, "server_cpu_pct_by_role": {}}) == 0.0
+
+
+def test_litellm_config_routes_the_model_to_the_upstream() -> None:
+    from perf.litellm import config_yaml
+
+    cfg = json.loads(config_yaml("mock:tiny", "http://127.0.0.1:9/v1"))  # JSON is YAML
+    (entry,) = cfg["model_list"]
+    assert entry["model_name"] == "mock:tiny"
+    assert entry["litellm_params"]["model"] == "openai/mock:tiny"
+    assert entry["litellm_params"]["api_base"] == "http://127.0.0.1:9/v1"
