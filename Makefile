@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench bench-full lint clean
+.PHONY: run test test-fast bench bench-full bench-openai lint clean
 
 # torch for the built-in engine's tests: 2.13.0 is the CPU build this machine keeps on disk
 # (pip takes it from there); on a GPU host, `make TORCH=torch` gets PyPI's CUDA build.
@@ -38,6 +38,11 @@ bench: $(BENCH_STAMP)
 
 bench-full: $(BENCH_STAMP)
 	$(BIN)/python -m perf.bench --profile full $(ARGS)
+
+# Issue 11: orchd's OpenAI routes against its native stream and against a LiteLLM proxy
+# (~2 min; the first run also creates perf/.venv-litellm from PyPI, a few minutes more).
+bench-openai: $(BENCH_STAMP)
+	$(BIN)/python -m perf.bench --profile quick --only openai $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchd engine_procs ipc tests perf

@@ -2,6 +2,8 @@
 
     make bench                        # quick profile, < 5 min on 2 cores
     make bench-full                   # the complete sweep, soak included
+    make bench-openai                 # issue 11: OpenAI routes vs native, vs LiteLLM
+    python -m perf.bench --api openai --only sweep,latency   # the scenarios via OpenAI routes
     python -m perf.bench --profile quick --only sweep,latency --sweep 64,256 --duration 4
     python -m perf.bench --coalesce-toml '[replica]
     stream_interval = 8'              # once orchd has a coalescing setting
@@ -24,7 +26,7 @@ import tomllib
 from dataclasses import replace
 from typing import Any
 
-from perf import resources
+from perf import oa_scenario, resources
 from perf.loadgen import LoadClient
 from perf.metrics import parse_slo
 from perf.plot import sweep_png
@@ -32,7 +34,10 @@ from perf.scenarios import PROFILES, Bench
 
 SCENARIOS = [
     "sweep", "coalesce", "latency", "admission", "arrivals", "idle", "scale", "memory", "soak",
+    "openai",
 ]  # fmt: skip
+# Run only when named (or with --api openai): it installs LiteLLM on first use (minutes).
+NOT_BY_DEFAULT = {"openai"}
 
 
 def machine() -> dict[str, Any]:
@@ -120,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="measurement window of each run (s)")
     ap.add_argument("--capacity", type=float, default=0.0, help="req/s for arrivals/soak")
     ap.add_argument("--soak", type=float, help="soak length (s); 0 skips it")
+    ap.add_argument(
+        "--api",
+        choices=["native", "openai"],
+        default="native",
+        help="openai: the stream scenarios drive orchd's /v1/chat/completions"
+        " (admission, memory and soak stay native), and the openai scenario runs",
+    )
+    ap.add_argument("--url", help="openai scenario: also drive this OpenAI-compatible base URL")
+    ap.add_argument("--url-key", default="dev", help="the bearer key for --url")
+    ap.add_argument("--url-model", default="mock:tiny", help="the model for --url")
     ap.add_argument("--out", default="perf/results")
     a = ap.parse_args(argv)
 
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = replace(prof, duration_s=a.duration, lat_duration_s=a.duration)
     if a.soak is not None:
         prof = replace(prof, soak_s=a.soak)
-    chosen = a.only.split(",") if a.only else list(SCENARIOS)
+    default = [s for s in SCENARIOS if s not in NOT_BY_DEFAULT or a.api == "openai"]
+    chosen = a.only.split(",") if a.only else default
     chosen = [s for s in chosen if s not in (a.skip or "").split(",")]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
@@ -149,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     print(f"orchd bench, profile {a.profile}, {git_rev()}; scenarios {','.join(chosen)}")
     print(f"machine: {mach['cores']} cores, {mach['cpu']}, Python {mach['python']}")
-    print(f"goodput SLO (ms): {slo}; client: {a.shards} processes; replicas: {a.replicas}")
+    print(f"goodput SLO (ms): {slo}; client: {a.shards} processes; replicas: {a.replicas}; "
+          f"api: {a.api}")  # fmt: skip
 
     errors: dict[str, str] = {}
     with LoadClient(a.shards) as client:
-        b = Bench(prof, client, slo, a.replicas, _coalesce(a.coalesce_toml))
+        b = Bench(
+            prof, client, slo, a.replicas, _coalesce(a.coalesce_toml), api=a.api, url=a.url,
+            url_key=a.url_key, url_model=a.url_model,
+        )  # fmt: skip
         steps = {
             "sweep": b.sweep,
             "coalesce": b.coalesced,
@@ -164,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": b.scale_out,
             "memory": lambda: resources.memory(b),
             "soak": lambda: resources.soak(b, _capacity(b, a.capacity)),
+            "openai": lambda: oa_scenario.run(b),
         }
         for name in chosen:
             t0 = time.monotonic()
@@ -182,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "orchd_rev": git_rev(),
         "machine": mach,
         "client_shards": a.shards,
+        "api": a.api,
         "goodput_slo_ms": slo,
         "headline": b.headline,
         "results": b.results,

@@ -21,6 +21,12 @@ MARK = b',"i":'
 ERROR = b"event: error\n"
 DONE = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body
 _STAMP = re.compile(rb'"t":"(\d+)"')
+# OpenAI streams: a chat chunk's content delta (a completion chunk's "text"), compact or with
+# the spaces of Python's json.dumps; the stamp is the whole delta text.
+OA_KEYS = {"chat": b"content", "completions": b"text"}
+OA_DONE = b"data: [DONE]"
+OA_ERROR = b'{"error"'
+_OA_STAMP = re.compile(rb'"(?:content|text)": ?"(\d+)"')
 # uvicorn closes a keep-alive connection idle for 5 s; a request sent on it just then gets
 # no answer (a ConnectionError). Reuse only connections idle for less than this, with room
 # for a loaded machine: the server's 5 s start when it has sent a response, ours when we
@@ -31,9 +37,12 @@ IDLE_REUSE_S = 2.0
 class StreamRec:
     """What one streamed response delivered: reads that carried tokens, and how it ended."""
 
-    __slots__ = ("reads", "counts", "tokens", "errors", "error_text", "done", "stamps", "_frag")
+    __slots__ = (
+        "reads", "counts", "tokens", "errors", "error_text", "done", "stamps", "_frag",
+        "deltas", "oa_done",
+    )  # fmt: skip
 
-    def __init__(self, stamps: array | None = None) -> None:
+    def __init__(self, stamps: array | None = None, deltas: DeltaCounter | None = None) -> None:
         self.reads = array("q")  # CLOCK_MONOTONIC ns of each read that carried >= 1 token
         self.counts = array("l")  # tokens in that read
         self.tokens = 0
@@ -43,14 +52,56 @@ class StreamRec:
         # Engine-emission stamps (mock engine with stamp_tokens): receipt - stamp, in us.
         self.stamps = stamps
         self._frag = b""
+        # An OpenAI stream: content deltas are the tokens, `data: [DONE]` the terminal frame.
+        self.deltas = deltas
+        self.oa_done = False
 
     def feed_stamps(self, now: int, data: bytes) -> None:
         assert self.stamps is not None
         buf = self._frag + data
         cut = buf.rfind(b"\n\n") + 2
         self._frag = buf[cut:]
-        for m in _STAMP.finditer(buf, 0, cut):
+        for m in (_STAMP if self.deltas is None else _OA_STAMP).finditer(buf, 0, cut):
             self.stamps.append((now - int(m.group(1))) // 1000)
+
+
+class DeltaCounter:
+    """Counts the non-empty content deltas of an OpenAI stream, read by read, with two
+    ``bytes.count`` calls and no JSON parsing.
+
+    A delta is the key pattern (``"content":"`` or ``"content": "``) followed by a character
+    other than ``"``: a JSON string holds no unescaped quote, so the pattern occurs only as a
+    key, and ``"content":""`` (a role or final chunk) carries nothing. A delta counts in the
+    read that brings its first character, so patterns split across reads count once. The
+    server's spacing is learnt from the first pattern seen (both are counted until then).
+    """
+
+    __slots__ = ("pats", "tail")
+    KEEP = 16  # bytes of the last read kept: more than the longest pattern
+
+    def __init__(self, key: bytes = b"content") -> None:
+        compact, spaced = b'"%s":"' % key, b'"%s": "' % key
+        self.pats: tuple[tuple[bytes, bytes], ...] = (
+            (compact, compact + b'"'),
+            (spaced, spaced + b'"'),
+        )
+        self.tail = b""
+
+    def feed(self, data: bytes) -> int:
+        w = self.tail + data
+        t = len(self.tail)
+        end = len(w) - 1  # a pattern at the very end waits for its next character
+        n = 0
+        for pat, empty in self.pats:
+            start = max(0, t - len(pat))  # matches before it counted with the last read
+            found = w.count(pat, start, end)
+            if found:  # (an empty delta is a pattern too: `found` counts it)
+                n += found - w.count(empty, start)
+                if len(self.pats) > 1:
+                    self.pats = ((pat, empty),)  # the server's spacing, from now on
+                    break
+        self.tail = w[-DeltaCounter.KEEP :]
+        return n
 
 
 class Conn(asyncio.Protocol):
@@ -131,6 +182,9 @@ class Conn(asyncio.Protocol):
         now = time.monotonic_ns()
         rec = self._rec
         assert rec is not None
+        if rec.deltas is not None:
+            self._openai_data(now, rec, data)
+            return
         tail = self._tail
         # Count each marker once: whole in this read, or straddling the previous one and this.
         n = data.count(MARK)
@@ -148,6 +202,30 @@ class Conn(asyncio.Protocol):
             if not rec.error_text:
                 i = data.find(ERROR)
                 rec.error_text = data[i : i + 300] if i >= 0 else b"event: error"
+        done = DONE in data or (tail and DONE in tail[-6:] + data[:6])
+        self._tail = data[-12:] if len(data) >= 12 else (tail + data)[-12:]
+        if done:
+            rec.done = True
+            self._finish(b"")
+
+    def _openai_data(self, now: int, rec: StreamRec, data: bytes) -> None:
+        assert rec.deltas is not None
+        n = rec.deltas.feed(data)
+        if n:
+            rec.reads.append(now)
+            rec.counts.append(n)
+            rec.tokens += n
+            self.counter[0] += n
+            if rec.stamps is not None:
+                rec.feed_stamps(now, data)
+        tail = self._tail
+        edge = tail + data[:12] if tail else b""
+        if OA_DONE in data or OA_DONE in edge:
+            rec.oa_done = True
+        if not rec.errors and (OA_ERROR in data or OA_ERROR in edge):
+            rec.errors = 1
+            i = data.find(OA_ERROR)
+            rec.error_text = data[i : i + 300] if i >= 0 else OA_ERROR
         done = DONE in data or (tail and DONE in tail[-6:] + data[:6])
         self._tail = data[-12:] if len(data) >= 12 else (tail + data)[-12:]
         if done:
@@ -231,8 +309,12 @@ class Pool:
         self.idle.clear()
 
 
-def request(method: str, path: str, host: str, key: str, body: bytes | None = None) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+def request(
+    method: str, path: str, host: str, key: str, body: bytes | None = None, bearer: bool = False
+) -> bytes:
+    """One request's bytes; ``bearer``: the key as ``Authorization: Bearer`` (OpenAI's way)."""
+    auth = f"Authorization: Bearer {key}" if bearer else f"X-API-Key: {key}"
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + (body or b"")

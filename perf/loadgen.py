@@ -13,6 +13,13 @@ never sees a lighter load than the window had. Then every connection is closed.
 
     python -m perf.loadgen --port 8080 --concurrency 64 --max-tokens 256 --duration 10
     python -m perf.loadgen --port 8080 --request-rate 200 --burstiness 0.5 --duration 10
+
+OpenAI-compatible servers (orchd's own routes, or any server by URL): one streamed
+``POST /v1/chat/completions`` per request; its content deltas are the tokens, TTFT runs to
+the first one, ``data: [DONE]`` ends it.
+
+    python -m perf.loadgen --api openai --port 8080 --concurrency 64 --max-tokens 256
+    python -m perf.loadgen --api openai --url http://127.0.0.1:4000/v1 --model mock:tiny --key sk-x
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import urllib.parse
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -166,9 +174,10 @@ def spec_fields(spec: LoadSpec) -> dict[str, Any]:
     d = asdict(spec)
     return {
         "date": time.strftime("%Y%m%d-%H%M%S"),
-        "endpoint_type": spec.target,
+        "endpoint_type": "openai-chat" if spec.api == "openai" else spec.target,
         "backend": spec.target,
-        "model_id": "mock:tiny",
+        "api": spec.api,
+        "model_id": spec.model,
         "tokenizer_id": None,
         "request_rate": spec.request_rate if spec.mode == "rate" else "inf",
         "burstiness": spec.burstiness,
@@ -185,7 +194,11 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--key", default="dev")
-    ap.add_argument("--target", choices=["orchd", "ceiling"], default="orchd")
+    ap.add_argument("--target", default="orchd", help="orchd | ceiling (native API); a label")
+    ap.add_argument("--api", choices=["native", "openai"], default="native")
+    ap.add_argument("--url", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:4000/v1")
+    ap.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    ap.add_argument("--model", default="mock:tiny", help="the OpenAI body's model")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--request-rate", type=float, default=0.0, help="0: closed loop")
     ap.add_argument("--burstiness", type=float, default=1.0)
@@ -199,15 +212,28 @@ def main() -> None:
     ap.add_argument("--goodput", nargs="*", help="SLOs as ttft:MS tpot:MS e2el:MS")
     ap.add_argument("--out", help="write the result JSON here")
     a = ap.parse_args()
+    path = "/v1"
+    if a.url:
+        u = urllib.parse.urlsplit(a.url)
+        if u.scheme != "http" or not u.hostname:
+            ap.error("--url takes a plain http:// base URL (the client speaks no TLS)")
+        a.host, a.port, a.api = u.hostname, u.port or 80, "openai"
+        path = u.path.rstrip("/") or ""
+        if a.target == "orchd":
+            a.target = "url"
+    if a.api == "openai" and a.admit_only:
+        ap.error("--admit-only is orchd's native POST /v1/tasks")
+    path += "/chat/completions" if a.endpoint == "chat" else "/completions"
     mode = "admit" if a.admit_only else ("rate" if a.request_rate > 0 else "closed")
     spec = LoadSpec(
         port=a.port, target=a.target, host=a.host, key=a.key, mode=mode,
         concurrency=a.concurrency if mode != "rate" or a.concurrency else 0,
         request_rate=a.request_rate, burstiness=a.burstiness, max_tokens=a.max_tokens,
         input_len=a.input_len, warmup_s=a.warmup, duration_s=a.duration, stamps=a.stamps,
+        api=a.api, path=path, model=a.model,
     )  # fmt: skip
     with LoadClient(a.shards) as client:
-        out = client.run(spec, f"{a.target} {mode}", parse_slo(a.goodput))
+        out = client.run(spec, f"{a.target} {a.api} {mode}", parse_slo(a.goodput))
     text = json.dumps(out, indent=2)
     if a.out:
         with open(a.out, "w") as f:

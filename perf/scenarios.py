@@ -44,6 +44,12 @@ class Profile:
     mem_streams: list[int] = field(default_factory=lambda: [1000])
     soak_s: float = 0.0  # 0: skipped
     arrivals: list[tuple[float, float]] = field(default_factory=list)  # (x capacity, burstiness)
+    # openai: alternating native/OpenAI rounds (throughput and latency), and the LiteLLM load
+    oa_rounds: int = 3
+    oa_lat_rounds: int = 1
+    # LiteLLM streams a few hundred tokens/s here: requests short enough to end in the window
+    ll_streams: int = 8
+    ll_tokens: int = 100
 
 
 PROFILES = {
@@ -57,6 +63,8 @@ PROFILES = {
         3,
         lat_duration_s=20.0,
         admit_duration_s=8.0,
+        oa_rounds=5,
+        oa_lat_rounds=2,
         idle_s=60.0,
         scale_frontends=[1, 2, 4],
         mem_streams=[1000, 2000, 4000],
@@ -89,6 +97,10 @@ class Bench:
         replicas: int = 2,
         coalesce: dict[str, Any] | None = None,
         say: Any = print,
+        api: str = "native",
+        url: str | None = None,
+        url_key: str = "dev",
+        url_model: str = "mock:tiny",
     ) -> None:
         self.p = profile
         self.client = client
@@ -96,6 +108,8 @@ class Bench:
         self.replicas = replicas
         self.coalesce = coalesce
         self.say = say
+        self.api = api  # "openai": the stream scenarios drive orchd's /v1/chat/completions
+        self.url, self.url_key, self.url_model = url, url_key, url_model
         self.results: dict[str, Any] = {}
         self.headline: list[dict[str, Any]] = []
 
@@ -158,10 +172,14 @@ class Bench:
             port=port, target=target, concurrency=conc, max_tokens=p.tokens,
             warmup_s=p.warmup_s, duration_s=p.duration_s,
         )  # fmt: skip
+        if target == "orchd" and self.api == "openai" and kw.get("mode", "closed") != "admit":
+            args["api"] = "openai"
         args.update(kw)
         return LoadSpec(**args)
 
     def run_orchd(self, o: Orchd, spec: LoadSpec, label: str) -> dict[str, Any]:
+        if spec.api == "openai" and "openai" not in label:
+            label += " (openai)"
         s = CpuSampler(o)
         r = self.client.run(spec, label, self.slo, hooks=s)
         r["label"] = label
@@ -172,7 +190,11 @@ class Bench:
         return r
 
     def run_plain(self, port: int, spec: LoadSpec, label: str, pid: int) -> dict[str, Any]:
-        s = CpuSampler(None, {pid: "ceiling"})
+        return self.run_pids(spec, label, {pid: "ceiling"})
+
+    def run_pids(self, spec: LoadSpec, label: str, pids: dict[int, str]) -> dict[str, Any]:
+        """A run against a server that is not orchd, its CPU per process (pid -> role)."""
+        s = CpuSampler(None, pids)
         r = self.client.run(spec, label, self.slo, hooks=s)
         r["label"] = label
         r["server_cpu_pct_by_role"] = s.by_role()

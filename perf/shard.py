@@ -19,14 +19,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from perf.http import Conn, Pool, StreamRec, request
+from perf.http import OA_KEYS, Conn, DeltaCounter, Pool, StreamRec, request
 from perf.metrics import Req, Window
 
 
 @dataclass
 class LoadSpec:
     port: int
-    target: str = "orchd"  # "orchd" | "ceiling"
+    target: str = "orchd"  # "orchd" | "ceiling" | a label (with api "openai": any server)
+    api: str = "native"  # "native": POST /v1/tasks + GET stream | "openai": one streamed POST
+    path: str = "/v1/chat/completions"  # api "openai": the route (chat or completions)
+    model: str = "mock:tiny"  # api "openai": the body's "model"
     host: str = "127.0.0.1"
     key: str = "dev"
     mode: str = "closed"  # "closed" | "rate" | "admit"
@@ -82,6 +85,18 @@ class Shard:
             "max_tokens": spec.max_tokens, "deadline_ms": 600000, "prompt": prompt,
         }  # fmt: skip
         self._body_head = json.dumps(fixed, separators=(",", ":"))[:-1] + ","
+        self.oa_key = OA_KEYS["completions" if spec.path.endswith("/v1/completions") else "chat"]
+        oa: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens, "stream": True}
+        if self.oa_key == b"text":
+            oa["prompt"] = prompt
+        else:
+            oa["messages"] = [{"role": "user", "content": prompt}]
+        self._oa_head = json.dumps(oa, separators=(",", ":"))[:-1] + ","
+
+    def _oa_post(self, seed: int) -> bytes:
+        s = self.spec
+        body = self._oa_head + f'"seed":{seed}}}'
+        return request("POST", s.path, s.host, s.key, body.encode(), bearer=True)
 
     def _post(self, tid: str, seed: int) -> bytes:
         # one session per task: a session holds at most 8 turns
@@ -109,47 +124,72 @@ class Shard:
                 conn.close()
                 return 0.0
             t_send = req.send_ns = time.monotonic_ns()
-            if s.target == "orchd" or s.mode == "admit":
-                n = next(self.ids)
-                tid = f"b{self.tag}-{n}"
-                status, headers, body = await conn.simple(self._post(tid, n))
-                req.admit_ns = time.monotonic_ns()
-                if status != 202:
-                    if status in (429, 503):
-                        if measured:
-                            self.win.rejected += 1
-                        ms = headers.get(b"x-backoff-ms", b"10")
-                        backoff = min(0.05, int(ms) / 1000.0) if ms.isdigit() else 0.01
-                    elif measured:
-                        self.win.failed += 1
-                        self.win.fail(f"POST {status} {_code(body)}")
-                    return backoff
-                if s.mode == "admit":
-                    req.ok = True
-                    req.first_ns = req.end_ns = req.admit_ns
+            if s.api == "openai" and s.mode != "admit":
+                # One request: the streamed POST is the whole exchange (TTFT from its write).
+                stamps = array("q") if s.stamps and measured else None
+                rec = StreamRec(stamps, DeltaCounter(self.oa_key))
+                self.recs.append(rec)
+                status, headers, body = await conn.stream(self._oa_post(next(self.ids)), rec)
+                req.end_ns = time.monotonic_ns()
+                if status in (429, 503):
                     if measured:
-                        self.win.reqs.append(req)
-                    if self.w0 <= req.end_ns < self.w1:
-                        self.win.completed += 1
-                    return 0.0
-                get = request("GET", f"/v1/tasks/{tid}/stream", s.host, s.key)
+                        self.win.rejected += 1
+                    ra = headers.get(b"retry-after", b"")
+                    backoff = 0.05 if ra.isdigit() else 0.01
+                    return backoff
+                req.ok = status == 200 and rec.oa_done and rec.errors == 0 and rec.tokens > 0
+                if not req.ok:
+                    why = (
+                        f"POST {status} {_code(body) or body[:80]!r}"
+                        if status != 200
+                        else f"error frame {rec.error_text[:120]!r}"
+                        if rec.errors
+                        else "stream cut short"
+                        if not rec.oa_done
+                        else "no token"
+                    )
             else:
-                get = self._ceiling_get
-            rec = StreamRec(array("q") if s.stamps and measured else None)
-            self.recs.append(rec)
-            status, _, body = await conn.stream(get, rec)
-            req.end_ns = time.monotonic_ns()
-            req.ok = status == 200 and rec.done and rec.errors == 0 and rec.tokens > 0
-            if not req.ok:
-                why = (
-                    f"GET {status} {_code(body)}"
-                    if status != 200
-                    else f"error event {_code(rec.error_text)}"
-                    if rec.errors
-                    else "stream cut short"
-                    if not rec.done
-                    else "no token"
-                )
+                if s.target == "orchd" or s.mode == "admit":
+                    n = next(self.ids)
+                    tid = f"b{self.tag}-{n}"
+                    status, headers, body = await conn.simple(self._post(tid, n))
+                    req.admit_ns = time.monotonic_ns()
+                    if status != 202:
+                        if status in (429, 503):
+                            if measured:
+                                self.win.rejected += 1
+                            ms = headers.get(b"x-backoff-ms", b"10")
+                            backoff = min(0.05, int(ms) / 1000.0) if ms.isdigit() else 0.01
+                        elif measured:
+                            self.win.failed += 1
+                            self.win.fail(f"POST {status} {_code(body)}")
+                        return backoff
+                    if s.mode == "admit":
+                        req.ok = True
+                        req.first_ns = req.end_ns = req.admit_ns
+                        if measured:
+                            self.win.reqs.append(req)
+                        if self.w0 <= req.end_ns < self.w1:
+                            self.win.completed += 1
+                        return 0.0
+                    get = request("GET", f"/v1/tasks/{tid}/stream", s.host, s.key)
+                else:
+                    get = self._ceiling_get
+                rec = StreamRec(array("q") if s.stamps and measured else None)
+                self.recs.append(rec)
+                status, _, body = await conn.stream(get, rec)
+                req.end_ns = time.monotonic_ns()
+                req.ok = status == 200 and rec.done and rec.errors == 0 and rec.tokens > 0
+                if not req.ok:
+                    why = (
+                        f"GET {status} {_code(body)}"
+                        if status != 200
+                        else f"error event {_code(rec.error_text)}"
+                        if rec.errors
+                        else "stream cut short"
+                        if not rec.done
+                        else "no token"
+                    )
         except (ConnectionError, OSError) as e:
             req.ok = False
             why = type(e).__name__
