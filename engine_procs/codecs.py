@@ -99,9 +99,12 @@ class OpenAICodec:
         frames = self._role_owed(run)
         token = self.shape.token
         if self.usage_mode != "continuous":
+            framed = self.shape.token_frame
+            seq = run.seq
             for tj in texts_json:
-                run.seq += 1
-                frames.append(oa.data_frame(run.seq, token(tj)))
+                seq += 1
+                frames.append(framed(seq, tj))
+            run.seq = seq
             return frames
         # Usage on every chunk counts the tokens up to that chunk's (one chunk per token, or
         # one for the text a stop scan released).

@@ -63,17 +63,22 @@ class ChunkShape:
             created,
             _json.encode(model),
         )
+        # A token's chunk carries only what clients read (logprobs, absent, means none).
         if kind == "chat":
             self.head = self.base + b',"choices":[{"index":0,"delta":{"content":'
-            self.tail = b'},"logprobs":null,"finish_reason":null}]'
+            self.tail = b'},"finish_reason":null}]'
         else:
             self.head = self.base + b',"choices":[{"index":0,"text":'
-            self.tail = b',"logprobs":null,"finish_reason":null}]'
+            self.tail = b',"finish_reason":null}]'
 
     def token(self, text_json: bytes, usage_json: bytes = b"") -> bytes:
         if usage_json:
             return b'%s%s%s,"usage":%s}' % (self.head, text_json, self.tail, usage_json)
         return b"%s%s%s}" % (self.head, text_json, self.tail)
+
+    def token_frame(self, seq: int, text_json: bytes) -> bytes:
+        """A token's whole SSE frame in one formatting step (the hot path)."""
+        return b"id: %d\ndata: %s%s%s}\n\n" % (seq, self.head, text_json, self.tail)
 
     def role(self, usage_json: bytes = b"") -> bytes:
         """A chat stream's first chunk: the assistant's role, no content yet."""
