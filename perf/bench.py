@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="measurement window of each run (s)")
     ap.add_argument("--capacity", type=float, default=0.0, help="req/s for arrivals/soak")
     ap.add_argument("--soak", type=float, help="soak length (s); 0 skips it")
+    ap.add_argument("--frontends", help="frontend counts of the scale-out runs, e.g. 1,2,4,8")
     ap.add_argument("--out", default="perf/results")
     a = ap.parse_args(argv)
 
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = replace(prof, duration_s=a.duration, lat_duration_s=a.duration)
     if a.soak is not None:
         prof = replace(prof, soak_s=a.soak)
+    if a.frontends:
+        prof = replace(prof, scale_frontends=[int(x) for x in a.frontends.split(",")])
     chosen = a.only.split(",") if a.only else list(SCENARIOS)
     chosen = [s for s in chosen if s not in (a.skip or "").split(",")]
     unknown = set(chosen) - set(SCENARIOS)
