@@ -50,14 +50,16 @@ bench-full: $(BENCH_STAMP)
 # prometheus-client, numpy, uvloop) lacks, as cp312 manylinux wheels in $(GPU_WHEELS).
 # `make gpu-check` runs there, with no venv and no network; OUT names the results folder.
 GPU_WHEELS ?= .gpu-wheels
+GPU_PY     ?= 3.12
 GPU_REQS   := uvicorn>=0.30 httptools>=0.6 starlette>=0.37 posix_ipc>=1.1 pyzmq>=25 \
-              psutil>=5.9 msgspec>=0.18 httpx>=0.27 pytest>=8 pytest-timeout>=2.3
+              psutil>=5.9 msgspec>=0.18 httpx>=0.27 pytest>=8 pytest-timeout>=2.3 \
+              pyyaml>=6 jsonschema>=4.20
 OUT        ?= gpu-check-results
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	$(PYTHON) -m pip download -q --dest $(GPU_WHEELS) --only-binary=:all: \
-	  --python-version 3.12 --implementation cp --abi cp312 \
+	  --python-version $(GPU_PY) --implementation cp --abi cp$(subst .,,$(GPU_PY)) \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 	  --platform manylinux_2_34_x86_64 $(foreach r,$(GPU_REQS),'$(r)')
 	@size=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS) | wc -l) wheels, $$size MiB"; \

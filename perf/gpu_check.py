@@ -45,7 +45,7 @@ BUDGET_S = 470.0  # the issue's 8 minutes, less the start and the write-up
 # folder holds these and their dependencies (Makefile: gpu-wheels).
 NEEDED = [
     "uvicorn", "starlette", "httptools", "posix_ipc", "zmq", "psutil", "msgspec", "httpx",
-    "pytest", "pytest_timeout",
+    "pytest", "pytest_timeout", "yaml", "jsonschema",
 ]  # fmt: skip
 HOST_HAS = ["torch", "transformers", "pynvml", "prometheus_client", "numpy", "uvloop"]
 TAIL_LINES = 40
@@ -186,7 +186,7 @@ def figures(cpu: bool, logs: Path, by_name: dict[str, Step]) -> tuple[dict[str, 
         targets.append(
             target(
                 "orchd_cost_pct (torch engine)",
-                t["orchd_cost_pct"],
+                round(t["orchd_cost_pct"], 2),
                 "< 3 %",
                 t["orchd_cost_pct"] < 3.0,
                 cpu,

@@ -12,6 +12,7 @@ count of the prompt's tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -66,7 +67,7 @@ def daemon(
     d.start()
     try:
         for engine in ENGINES:
-            d.wait_log(lambda r, e=engine: ready(r, REPLICA[e]), 60)
+            d.wait_log(functools.partial(ready, replica=REPLICA[engine]), 60)
         yield d
     finally:
         assert d.stop() == 0

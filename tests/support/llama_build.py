@@ -83,7 +83,15 @@ def build(jobs: int) -> Path:
         work = Path(tmp)
         print(f"llama.cpp: fetching llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (sdist)")
         spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:"]
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary=llama-cpp-python",
+        ]
         _run([*pip, "-d", str(work), spec], log)
         sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from perf import gpu_check
@@ -108,3 +109,23 @@ def test_gpu_figures_are_scored_against_the_issues_targets(tmp_path: Path) -> No
     # On the CPU rehearsal nothing is scored.
     _, rehearsal = gpu_check.figures(True, logs, steps)
     assert {t["met"] for t in rehearsal} == {None}
+
+
+def test_wheels_unpack_into_an_importable_folder(tmp_path: Path) -> None:
+    """The GPU host has no pip to spare and no network: a wheel is a zip of its import tree."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "gpucheckprobe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("gpucheckprobe/__init__.py", "VALUE = 42\n")
+        z.writestr("gpucheckprobe-1.0.dist-info/METADATA", "Name: gpucheckprobe\n")
+    site = tmp_path / "site"
+    assert gpu_check.unpack_wheels(wheels, site) == ["gpucheckprobe-1.0-py3-none-any.whl"]
+    out = subprocess.run(
+        [sys.executable, "-c", "import gpucheckprobe; print(gpucheckprobe.VALUE)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(site)},
+    )
+    assert out.stdout.strip() == "42"
+    assert gpu_check.missing_modules(["json", "gpucheckprobe_absent"]) == ["gpucheckprobe_absent"]
