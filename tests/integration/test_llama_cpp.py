@@ -237,6 +237,10 @@ def test_a_killed_server_ends_the_task_with_worker_reset_and_is_restarted(
     )
     wait_for(lambda: daemon.count_log(lambda r: ready(r, "llama")) > starts, 60, "a restart")
     assert engine_of(daemon, "llamacpp").proc.pid != eng.proc.pid
+    status, _, raw = sync_request(
+        daemon.host, daemon.port, "GET", "/v1/pools/llama/health", daemon.headers
+    )
+    assert status == 200 and "status -9" in json.loads(raw)["last_error"]  # SIGKILL, said so
     s = run_task(daemon, engine="llamacpp", model_ref=ref(llama_model), max_tokens=8, seed=2)
     assert len(texts(s.events)) == 8 and s.events[-1].json["reason"] == "length"
 
