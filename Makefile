@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench bench-full bench-openai lint clean
+.PHONY: run test test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
 
 # torch for the built-in engine's tests: 2.13.0 is the CPU build this machine keeps on disk
 # (pip takes it from there); on a GPU host, `make TORCH=torch` gets PyPI's CUDA build.
@@ -14,13 +14,19 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH)'
-	$(BIN)/python -m pip install -q -e '.[dev,torch]'
+	$(BIN)/python -m pip install -q -e '.[dev,torch,llama]'
 	touch $(STAMP)
+
+# A real llama.cpp server for the tests (tests/support/llama_build.py): built once per venv and
+# pinned version from llama-cpp-python's sdist into $(VENV)/llama.cpp/<version>/; about 10
+# minutes on 2 cores the first time, nothing after.
+llama-server: $(STAMP)
+	$(BIN)/python -m tests.support.llama_build
 
 run: $(STAMP)
 	$(BIN)/orchd serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) llama-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -30,7 +36,7 @@ test-fast: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[dev,torch,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,torch,llama,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -43,6 +49,29 @@ bench-full: $(BENCH_STAMP)
 # (~2 min; the first run also creates perf/.venv-litellm from PyPI, a few minutes more).
 bench-openai: $(BENCH_STAMP)
 	$(BIN)/python -m perf.bench --profile quick --only openai $(ARGS)
+
+# The GPU-host check (perf/gpu_check.py). `make gpu-wheels` runs beforehand, where there is a
+# network: what a GPU host (Python 3.12 with torch, transformers, nvidia-ml-py,
+# prometheus-client, numpy, uvloop) lacks, as cp312 manylinux wheels in $(GPU_WHEELS).
+# `make gpu-check` runs there, with no venv and no network; OUT names the results folder.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PY     ?= 3.12
+GPU_REQS   := uvicorn>=0.30 httptools>=0.6 starlette>=0.37 posix_ipc>=1.1 pyzmq>=25 \
+              psutil>=5.9 msgspec>=0.18 httpx>=0.27 pytest>=8 pytest-timeout>=2.3 \
+              pyyaml>=6 jsonschema>=4.20
+OUT        ?= gpu-check-results
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --dest $(GPU_WHEELS) --only-binary=:all: \
+	  --python-version $(GPU_PY) --implementation cp --abi cp$(subst .,,$(GPU_PY)) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_34_x86_64 $(foreach r,$(GPU_REQS),'$(r)')
+	@size=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS) | wc -l) wheels, $$size MiB"; \
+	  test $$size -lt 64 || { echo "$(GPU_WHEELS) is over 64 MiB" >&2; exit 1; }
+
+gpu-check:
+	perf/gpu_check.sh $(ARGS) $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchd engine_procs ipc tests perf

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="openai scenario: also drive this OpenAI-compatible base URL")
     ap.add_argument("--url-key", default="dev", help="the bearer key for --url")
     ap.add_argument("--url-model", default="mock:tiny", help="the model for --url")
+    ap.add_argument("--frontends", help="frontend counts of the scale-out runs, e.g. 1,2,4,8")
     ap.add_argument("--out", default="perf/results")
     a = ap.parse_args(argv)
 
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = replace(prof, duration_s=a.duration, lat_duration_s=a.duration)
     if a.soak is not None:
         prof = replace(prof, soak_s=a.soak)
+    if a.frontends:
+        prof = replace(prof, scale_frontends=[int(x) for x in a.frontends.split(",")])
     default = [s for s in SCENARIOS if s not in NOT_BY_DEFAULT or a.api == "openai"]
     chosen = a.only.split(",") if a.only else default
     chosen = [s for s in chosen if s not in (a.skip or "").split(",")]

@@ -10,6 +10,10 @@ import pytest
 
 from tests.support.sse import SyncStream
 
+# The real llama.cpp server's fixtures (llama_server, llama_model, llama_model_b,
+# llama_server_command), for any test that wants one: tests/support/llama.py.
+pytest_plugins = ["tests.support.llama"]
+
 
 @functools.cache
 def has_gpu() -> bool:

@@ -310,8 +310,26 @@ class OpenAI(Dialect):
 
 
 class Tgi(Dialect):
-    """``/generate_stream`` and the Messages API ``/v1/chat/completions`` (OpenAI chunks, as
-    ``ChatState::push`` in router/src/chat.rs writes them)."""
+    """TGI's ``POST /generate_stream``, which no CPU build lets us run here.
+
+    Imitated from huggingface/text-generation-inference (v3.3): each event is a
+    ``StreamResponse`` (router/src/lib.rs) ``{"index", "token": {"id", "text", "logprob",
+    "special"}, "generated_text", "details"}``; ``index`` counts events from 1 (``index += 1``
+    before each in ``generate_stream``, router/src/server.rs); the last event carries
+    ``generated_text`` and, when the request set ``parameters.details``, ``StreamDetails``
+    ``{"finish_reason": "length" | "eos_token" | "stop_sequence", "generated_tokens", "seed",
+    "input_length"}``. An end by EOS is the EOS token itself, ``special: true``. Errors are
+    ``ErrorResponse`` ``{"error", "error_type"}``; ``GET /info`` is ``Info`` (a subset here).
+    The events are written ``data:`` with no space, as axum's ``Event`` writes them.
+
+    Where the fake differs: ``token.id`` is the token's position, not a vocabulary id;
+    ``logprob`` is a constant; ``top_tokens`` is never sent (TGI omits it unless the request
+    sets ``top_n_tokens``); ``details.seed`` is null (TGI gives the seed it sampled with).
+    TGI's Messages API (``POST /v1/chat/completions``) is imitated too: OpenAI's chunk shape,
+    as ``ChatState::push`` in router/src/chat.rs writes it (``ChatCompletionChunk`` in
+    router/src/lib.rs, ``role`` in every delta, an EOS end reported as ``"stop"`` by
+    ``FinishReason::format``).
+    """
 
     def is_generate(self, path: str) -> bool:
         return path in ("/generate_stream", "/v1/chat/completions")
@@ -402,6 +420,24 @@ class Tgi(Dialect):
 
 
 class Triton(Dialect):
+    """Triton's generate extension, which no CPU build lets us run here.
+
+    Imitated from triton-inference-server/server docs/protocol/extension_generate.md:
+    ``POST /v2/models/{model}/generate_stream`` with ``{"text_input", "parameters"}`` (the
+    parameters are model-specific; ours are the TensorRT-LLM ensemble's names ``max_tokens``,
+    ``random_seed``, ``stream``); each SSE ``data:`` is ``{"model_name", "model_version",
+    "text_output"}``, an error ``{"error": "<message>"}`` (also after a 200 has begun the
+    stream). Readiness is KServe v2's ``GET /v2/health/ready`` and
+    ``GET /v2/models/{model}/ready`` (docs/protocol/ in the same repository); ``GET /v2``
+    gives ``name``, ``version`` and ``extensions``.
+
+    Where the fake differs: ``text_output`` is one token's text per event, as the TensorRT-LLM
+    ensemble streams it (a backend may instead send the text so far); the stream ends with no
+    finish reason, as Triton's does; ``num_input_tokens`` is sent only when the request sets
+    ``return_num_input_tokens`` (an optional input of triton-inference-server/vllm_backend's
+    src/model.py); model versions are not routed (``/versions/N`` is a 404 here).
+    """
+
     def is_generate(self, path: str) -> bool:
         return path == f"/v2/models/{MODEL}/generate_stream"
 

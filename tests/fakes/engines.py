@@ -12,6 +12,12 @@ vector. Faults are set when the fake is built and apply to every generation requ
 
 Run in-process (``await fake.start()``), in a thread (``fake.start_in_thread()``) or as a
 process: ``python -m tests.fakes.engines llamacpp --port N [--exit-after K]``.
+
+The ``llamacpp`` and ``openai`` dialects are also run against the real thing: a llama.cpp
+server built in the test suite (tests/integration/test_llama_cpp.py); their fakes stay for the
+faults a real server will not produce on demand. TGI and Triton have no CPU build we can
+install, so their fakes are all there is: the ``Tgi`` and ``Triton`` dialects cite the sources
+they imitate and say where they differ.
 """
 
 from __future__ import annotations
