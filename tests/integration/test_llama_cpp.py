@@ -37,7 +37,7 @@ INDEX = {"llamacpp": "0", "vllm": "1"}  # the replica's place in the config (sup
 LONG = SLOT_CTX - 64  # far more tokens than a stream runs before a test cancels or kills it
 
 
-def config(command: list[str], model: Path) -> str:
+def config(command: list[str], model: Path, roots: list[Path]) -> str:
     replicas = ""
     for engine in ENGINES:
         replicas += f"""
@@ -56,14 +56,22 @@ ready_timeout_s = 60
 [server]
 restart_backoff_ms = 20
 restart_backoff_max_ms = 100
+
+[catalog]
+model_roots = {json.dumps([str(r) for r in roots])}
 {replicas}"""
 
 
 @pytest.fixture(scope="module")
 def daemon(
-    tmp_path_factory: pytest.TempPathFactory, llama_server_command: list[str], llama_model: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    llama_server_command: list[str],
+    llama_model: Path,
+    llama_model_b: Path,
 ) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("llama-cpp"), config(llama_server_command, llama_model))
+    roots = [llama_model.parent, llama_model_b.parent]  # a reload names file: models there
+    cfg = config(llama_server_command, llama_model, roots)
+    d = Daemon(tmp_path_factory.mktemp("llama-cpp"), cfg)
     d.start()
     try:
         for engine in ENGINES:
@@ -271,3 +279,40 @@ def test_reload_starts_the_engine_on_another_gguf_and_back(
     assert reload(llama_model)["model_ref"] == ref(llama_model)
     assert engine_of(daemon, "llamacpp").get("/props")["model_path"] == str(llama_model)
     assert sample(daemon, "llamacpp", ref(llama_model), 9, prompt) == on_a
+
+
+# ---------------------------------------------------------------- the OpenAI routes through it
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_openai_routes_end_to_end(daemon: Daemon, llama_model: Path, engine: str) -> None:
+    """orchd's /v1/completions and /v1/chat/completions, driven by the official client, reach
+    the real server through each adapter; usage counts are the engine's own."""
+    import openai
+
+    # Both pools serve the same model: pin the pool so that each adapter is the one asked.
+    pin = {"placement": {"mode": "pin", "pin_pool_id": REPLICA[engine], "allow_fallback": False}}
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{daemon.port}/v1", api_key="dev", max_retries=0)
+    try:
+        model = f"file:{llama_model}"
+        assert model in [m.id for m in c.models.list()]
+        prompt = "the cat sat on"
+        r = c.completions.create(model=model, prompt=prompt, max_tokens=6, seed=5, extra_body=pin)
+        assert r.choices[0].text and r.choices[0].finish_reason == "length"
+        assert r.usage is not None and r.usage.completion_tokens == 6
+        assert r.usage.prompt_tokens == prompt_token_count(prompt)
+        streamed = c.completions.create(
+            model=model, prompt=prompt, max_tokens=6, seed=5, stream=True, extra_body=pin
+        )
+        assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+        chat = c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=4,
+            seed=5,
+            extra_body=pin,
+        )
+        assert chat.choices[0].message.content is not None
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+    finally:
+        c.close()
