@@ -78,6 +78,9 @@ class Launcher:
         try:
             if s.port:
                 probe = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
+                # SO_REUSEADDR (not SO_REUSEPORT): a live listener still refuses the bind,
+                # but the TIME-WAIT sockets a clean stop leaves behind do not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((s.host, s.port))
                 finally:

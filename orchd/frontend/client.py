@@ -26,6 +26,7 @@ from orchd.core.errors import Code, OrchdError
 
 REQUEST_TIMEOUT_S = 10.0
 SWEEP_S = 1.0
+RETRY_AFTER_MS = 1000  # advice to a client whose request the scheduler left unanswered
 
 Notice = p.Fence | p.StreamFail | p.StreamEnd | p.Release
 
@@ -135,7 +136,13 @@ class SchedulerClient:
         now = time.monotonic()
         for fut, deadline in list(self.pending.values()):
             if deadline <= now and not fut.done():
-                fut.set_exception(OrchdError(Code.INTERNAL, "the scheduler did not answer in time"))
+                # Retriable: the scheduler is paused or restarting, not broken for good.
+                err = OrchdError(
+                    Code.POOL_UNAVAILABLE,
+                    "the scheduler did not answer in time (it may be restarting); retry",
+                    retry_after_ms=RETRY_AFTER_MS,
+                )
+                fut.set_exception(err)
         self._timers[1] = self._loop.call_later(SWEEP_S, self._sweep)
 
     def _heartbeat(self) -> None:

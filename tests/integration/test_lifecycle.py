@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -77,3 +78,37 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert b"ring_bytes" in r.stderr
+
+
+def test_restarts_on_its_own_port_at_once(tmp_path: Path) -> None:
+    """A clean stop leaves the server's side of closed connections in TIME-WAIT; the next
+    orchd on the same port must start at once all the same (a systemd restart, a deploy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Daemon(tmp_path / "a", port=port).start()
+    # While it serves, a second orchd on its port is refused (no sharing by SO_REUSEPORT).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHD_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "orchd.cli", "serve", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and b"cannot bind" in r.stderr
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: orchd\r\n\r\n")
+    assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    assert first.stop() == 0  # it closes the kept-alive connection first: TIME-WAIT
+    client.close()
+    waiting = [
+        c
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT
+    ]
+    assert waiting, "the test needs a TIME-WAIT socket on the port"
+    second = Daemon(tmp_path / "b", port=port).start()
+    assert second.port == port
+    assert second.stop() == 0

@@ -30,7 +30,9 @@ class Daemon:
         frontends: int = 1,
         env: dict[str, str] | None = None,
         key: str = "dev",
+        port: int = 0,
     ) -> None:
+        self.want_port = port  # 0: any free port
         self.workdir = workdir
         self.config_path = workdir / "orchd.toml"
         self.config_path.write_text(config_toml)
@@ -52,7 +54,7 @@ class Daemon:
         cmd = [
             sys.executable, "-m", "orchd.cli", "serve",
             "--config", str(self.config_path),
-            "--port", "0",
+            "--port", str(self.want_port),
             "--frontends", str(self.frontends),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
