@@ -111,7 +111,7 @@ class Dialect(abc.ABC):
         return False
 
     def embed(self, fake: FakeEngine, body: dict[str, Any]) -> tuple[int, Any]:
-        raise NotImplementedError
+        raise AssertionError(f"the {type(self).__name__} fake serves no embeddings")
 
 
 class LlamaCpp(Dialect):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -31,8 +32,10 @@ class Daemon:
         env: dict[str, str] | None = None,
         key: str = "dev",
         port: int = 0,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
         self.want_port = port  # 0: any free port
+        self.nofile = nofile  # the open-file limit (soft, hard) orchd starts under
         self.workdir = workdir
         self.config_path = workdir / "orchd.toml"
         self.config_path.write_text(config_toml)
@@ -62,7 +65,7 @@ class Daemon:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             env=self.env,
-            preexec_fn=die_with_parent,  # a killed test run leaves no daemon behind
+            preexec_fn=self._preexec,  # a killed test run leaves no daemon behind
         )
         self.read_log()
         try:
@@ -76,6 +79,11 @@ class Daemon:
         self.port = int(url.rsplit(":", 1)[1])
         self.run_dir = ready["run_dir"]
         return self
+
+    def _preexec(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+        die_with_parent()
 
     def read_log(self) -> None:
         """Read the process's log lines as they come, in a thread."""
