@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from engine_procs.adapters.base import EngineRequest
 from ipc import protocol as p
 from ipc.frames import frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical
-from orchd.core.ownership import Stream
+from orchd.core.ownership import Ev, Stream, step
 
 if TYPE_CHECKING:
     from engine_procs.codecs import OpenAICodec
@@ -51,6 +53,53 @@ class Run:
     cost_per_token: float = 0.0
     kv_warm: bool = False
     codec: OpenAICodec | None = None  # the OpenAI routes' bytes; None: native frames
+
+    @classmethod
+    def dispatched(cls, msg: p.Dispatch, rid: int, now: float, engine: int) -> Run:
+        """A run of ``msg``'s task on ``engine``, streamed to whoever the dispatch names."""
+        run = cls(
+            msg.task.task_id,
+            rid,
+            msg.task,
+            now,
+            engine=engine,
+            t_metrics=now,
+            deadline_left_ms=msg.deadline_left_ms,
+            tokens_budget=msg.tokens_budget,
+            time_budget_ms=msg.time_budget_ms,
+            cost_budget=msg.cost_budget,
+            cost_per_token=msg.cost_per_token,
+            kv_warm=msg.kv_warm,
+        )
+        if msg.frontend >= 0:
+            run.frontend, run.slot = msg.frontend, msg.slot
+            if msg.provisional:
+                run.stream = step(Stream.NONE, Ev.OPEN)
+            else:
+                run.stream = step(step(Stream.NONE, Ev.SUBSCRIBE), Ev.ATTACH)
+        return run
+
+    def engine_request(self, seed: int) -> EngineRequest:
+        spec = self.spec
+        return EngineRequest(
+            self.rid,
+            spec.prompt or "",
+            seed,
+            spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            messages=spec.messages,
+            stop=spec.stop,
+            workload=spec.workload,
+            inputs=spec.inputs,
+        )
+
+    def timings(self, now: float) -> tuple[float, float, float]:
+        """(first token ms, decode ms, decode time ms) of this run ending now."""
+        first_ms = (self.t_first - self.t_start) * 1000.0 if self.tokens else 0.0
+        decode_ms = (now - self.t_start) * 1000.0
+        decode_time_ms = (self.t_last - self.t_first) * 1000.0 if self.tokens else 0.0
+        return first_ms, decode_ms, decode_time_ms
 
     def over_budget(self, now: float) -> str:
         """Which budget ran out, or ''."""
@@ -107,3 +156,24 @@ class Run:
             },
         )
         return artifact_id(doc), doc
+
+
+def recent_itl_ms(runs: Iterable[Run]) -> float:
+    """Recent per-token time across ``runs`` (a sample of the running ones), for on-time
+    estimates in `metrics` frames."""
+    spans = [(r.t_last - r.t_first) * 1000.0 / (r.tokens - 1) for r in runs if r.tokens > 1]
+    return sum(spans) / len(spans) if spans else 0.0
+
+
+def started_event(msg: p.Dispatch, replica: Replica, engine_version: str) -> dict[str, Any]:
+    """The data of a native stream's `started` event."""
+    return {
+        "queue_position": msg.queue_position,
+        "predicted_start_ms": msg.predicted_start_ms,
+        "engine": replica.engine,
+        "engine_version": engine_version,
+        "pool_id": replica.pool_id,
+        "replica_id": replica.id,
+        "sampler_profile_version": msg.task.sampler_profile_version,
+        "placement": msg.placement_reason,
+    }

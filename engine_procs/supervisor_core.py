@@ -9,31 +9,25 @@ Inputs come with ``now`` (seconds, any monotonic clock): the scheduler's message
 (:meth:`take`), ring records (:meth:`flush`) and the next deadline (:meth:`next_deadline`).
 The shell (``engine_procs/supervisor.py``) owns the sockets, the rings and the engines.
 
-Rules kept here:
-- every event of a task is encoded once as SSE bytes into its transcript, and into its
-  stream's outbox while a frontend is fed (``orchd/core/ownership.py`` says when);
-- coalescing (``stream_interval_tokens``): the first token goes at once, then every N tokens
-  or after ``stream_interval_ms``, whichever comes first;
-- one deadline heap for decode timeouts, time budgets, `metrics` frames and coalescing
-  releases; ended transcripts are kept ``transcript_retention_ms`` for a late subscriber;
-- budgets end a task with ``end {reason: budget}``; an engine death fails its tasks with
-  ``WORKER_RESET`` and restarts it with backoff and a circuit breaker;
-- every task that ran ends with one ``TaskEnded`` (canceled ones too, before the
-  ``AbortDone`` that answers the cancel); a reload brings a second engine up beside the
-  serving one, which finishes its tasks before it stops.
+Rules kept here: each event is encoded once into the transcript, and into the outbox while
+a frontend is fed (``orchd/core/ownership.py``); coalescing (the first token at once, then
+every N tokens or ``stream_interval_ms``); one deadline heap for decode timeouts, time
+budgets, `metrics` frames and coalescing releases; ended transcripts kept for late
+subscribers; budgets end a task with ``end {reason: budget}``; every task that ran ends with
+one ``TaskEnded`` (a canceled one before the ``AbortDone`` that answers the cancel). The
+replica's engines (restarts, reloads) are :mod:`engine_procs.supervisor_engines`.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from engine_procs.adapters.base import EngineRequest
 from engine_procs.codecs import OpenAICodec
-from engine_procs.runs import NO_ENGINE, Run
+from engine_procs.deadlines import DeadlineHeap
+from engine_procs.runs import NO_ENGINE, Run, recent_itl_ms, started_event
 from engine_procs.supervisor_effects import (
     Effect,
     Log,
@@ -50,7 +44,6 @@ from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step
 
-MIN_WAIT_S = 0.001  # a deadline is never set closer than this (no busy loop on a timer)
 RETENTION_SLACK_S = 5.0  # transcripts outlive the scheduler's retention by this much
 ITL_SAMPLE = 64  # runs sampled for the recent inter-token time
 
@@ -74,7 +67,7 @@ class SupervisorCore:
         self.ended_order: deque[Run] = deque()
         self.dirty: list[Run] = []
         self.direct: list[Record] = []  # records for no run (a replay of a lost transcript)
-        self.heap: list[tuple[float, int, Run]] = []  # (when, rid, run): next checks
+        self.checks = DeadlineHeap()  # each run's next check
         self.next_heartbeat = now + self.heartbeat_s
         self.rids = itertools.count(1)
         self.paused = False
@@ -129,45 +122,14 @@ class SupervisorCore:
 
     def dispatch(self, msg: p.Dispatch, now: float) -> None:
         spec = msg.task
-        run = Run(
-            spec.task_id,
-            next(self.rids),
-            spec,
-            now,
-            engine=self.engines.acquire(),
-            deadline_left_ms=msg.deadline_left_ms,
-            tokens_budget=msg.tokens_budget,
-            time_budget_ms=msg.time_budget_ms,
-            cost_budget=msg.cost_budget,
-            cost_per_token=msg.cost_per_token,
-            kv_warm=msg.kv_warm,
-        )
-        if msg.frontend >= 0:
-            run.frontend, run.slot = msg.frontend, msg.slot
-            if msg.provisional:
-                run.stream = step(Stream.NONE, Ev.OPEN)
-            else:
-                run.stream = step(step(Stream.NONE, Ev.SUBSCRIBE), Ev.ATTACH)
-        run.t_metrics = now
+        run = Run.dispatched(msg, next(self.rids), now, self.engines.acquire())
         self.queue_depth = msg.queue_depth
         self.runs[run.task_id] = run
         self.by_rid[run.rid] = run
         if self.engines.ready:
             # The engine first: its first token is the latency clients feel.
             seed = spec.seed if spec.seed is not None else self.random_seed()
-            req = EngineRequest(
-                run.rid,
-                spec.prompt or "",
-                seed,
-                spec.max_tokens,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                messages=spec.messages,
-                stop=spec.stop,
-                workload=spec.workload,
-                inputs=spec.inputs,
-            )
-            self.out.append(Submit(run.engine, req))
+            self.out.append(Submit(run.engine, run.engine_request(seed)))
         if spec.api != "native":
             run.codec = OpenAICodec(spec)
             first = run.codec.started(run)
@@ -176,23 +138,12 @@ class SupervisorCore:
             else:
                 self._mark(run)  # (nothing to send yet)
         else:
-            self._emit(run, frame("started", 0, self._started(msg)))
+            version = self.engines.version()
+            self._emit(run, frame("started", 0, started_event(msg, self.replica, version)))
         self._schedule(run, now)
         if not self.engines.ready:
             err = self.engines.worker_reset(f"is restarting: {self.engines.last_error}")
             self._fail(run, err, now, engine_done=True)  # (never submitted)
-
-    def _started(self, msg: p.Dispatch) -> dict[str, Any]:
-        return {
-            "queue_position": msg.queue_position,
-            "predicted_start_ms": msg.predicted_start_ms,
-            "engine": self.replica.engine,
-            "engine_version": self.engines.version(),
-            "pool_id": self.replica.pool_id,
-            "replica_id": self.replica.id,
-            "sampler_profile_version": msg.task.sampler_profile_version,
-            "placement": msg.placement_reason,
-        }
 
     def _find(self, task_id: str) -> Run | None:
         return self.runs.get(task_id) or self.ended.get(task_id)
@@ -382,15 +333,8 @@ class SupervisorCore:
         self.ended[run.task_id] = run
         self.ended_order.append(run)
 
-    def _timings(self, run: Run, now: float) -> tuple[float, float, float]:
-        """(first token ms, decode ms, decode time ms) of a run ending now."""
-        first_ms = (run.t_first - run.t_start) * 1000.0 if run.tokens else 0.0
-        decode_ms = (now - run.t_start) * 1000.0
-        decode_time_ms = (run.t_last - run.t_first) * 1000.0 if run.tokens else 0.0
-        return first_ms, decode_ms, decode_time_ms
-
     def _end(self, run: Run, reason: str, now: float, *, engine_done: bool = False) -> None:
-        first_ms, decode_ms, decode_time_ms = self._timings(run, now)
+        first_ms, decode_ms, decode_time_ms = run.timings(now)
         version = self.engines.version(run.engine)
         keep = self.cfg.artifacts.transcripts
         if run.codec is not None:  # OpenAI's shapes carry no artifact id: stored with its end
@@ -430,7 +374,7 @@ class SupervisorCore:
         )
 
     def _fail(self, run: Run, err: OrchdError, now: float, *, engine_done: bool = False) -> None:
-        first_ms, decode_ms, _ = self._timings(run, now)
+        first_ms, decode_ms, _ = run.timings(now)
         if run.codec is not None:
             self._emit(run, run.codec.error(run, err.envelope()))
         else:
@@ -494,16 +438,13 @@ class SupervisorCore:
         return at
 
     def _schedule(self, run: Run, now: float) -> None:
-        at = max(self._deadline(run), now + MIN_WAIT_S)
-        if run.check_at > now and run.check_at <= at:
-            return  # its live entry comes first and will reschedule
-        run.check_at = at
-        heapq.heappush(self.heap, (at, run.rid, run))
+        self.checks.schedule(run, self._deadline(run), now)
 
     def next_deadline(self) -> float:
         at = self.next_heartbeat
-        if self.heap:
-            at = min(at, self.heap[0][0])
+        check = self.checks.next_at()
+        if check is not None:
+            at = min(at, check)
         if self.ended_order:
             at = min(at, self.ended_order[0].ended_at + self.retention_s)
         return at
@@ -512,13 +453,9 @@ class SupervisorCore:
         if now >= self.next_heartbeat:
             self._send(p.Heartbeat())
             self.next_heartbeat = now + self.heartbeat_s
-        heap = self.heap
         itl: list[float] = []
-        while heap and heap[0][0] <= now:
-            at, _, run = heapq.heappop(heap)
-            if not run.ended and at == run.check_at:  # else: a stale entry
-                run.check_at = 0.0
-                self._check(run, now, itl)
+        for run in self.checks.due(now):
+            self._check(run, now, itl)
         while self.ended_order and now - self.ended_order[0].ended_at >= self.retention_s:
             gone = self.ended_order.popleft()
             if self.ended.get(gone.task_id) is gone:
@@ -544,16 +481,7 @@ class SupervisorCore:
         metrics_due = self.metrics_s > 0 and now >= run.t_metrics + self.metrics_s
         if metrics_due and run.stream in FED and run.codec is None:
             if not itl:
-                itl.append(self._itl_ms())
+                itl.append(recent_itl_ms(itertools.islice(self.runs.values(), ITL_SAMPLE)))
             run.t_metrics = now
             self._emit(run, run.metrics_frame(now, self.queue_depth, itl[0]))
         self._schedule(run, now)
-
-    def _itl_ms(self) -> float:
-        """Recent per-token time across (a sample of) running tasks, for on-time estimates."""
-        spans = [
-            (r.t_last - r.t_first) * 1000.0 / (r.tokens - 1)
-            for r in itertools.islice(self.runs.values(), ITL_SAMPLE)
-            if r.tokens > 1
-        ]
-        return sum(spans) / len(spans) if spans else 0.0

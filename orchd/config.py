@@ -479,32 +479,6 @@ def effective_api_keys(cfg: Config) -> list[str | ApiKey]:
     return list(cfg.server.api_keys) or ["dev"]
 
 
-class KeyEntry(msgspec.Struct, frozen=True):
-    """An accepted key as the frontend holds it: only its digest, never the secret."""
-
-    digest: bytes  # sha256 of the key
-    id: str  # key_id: what logs, metrics and the scheduler see
-    role: Role
-    max_streams: int  # 0 = limits.max_streams_per_key
-
-
-def key_entry(entry: str | ApiKey) -> KeyEntry:
-    role: Role = "admin"
-    if isinstance(entry, str):
-        key, streams = entry, 0
-    else:
-        key, role, streams = entry.key, entry.role, entry.max_streams
-    hashed = _SHA256.match(key)
-    digest = bytes.fromhex(key[7:]) if hashed else hashlib.sha256(key.encode()).digest()
-    return KeyEntry(digest, digest.hex()[:12], role, streams)
-
-
-def key_id(key: str | ApiKey) -> str:
-    """A non-secret, stable id for an API key: what logs, metrics and the scheduler see. A
-    key given as ``sha256:<hex>`` has the id of the key it is the hash of."""
-    return key_entry(key).id
-
-
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment a child process starts with: ours, plus ``extra``."""
     env = dict(os.environ)

@@ -18,9 +18,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchd.config import ApiKey, KeyEntry, key_entry
+from orchd.config import ApiKey
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
+from orchd.keys import KeyEntry, key_entry
 
 OPEN_PATHS = frozenset({"/metrics"})
 _MAX_CID = 128

@@ -26,7 +26,7 @@ from orchd import log
 from orchd.core.errors import Code, OrchdError, openai_error
 from orchd.frontend.http import JSON, read_body
 from orchd.frontend.openai_schema import parse
-from orchd.frontend.sse import SSEResponse
+from orchd.frontend.sse import SSEResponse, watch_disconnect
 from orchd.frontend.streams import Stream
 from orchd.frontend.tenancy import local_error, scoped
 
@@ -59,14 +59,7 @@ class BodyResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.stream
         loop = asyncio.get_running_loop()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            s.client_gone = True
-            s.wake()
-
-        watcher = loop.create_task(watch())
+        watcher = watch_disconnect(receive, s)
         try:
             while not s.terminal and not s.client_gone:
                 s.waiter = loop.create_future()

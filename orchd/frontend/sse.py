@@ -16,6 +16,19 @@ SSE_HEADERS = [
 ]
 
 
+def watch_disconnect(receive: Receive, s: Stream) -> asyncio.Task[None]:
+    """A task that marks ``s``'s client gone, and wakes its writer, when the client
+    disconnects; cancel it once the response is done."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            continue
+        s.client_gone = True
+        s.wake()
+
+    return asyncio.get_running_loop().create_task(watch())
+
+
 class SSEResponse:
     def __init__(
         self,
@@ -30,18 +43,7 @@ class SSEResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.stream
         loop = asyncio.get_running_loop()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        def gone(fut: asyncio.Future[None]) -> None:
-            if not fut.cancelled():
-                s.client_gone = True
-                s.wake()
-
-        watcher = loop.create_task(watch())
-        watcher.add_done_callback(gone)
+        watcher = watch_disconnect(receive, s)
         try:
             await send(
                 {
@@ -64,7 +66,5 @@ class SSEResponse:
                 s.waiter = loop.create_future()
                 await s.waiter
         finally:
-            watcher.remove_done_callback(gone)
-            if not watcher.done():
-                watcher.cancel()
+            watcher.cancel()
             self.on_done(s)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from orchd.config import CHAT_ADAPTERS, EMBEDDING_ADAPTERS, Config, Pool, key_id
+from orchd.config import CHAT_ADAPTERS, EMBEDDING_ADAPTERS, Config, Pool
 from orchd.core.catalog import Catalog
 from orchd.core.control import Control
 from orchd.core.placement import ReplicaView
 from orchd.core.pools import PoolState
 from orchd.core.scheduler import SchedulerCore
 from orchd.core.sessions import Limits, SessionTable
+from orchd.keys import key_id
 
 
 def _limits(tokens: int, time_ms: int, cost: float) -> Limits:

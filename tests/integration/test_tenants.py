@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchd.config import key_id
+from orchd.keys import key_id
 from tests.support.daemon import Daemon
 from tests.support.sse import SyncStream, sync_request
 from tests.support.tasks import task_body

@@ -16,12 +16,11 @@ from orchd.config import (
     Runtime,
     effective_api_keys,
     is_loopback,
-    key_entry,
-    key_id,
     load,
     load_resolved,
     write_resolved,
 )
+from orchd.keys import key_entry, key_id
 
 
 def test_defaults() -> None:

@@ -20,8 +20,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchd.config import ApiKey, key_id
+from orchd.config import ApiKey
 from orchd.frontend.middleware import ApiKeys, CorrelationId, FastRoute, FastRoutes
+from orchd.keys import key_id
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
