@@ -68,6 +68,8 @@ class SchedulerCore(StreamOps):
         self._fences: dict[int, str] = {}  # fence req id -> task id
         self._ended: deque[tuple[float, str]] = deque()  # (ended_ms, task id), for retention
         self._drain: tuple[str, int, float] | None = None  # (peer, req id, deadline ms)
+        # replica -> tasks it ran when taken as dead (failed then); aborted if it comes back
+        self._orphans: dict[str, list[str]] = {}
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -82,7 +84,7 @@ class SchedulerCore(StreamOps):
                 continue
             for rid in pool.replicas:
                 r = self.replicas[rid]
-                if r.ready:
+                if r.usable:
                     total += r.slots
                     free += r.free_slots
         return total, free
@@ -250,15 +252,28 @@ class SchedulerCore(StreamOps):
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> Out:
+        """Start every queued task that a replica can take now, in fair order. The queue looks
+        past a task that cannot be placed (orchd/core/queue.py), so it blocks nobody; what
+        did not fit is remembered per placement shape for this call, so a long queue of tasks
+        for a busy pool costs a dict lookup each, not a placement each."""
         out: Out = []
         chosen: dict[str, object] = {}
+        if not any(r.usable and r.free_slots > 0 for r in self.replicas.values()):
+            return out
+        misfits: set[tuple[object, ...]] = set()
 
         def fits(task_id: str, _: None) -> bool:
             t = self.tasks[task_id]
+            pl = t.spec.placement
+            shape = (tuple(t.pools), t.model_ref, repr(sorted(pl.items())) if pl else "")
+            if shape in misfits:
+                return False
             sess = self.sessions.sessions.get(t.spec.session_id)
             warm = sess.last_replica if sess is not None and t.spec.kv_hint != "cold" else ""
-            c = self.pools.choose(t.pools, t.model_ref, t.spec.placement, self.place, warm)
+            c = self.pools.choose(t.pools, t.model_ref, pl, self.place, warm)
             chosen["c"] = c
+            if c is None:
+                misfits.add(shape)
             return c is not None
 
         while True:
@@ -340,6 +355,8 @@ class SchedulerCore(StreamOps):
         r.engine_version = msg.engine_version
         r.last_error = msg.last_error
         r.ready = msg.ready
+        r.start_failures = msg.start_failures
+        r.circuit_open = msg.circuit_open
         if msg.ready:
             refusal = self.pools.accept_version(r, msg.engine_version)
             if refusal:
@@ -366,16 +383,44 @@ class SchedulerCore(StreamOps):
             for rid, tid in list(self._aborts.items()):
                 if tid in r.active:
                     del self._aborts[rid]
+            orphans = self._orphans.setdefault(r.id, [])
             for t in self.tasks.values():
                 if t.replica != r.id:
                     continue
                 if t.state is State.RUNNING:
                     self.fail_task(t, err, now, out)
+                    orphans.append(t.spec.task_id)
                 if t.replayable and t.stream is Stream.NONE:
                     t.replayable = False  # lost with the process
                     t.error = err
         elif peer.role == "frontend":
             out += self.frontend_lost(peer.frontend_index, now)
+        return out
+
+    def rejoined(self, replica_id: str, now: float) -> Out:
+        """The supervisor of ``replica_id``, taken as dead, is heard again (same process):
+        abort what it still runs of the tasks failed then, so their slots come free."""
+        orphans = self._orphans.pop(replica_id, [])
+        return [(sup(replica_id), p.Abort(0, tid, "worker_reset")) for tid in orphans]
+
+    def expire_queued(self, now: float) -> Out:
+        """A queued task whose ``deadline_ms`` (from its admission) has passed cannot meet it:
+        it ends with DEADLINE_UNMET and leaves the queue."""
+        out: Out = []
+        for tid in list(self.queue):
+            t = self.tasks[tid]
+            waited = now - t.enqueued_ms
+            if waited < t.spec.deadline_ms:
+                continue
+            err = p.ErrorInfo(
+                Code.DEADLINE_UNMET.value,
+                f"deadline_ms: {t.spec.deadline_ms} ms passed while the task waited in the "
+                f"queue (no replica of pool {', '.join(t.pools)} took it)",
+                engine=t.spec.engine or None,
+                pool_id=t.pools[0] if t.pools else None,
+            )
+            self.stats.bump(self.stats.rejected, (t.spec.engine, Code.DEADLINE_UNMET.value))
+            self.fail_task(t, err, now, out)
         return out
 
     # ------------------------------------------------------------------ shutdown and time
@@ -396,7 +441,7 @@ class SchedulerCore(StreamOps):
         return out
 
     def tick(self, now: float) -> Out:
-        out: Out = []
+        out: Out = self.expire_queued(now)
         keep = []
         while self._ended and self._ended[0][0] + self.retention_ms <= now:
             _, tid = self._ended.popleft()
