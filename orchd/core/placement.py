@@ -29,6 +29,7 @@ class ReplicaView:
     responsive: bool = True
     start_failures: int = 0  # its engine's failed starts in a row (0 once it is ready)
     circuit_open: bool = False  # its engine's restart circuit breaker is open
+    last_down: str = ""  # why its supervisor was last taken as dead (kept after it is back)
 
     @property
     def free_slots(self) -> int:

@@ -279,6 +279,16 @@ class Pools:
                 "version": p.version,
                 "reloading": p.reloading,
                 "gpus": [g for r in reps for g in r.gpus],
+                "replica_health": [
+                    {
+                        "replica_id": r.id,
+                        "live": r.connected and r.responsive,
+                        "ready": r.usable,
+                        "last_error": r.last_error or None,
+                        "last_down": r.last_down or None,
+                    }
+                    for r in reps
+                ],
             },
             "last_error": p.last_error or next((r.last_error for r in reps if r.last_error), None),
         }

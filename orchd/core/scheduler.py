@@ -373,7 +373,7 @@ class SchedulerCore(StreamOps):
                 return out
             r.ready = False
             r.connected = False
-            r.last_error = reason
+            r.last_error = r.last_down = reason
             err = p.ErrorInfo(
                 Code.WORKER_RESET.value,
                 f"engine supervisor for replica {r.id} died: {reason}",
@@ -397,10 +397,13 @@ class SchedulerCore(StreamOps):
             out += self.frontend_lost(peer.frontend_index, now)
         return out
 
-    def rejoined(self, replica_id: str, now: float) -> Out:
-        """The supervisor of ``replica_id``, taken as dead, is heard again (same process):
-        abort what it still runs of the tasks failed then, so their slots come free."""
+    def rejoined(self, replica_id: str, now: float, *, same_process: bool = True) -> Out:
+        """The supervisor of ``replica_id``, taken as dead, is heard again: the same process
+        has what it still runs of the tasks failed then aborted, so their slots come free
+        (a new process runs none of them)."""
         orphans = self._orphans.pop(replica_id, [])
+        if not same_process:
+            return []
         return [(sup(replica_id), p.Abort(0, tid, "worker_reset")) for tid in orphans]
 
     def expire_queued(self, now: float) -> Out:

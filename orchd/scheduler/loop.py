@@ -36,9 +36,9 @@ from orchd.telemetry.nvml import NvmlCollector
 TICK_S = 0.25
 SUPERVISOR_PREFIX = str(peers.supervisor(""))
 IDLE_TICK_S = 1.0
-# A gap between loop turns longer than this is the scheduler not running (the loop turns at
-# least every IDLE_TICK_S): that time is credited to every peer (orchd/core/liveness.py).
-STALL_MS = 2_000
+# A gap between loop turns longer than this is the scheduler not running (a turn polls for at
+# most IDLE_TICK_S): that time is credited to every peer (orchd/core/liveness.py).
+STALL_MS = 1_500
 # A supervisor silent for this many heartbeats gets no new task and is not ready in health,
 # well before it is taken as dead (server.peer_timeout_ms).
 UNRESPONSIVE_HEARTBEATS = 2.5
@@ -134,10 +134,11 @@ class SchedulerShell:
         poller.register(self.sock, zmq.POLLIN)
         next_tick = time.monotonic() + TICK_S
         while self.running:
-            self._woke()
             # Round up: a sub-millisecond timeout would poll(0) and spin until the tick.
             timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
-            if poller.poll(timeout_ms):
+            ready = poller.poll(timeout_ms)
+            self._woke()  # (a pause most often falls inside the poll)
+            if ready:
                 # Take everything that is waiting before the next tick; what supervisors
                 # report goes first (ROUTER queues each peer fairly, so a frontend's request
                 # made after a task's end could otherwise come before that end's report).
@@ -380,10 +381,10 @@ class SchedulerShell:
             if rep is not None and restarted and (rep.active or rep.ready):
                 # A new incarnation: whatever the old one ran is lost.
                 out += self.core.peer_down(peer, "supervisor restarted", now)
-            elif rep is not None and not known:
-                # Taken back (it was taken as dead, or this scheduler is new): what it still
-                # runs of the tasks failed when it was taken as dead is aborted.
-                out += self.core.rejoined(msg.replica_id, now)
+            if rep is not None and (restarted or not known):
+                # Taken back (it was taken as dead, or this scheduler is new): what the same
+                # process still runs of the tasks failed when it was taken as dead is aborted.
+                out += self.core.rejoined(msg.replica_id, now, same_process=not restarted)
             if rep is not None:
                 rep.connected = True
                 rep.responsive = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchd.core.watchdog import Watchdog
+from orchd.core.watchdog import START_LIMIT_S, Watchdog
 
 LEAD = "scheduler"
 
@@ -39,10 +39,19 @@ def test_a_child_the_leader_stopped_hearing_is_overdue_after_the_limit() -> None
     assert late.reason == "watchdog: alive but no heartbeat for 11.0s"
 
 
-def test_a_child_that_never_says_a_word_is_overdue_from_its_start() -> None:
+def test_a_child_that_never_says_a_word_is_overdue_after_the_start_limit() -> None:
     w = dog()
-    w.report({"fe0": 0}, 10.5)  # the leader never heard sup-r0
-    assert names(w, 10.5) == ["sup-r0"]
+    w.report({"fe0": 0}, 10.5)  # the leader never heard sup-r0: it may still be starting
+    assert names(w, 10.5) == []
+    w.report({"fe0": 0}, START_LIMIT_S + 0.5)
+    assert names(w, START_LIMIT_S + 0.5) == ["sup-r0"]
+
+
+def test_once_heard_a_child_has_the_plain_limit() -> None:
+    w = dog()
+    w.report({"sup-r0": 0, "fe0": 0}, 1.0)  # heard at 1.0
+    w.report({"sup-r0": 10_500, "fe0": 0}, 11.5)
+    assert names(w, 11.5) == ["sup-r0"]
 
 
 def test_a_silent_leader_is_killed_and_nobody_is_judged_on_its_stale_word() -> None:
@@ -52,17 +61,18 @@ def test_a_silent_leader_is_killed_and_nobody_is_judged_on_its_stale_word() -> N
     assert names(w, 11.1) == [LEAD]  # only the leader: the others' word came from it
 
 
-def test_a_restarted_child_gets_a_full_limit_again() -> None:
+def test_a_restarted_child_gets_the_start_limit_again() -> None:
     w = dog()
     w.report({"sup-r0": 0, "fe0": 0}, 1.0)
     w.exited("sup-r0")
     w.started("sup-r0", 20.0)
     # The leader still reports the old incarnation's age: the new one is judged from its start.
     w.report({"sup-r0": 19_000, "fe0": 0}, 20.0)
-    w.report({"sup-r0": 25_000, "fe0": 0}, 26.0)
-    assert names(w, 26.0) == []
-    w.report({"sup-r0": 31_000, "fe0": 0}, 31.0)
-    assert names(w, 31.0) == ["sup-r0"]
+    w.report({"sup-r0": 31_000, "fe0": 0}, 32.0)
+    assert names(w, 32.0) == []  # still starting
+    w.report({"sup-r0": 0, "fe0": 0}, 33.0)  # heard: now the plain limit applies
+    w.report({"sup-r0": 10_500, "fe0": 0}, 43.5)
+    assert names(w, 43.5) == ["sup-r0"]
 
 
 def test_an_exited_child_is_not_judged() -> None:
