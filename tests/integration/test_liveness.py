@@ -100,13 +100,14 @@ def test_a_paused_scheduler_judges_nobody_dead_and_serves_at_once(paused: Daemon
     d = paused
     assert run_task(d).events[-1].event == "end"
     before = dead_verdicts(d)
-    resumed = pause(d.find("orchd.scheduler.loop"), PAUSE_S)
-    s = run_task(d, max_tokens=20)
-    restored = time.monotonic() - resumed
-    assert s.events[-1].event == "end" and s.events[-1].json["tokens_out"] == 20
-    assert restored < RESTORED_S, f"service came back {restored:.2f}s after SIGCONT"
-    assert ready_replicas(d) == 2
-    assert dead_verdicts(d) == before, "a peer was taken as dead for the scheduler's own pause"
+    for _ in range(2):  # (where in its loop a pause lands varies: twice)
+        resumed = pause(d.find("orchd.scheduler.loop"), PAUSE_S)
+        s = run_task(d, max_tokens=20)
+        restored = time.monotonic() - resumed
+        assert s.events[-1].event == "end" and s.events[-1].json["tokens_out"] == 20
+        assert restored < RESTORED_S, f"service came back {restored:.2f}s after SIGCONT"
+        assert ready_replicas(d) == 2
+        assert dead_verdicts(d) == before, "a peer was taken as dead for the scheduler's pause"
     d.wait_log(lambda r: r.get("narration", "").startswith("the scheduler did not run"), 5)
     assert serves(d, "r0")
 
