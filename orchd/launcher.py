@@ -405,6 +405,19 @@ def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
     return removed
 
 
+def _orchd_alive(pid: int) -> bool:
+    """``pid`` runs, and is an ``orchd serve`` (a pid reused by another program is not)."""
+    if not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc to ask: trust the pid
+    named = any(a == b"orchd.cli" or os.path.basename(a) == b"orchd" for a in args)
+    return named and b"serve" in args
+
+
 def _run_dir_owner(run_dir: str) -> int | None:
     """The pid of the launcher that made ``run_dir`` (None: no readable pid file)."""
     try:
@@ -427,7 +440,7 @@ def reclaim_stale_run_dirs(tmp_dir: str) -> list[str]:
         if not name.startswith(RUN_DIR_PREFIX) or not os.path.isdir(path):
             continue
         pid = _run_dir_owner(path)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        if pid is None or pid == os.getpid() or _orchd_alive(pid):
             continue  # not ours to judge, or its orchd still runs
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -442,7 +455,7 @@ def reclaim_run_dir(run_dir: str) -> None:
     pid = _run_dir_owner(run_dir)
     if pid is None or pid == os.getpid():
         return
-    if _alive(pid):
+    if _orchd_alive(pid):
         raise ConfigError(f"server.run_dir {run_dir} is in use by the orchd launcher pid {pid}")
     for f in os.listdir(run_dir):
         if f.endswith((".sock", ".bell", ".json")) or f == PID_FILE:
