@@ -20,6 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 START_LIMIT_S = 30.0  # a child not heard yet since its start is killed after this long
+# The scheduler reports once per heartbeat, but an idle one turns its loop once a second
+# (orchd/scheduler/loop.py IDLE_TICK_S): a report may take that long.
+REPORT_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +37,11 @@ class Overdue:
 
 class Watchdog:
     def __init__(self, leader: str, limit_s: float, heartbeat_s: float) -> None:
-        if limit_s <= 2 * heartbeat_s:
+        floor_s = 2 * max(heartbeat_s, REPORT_EVERY_S)
+        if limit_s < floor_s:
             raise ValueError(
-                f"the watchdog limit ({limit_s * 1000:.0f} ms) must exceed two heartbeats "
-                f"({2 * heartbeat_s * 1000:.0f} ms): server.watchdog_ms > 2 * server.heartbeat_ms"
+                f"server.watchdog_ms ({limit_s * 1000:.0f}) must be at least two heartbeats "
+                f"and at least 2000: >= {floor_s * 1000:.0f} here"
             )
         self.leader = leader
         self.limit_s = limit_s

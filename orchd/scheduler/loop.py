@@ -35,7 +35,7 @@ from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
 SUPERVISOR_PREFIX = str(peers.supervisor(""))
-IDLE_TICK_S = 1.0
+IDLE_TICK_S = 1.0  # (the launcher's watchdog allows for it: orchd/core/watchdog.py)
 # A gap between loop turns longer than this is the scheduler not running (a turn polls for at
 # most IDLE_TICK_S): that time is credited to every peer (orchd/core/liveness.py).
 STALL_MS = 1_500

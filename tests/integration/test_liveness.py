@@ -156,6 +156,26 @@ def test_a_paused_supervisor_resets_its_streams_then_its_replica_comes_back(
         assert len(terminal(s)) == 1  # nothing after the error
 
 
+def test_a_paused_frontend_is_taken_back_when_it_speaks_again(paused: Daemon) -> None:
+    """A frontend taken as dead for a pause is asked to say hello on its next heartbeat and
+    taken back: it serves at once, and the scheduler counts it again."""
+    d = paused
+    fe = d.find("orchd.frontend.main")
+    before = d.count_log(lambda r: r.get("narration") == "peer rejoined" and r.get("peer") == "fe0")
+    resumed = pause(fe, PAUSE_S)
+    s = run_task(d, max_tokens=5)
+    restored = time.monotonic() - resumed
+    assert s.events[-1].event == "end" and restored < RESTORED_S
+    wait_for(
+        lambda: (
+            d.count_log(lambda r: r.get("narration") == "peer rejoined" and r.get("peer") == "fe0")
+            > before
+        ),
+        RESTORED_S,
+        "the scheduler to take the frontend back",
+    )
+
+
 # ---------------------------------------------------------------- the launcher's watchdog
 
 

@@ -82,6 +82,9 @@ def test_an_exited_child_is_not_judged() -> None:
     assert names(w, 30.0) == []
 
 
-def test_the_limit_must_exceed_two_heartbeats() -> None:
+def test_the_limit_must_cover_two_reports() -> None:
     with pytest.raises(ValueError, match="watchdog_ms"):
-        Watchdog(LEAD, 2.0, heartbeat_s=1.0)
+        Watchdog(LEAD, 5.0, heartbeat_s=3.0)
+    with pytest.raises(ValueError, match="watchdog_ms"):
+        Watchdog(LEAD, 1.5, heartbeat_s=0.2)  # an idle scheduler reports once a second
+    Watchdog(LEAD, 2.0, heartbeat_s=0.2)
