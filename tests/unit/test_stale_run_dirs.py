@@ -12,6 +12,7 @@ import pytest
 
 from orchd.config import ConfigError
 from orchd.launcher import PID_FILE, reclaim_run_dir, reclaim_stale_run_dirs
+from tests.support.wait import wait_for
 
 
 def dead_pid() -> int:
@@ -36,6 +37,8 @@ def _reader(*args: str) -> Iterator[int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stdin.read()", *args], stdin=subprocess.PIPE
     )
+    want = "\0".join(args).encode()
+    wait_for(lambda: want in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, "its exec")
     yield proc.pid
     assert proc.stdin is not None
     proc.stdin.close()
