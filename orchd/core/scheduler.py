@@ -2,8 +2,9 @@
 
 Every entry point takes a message (and ``now`` in ms) and returns the messages to send, as
 ``(peer, message)`` pairs. The shell (``orchd/scheduler/loop.py``) only moves bytes.
-Who streams a task and how cancels are answered is ``orchd/core/streams.py``; control-plane
-operations (pools, sessions, catalog) are ``orchd/core/control.py``.
+Who streams a task and how cancels are answered is ``orchd/core/streams.py``; what becomes of
+queued tasks past their deadline and of a replica taken back, ``orchd/core/liveness_ops.py``;
+control-plane operations (pools, sessions, catalog) are ``orchd/core/control.py``.
 
 Peers are named ``fe<N>`` (frontend N), ``sup-<replica id>`` and ``launcher``.
 """
@@ -18,6 +19,7 @@ from ipc.peers import Peer
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
+from orchd.core.liveness_ops import LivenessOps
 from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
@@ -27,7 +29,7 @@ from orchd.core.streams import StreamOps
 from orchd.core.tasks import Out, State, Stats, Task, sup
 
 
-class SchedulerCore(StreamOps):
+class SchedulerCore(StreamOps, LivenessOps):
     def __init__(
         self,
         replicas: list[ReplicaView],
@@ -395,35 +397,6 @@ class SchedulerCore(StreamOps):
                     t.error = err
         elif peer.role == "frontend":
             out += self.frontend_lost(peer.frontend_index, now)
-        return out
-
-    def rejoined(self, replica_id: str, now: float, *, same_process: bool = True) -> Out:
-        """The supervisor of ``replica_id``, taken as dead, is heard again: the same process
-        has what it still runs of the tasks failed then aborted, so their slots come free
-        (a new process runs none of them)."""
-        orphans = self._orphans.pop(replica_id, [])
-        if not same_process:
-            return []
-        return [(sup(replica_id), p.Abort(0, tid, "worker_reset")) for tid in orphans]
-
-    def expire_queued(self, now: float) -> Out:
-        """A queued task whose ``deadline_ms`` (from its admission) has passed cannot meet it:
-        it ends with DEADLINE_UNMET and leaves the queue."""
-        out: Out = []
-        for tid in list(self.queue):
-            t = self.tasks[tid]
-            waited = now - t.enqueued_ms
-            if waited < t.spec.deadline_ms:
-                continue
-            err = p.ErrorInfo(
-                Code.DEADLINE_UNMET.value,
-                f"deadline_ms: {t.spec.deadline_ms} ms passed while the task waited in the "
-                f"queue (no replica of pool {', '.join(t.pools)} took it)",
-                engine=t.spec.engine or None,
-                pool_id=t.pools[0] if t.pools else None,
-            )
-            self.stats.bump(self.stats.rejected, (t.spec.engine, Code.DEADLINE_UNMET.value))
-            self.fail_task(t, err, now, out)
         return out
 
     # ------------------------------------------------------------------ shutdown and time
