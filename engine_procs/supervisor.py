@@ -113,6 +113,7 @@ class Supervisor:
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block; bounded by the slots
         sock.setsockopt(zmq.RCVHWM, 0)
         self.line = Line(sock, self._on_frame, on_error=self._line_failed)
+        self.hello = p.Hello("supervisor", str(self.peer), os.getpid(), replica_id=self.replica.id)
         self.engines: dict[int, EngineAdapter] = {}
         self.stopping = asyncio.Event()
         self._flush_scheduled = False
@@ -126,7 +127,10 @@ class Supervisor:
     # ---------------------------------------------------------------- inputs
 
     def _on_frame(self, data: bytes) -> None:
-        self.core.on_message(p.decode(data), _now())
+        msg = p.decode(data)
+        if isinstance(msg, p.Rehello):
+            self.line.send(p.encode(self.hello))  # before the core's re-announcement
+        self.core.on_message(msg, _now())
         self.apply()
         self.kick()
 
@@ -285,8 +289,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         self.line.sock.connect(self.rt.scheduler_addr)
         self.line.start()
-        hello = p.Hello("supervisor", str(self.peer), os.getpid(), replica_id=self.replica.id)
-        self.line.send(p.encode(hello))
+        self.line.send(p.encode(self.hello))
         self.core.start()
         self.flush()
         freeze_startup_heap()

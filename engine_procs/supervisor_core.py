@@ -116,6 +116,11 @@ class SupervisorCore:
                 self.engines.commit(msg.req_id)
             case p.ReloadAbort():
                 self.engines.abort_reload(msg.req_id)
+            case p.Rehello():
+                # The scheduler does not know us (it took us as dead, or it is new): the shell
+                # has said hello again; re-announce the replica.
+                self._log("warning", "scheduler asked us to introduce ourselves again")
+                self.engines.status()
             case p.Welcome(accepted=False):
                 self._log("error", "scheduler refused us", reason=msg.reason)
                 self.out.append(Stop(f"scheduler refused us: {msg.reason}"))

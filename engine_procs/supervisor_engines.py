@@ -62,8 +62,20 @@ class EngineSet:
         return eng.version if eng is not None else self.engines[self.current].version
 
     def status(self) -> None:
-        r = self.replica
-        msg = p.ReplicaStatus(r.id, self.ready, r.engine, self.version(), self.last_error)
+        """Tell the scheduler the replica's whole state (also what a scheduler that forgot
+        this replica needs to take it back)."""
+        r, policy = self.replica, self.policy
+        msg = p.ReplicaStatus(
+            r.id,
+            self.ready,
+            r.engine,
+            self.version(),
+            self.last_error,
+            model_ref=r.model_ref,
+            slots=r.slots,
+            start_failures=0 if self.ready else policy.failures,
+            circuit_open=policy.open,
+        )
         self.out.append(Send(msg))
 
     def worker_reset(self, what: str) -> OrchdError:

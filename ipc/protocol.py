@@ -337,6 +337,18 @@ class ReplicaStatus(_Msg):
     engine: str
     engine_version: str
     last_error: str = ""
+    # Appended (older peers omit them): what a scheduler that forgot this replica needs.
+    model_ref: str = ""  # the model it serves now (a reload changes it)
+    slots: int = 0
+    start_failures: int = 0  # failed starts in a row: > 0 and not ready = cannot load
+    circuit_open: bool = False  # its engine's restart circuit breaker is open
+
+
+class Rehello(_Msg):
+    """Scheduler -> frontend or supervisor: "I don't know you, introduce yourself". Sent when
+    a message comes from a peer the scheduler does not know (it declared it dead after a
+    stall, or the scheduler itself is new). The peer answers with its ``Hello``; a supervisor
+    then re-announces its replica's state with ``ReplicaStatus``."""
 
 
 class TaskEnded(_Msg):
@@ -365,6 +377,14 @@ class DrainAll(_Msg):
 class ClusterReady(_Msg):
     frontends: int
     replicas: int
+
+
+class PeersSeen(_Msg):
+    """Scheduler -> launcher, every heartbeat: how long ago (ms of the scheduler's own waking
+    time) it last heard from each peer. The launcher's watchdog judges the other children by
+    it, and the scheduler by the report's arrival."""
+
+    ages_ms: dict[str, int]
 
 
 Message = (
@@ -406,6 +426,8 @@ Message = (
     | PeerDown
     | DrainAll
     | ClusterReady
+    | Rehello
+    | PeersSeen
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -145,6 +145,7 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     restart_backoff_max_ms: int = 5_000
     heartbeat_ms: int = 2_000  # a backup: the launcher sees a dead child at once
     peer_timeout_ms: int = 10_000
+    watchdog_ms: int = 30_000  # a child alive but unheard this long is killed and restarted
     # "auto": one replica per GPU that NVML finds, each a copy of the first [[replicas]]
     # entry with devices set to that GPU ("" = the replicas exactly as configured).
     gpus: GpuMode = ""

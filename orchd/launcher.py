@@ -7,6 +7,13 @@ Ctrl-C reaches only the launcher) and with a parent-death signal (so nothing out
 launcher killed with -9). When to restart a child that died is orchd's one restart rule
 (:class:`orchd.core.restart.RestartGroup`): exponential backoff and a circuit breaker per child,
 and if the scheduler dies, every child is restarted with it, since the others' state hangs on it.
+A child alive but silent past ``server.watchdog_ms`` (:class:`orchd.core.watchdog.Watchdog`:
+the scheduler is heard on the launcher's own link, the others through the scheduler's
+``PeersSeen`` reports) is killed with SIGKILL and so restarted by the same rule.
+
+A launcher killed with SIGKILL cannot clean up: the next start removes what it left (its rings
+in /dev/shm, its run directory under the temp dir, or the sockets in a configured run_dir),
+once the pid in the run directory's ``launcher.pid`` is gone.
 """
 
 from __future__ import annotations
@@ -35,9 +42,13 @@ from ipc.ring import HEADER_BYTES, create_ring, shm_free_bytes, unlink_ring
 from orchd import log
 from orchd.config import Config, ConfigError, Resolved, Runtime, child_env, write_resolved
 from orchd.core.restart import RestartGroup, RestartPolicy
+from orchd.core.watchdog import Watchdog
 from orchd.telemetry.gpus import expand_gpus
 
 LEADER = "scheduler"  # every other child restarts with it
+WATCH_S = 0.5  # the watchdog is checked at least this often
+PID_FILE = "launcher.pid"  # in the run directory: whose it is (stale once that pid is gone)
+RUN_DIR_PREFIX = "orchd-"  # of run directories made under the temp dir
 
 
 @dataclass
@@ -57,6 +68,12 @@ class Launcher:
         self.stopping = False
         self.guard: socket.socket | None = None
         self.group: RestartGroup | None = None  # made with the children, in prepare()
+        try:
+            s = cfg.server
+            self.watchdog = Watchdog(LEADER, s.watchdog_ms / 1000.0, s.heartbeat_ms / 1000.0)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.killed: dict[str, str] = {}  # child -> why the watchdog killed it
 
     # ---------------------------------------------------------------- set-up
 
@@ -64,6 +81,7 @@ class Launcher:
         cfg = self.cfg
         s, lim = cfg.server, cfg.limits
         reclaim_stale_rings()
+        reclaim_stale_run_dirs(tempfile.gettempdir())
         nrings = len(cfg.replicas) * s.frontends
         need = nrings * (lim.ring_bytes + HEADER_BYTES)
         free = shm_free_bytes()
@@ -92,10 +110,13 @@ class Launcher:
         if s.run_dir:
             os.makedirs(s.run_dir, mode=0o700, exist_ok=True)
             run_dir = s.run_dir
+            reclaim_run_dir(run_dir)
         else:
-            run_dir = tempfile.mkdtemp(prefix="orchd-")
+            run_dir = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
             self.made_run_dir = True
         self.run_dir = run_dir
+        with open(os.path.join(run_dir, PID_FILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
         tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         rt = Runtime(run_dir=run_dir, tag=tag, scheduler_addr=f"ipc://{run_dir}/scheduler.sock")
         for ri in range(len(cfg.replicas)):
@@ -143,6 +164,7 @@ class Launcher:
             log.error("child failed to start", child=c.name, error=str(e), **_retry(group, c, now))
             return
         group.started(c.name, now)
+        self.watchdog.started(c.name, now)
         log.info("started child", child=c.name, pid=c.proc.pid)
 
     # ---------------------------------------------------------------- running
@@ -177,6 +199,7 @@ class Launcher:
                         os.read(rfd, 4096)
                 if sock in events:
                     self._on_message(sock, res)
+                self._watch()
                 self._reap(sock)
                 self._restart_due()
             self._drain(sock, poller)
@@ -198,8 +221,8 @@ class Launcher:
     def _next_timeout_ms(self) -> int:
         due = self.group.next_due() if self.group is not None else None
         if due is None:
-            return 1000
-        return max(0, int((due - time.monotonic()) * 1000))
+            return int(WATCH_S * 1000)
+        return max(0, min(int(WATCH_S * 1000), int((due - time.monotonic()) * 1000)))
 
     def _on_message(self, sock: zmq.Socket[bytes], res: Resolved) -> None:
         while True:
@@ -208,9 +231,15 @@ class Launcher:
             except zmq.Again:
                 return
             for frame in frames:
-                self._on_notice(p.decode(frame), res)
+                self._on_notice(p.decode(frame), res, sock)
 
-    def _on_notice(self, msg: p.Message, res: Resolved) -> None:
+    def _on_notice(self, msg: p.Message, res: Resolved, sock: zmq.Socket[bytes]) -> None:
+        if isinstance(msg, p.PeersSeen):
+            self.watchdog.report(msg.ages_ms, time.monotonic())
+            return
+        if isinstance(msg, p.Rehello):  # a scheduler that does not know us (a new one)
+            sock.send(p.encode(p.Hello("launcher", "launcher", os.getpid())))
+            return
         if not isinstance(msg, p.ClusterReady):
             return
         s = self.cfg.server
@@ -228,6 +257,24 @@ class Launcher:
                 "(loopback only); set ORCHD_API_KEYS for anything else"
             )
 
+    def _watch(self) -> None:
+        """Kill every child alive but silent past the watchdog limit (reaped, restarted)."""
+        for late in self.watchdog.overdue(time.monotonic()):
+            c = self.children[late.name]
+            self.watchdog.exited(late.name)
+            if c.proc is None or c.proc.poll() is not None:
+                continue
+            log.error(
+                "child is alive but silent; killing it",
+                child=c.name,
+                pid=c.proc.pid,
+                silent_s=round(late.silent_s, 1),
+                limit_ms=self.cfg.server.watchdog_ms,
+            )
+            self.killed[c.name] = late.reason
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.kill()
+
     def _reap(self, sock: zmq.Socket[bytes]) -> None:
         assert self.group is not None
         now = time.monotonic()
@@ -237,11 +284,16 @@ class Launcher:
             code = c.proc.returncode
             c.proc = None
             stop = self.group.exited(c.name, now)
-            log.error("child died", child=c.name, status=code, **_retry(self.group, c, now))
+            self.watchdog.exited(c.name)
+            why = self.killed.pop(c.name, f"process exited with status {code}")
+            log.error(
+                "child died", child=c.name, status=code, why=why, **_retry(self.group, c, now)
+            )
             if c.name != LEADER:
                 with contextlib.suppress(zmq.ZMQError):
-                    sock.send(p.encode(p.PeerDown(c.name, f"process exited with status {code}")))
+                    sock.send(p.encode(p.PeerDown(c.name, why)))
             for name in stop:  # the scheduler died: the others restart with it
+                self.watchdog.exited(name)
                 self._stop_child(self.children[name], signal.SIGKILL, 2.0)
 
     def _restart_due(self) -> None:
@@ -305,7 +357,7 @@ class Launcher:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         else:
             for f in os.listdir(self.run_dir):
-                if f.endswith((".sock", ".bell", ".json")):
+                if f.endswith((".sock", ".bell", ".json")) or f == PID_FILE:
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.run_dir, f))
 
@@ -351,6 +403,65 @@ def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
     if removed:
         log.info("removed rings of orchd instances that are gone", rings=len(removed))
     return removed
+
+
+def _orchd_alive(pid: int) -> bool:
+    """``pid`` runs, and is an ``orchd serve`` (a pid reused by another program is not)."""
+    if not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc to ask: trust the pid
+    named = any(a == b"orchd.cli" or os.path.basename(a) == b"orchd" for a in args)
+    return named and b"serve" in args
+
+
+def _run_dir_owner(run_dir: str) -> int | None:
+    """The pid of the launcher that made ``run_dir`` (None: no readable pid file)."""
+    try:
+        with open(os.path.join(run_dir, PID_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def reclaim_stale_run_dirs(tmp_dir: str) -> list[str]:
+    """Remove run directories that orchd made under ``tmp_dir`` for a launcher that is gone
+    (killed with -9: it could not remove its own)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(tmp_dir)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(tmp_dir, name)
+        if not name.startswith(RUN_DIR_PREFIX) or not os.path.isdir(path):
+            continue
+        pid = _run_dir_owner(path)
+        if pid is None or pid == os.getpid() or _orchd_alive(pid):
+            continue  # not ours to judge, or its orchd still runs
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed run directories of orchd instances that are gone", dirs=removed)
+    return removed
+
+
+def reclaim_run_dir(run_dir: str) -> None:
+    """A configured run_dir: refuse one a live orchd uses; clear what a dead one left (its
+    sockets, bells, config and pid file; anything else, such as state, stays)."""
+    pid = _run_dir_owner(run_dir)
+    if pid is None or pid == os.getpid():
+        return
+    if _orchd_alive(pid):
+        raise ConfigError(f"server.run_dir {run_dir} is in use by the orchd launcher pid {pid}")
+    for f in os.listdir(run_dir):
+        if f.endswith((".sock", ".bell", ".json")) or f == PID_FILE:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(run_dir, f))
+    log.info("cleared a run directory left by an orchd that is gone", run_dir=run_dir, pid=pid)
 
 
 def serve(cfg: Config) -> int:

@@ -1,7 +1,7 @@
 """Placement: which replica runs a task. Policies are picked by name from ``POLICIES``.
 
-Only replicas that are ready, not draining, serve the task's engine and have a free slot are
-candidates. The default policy sorts by most free VRAM, then fewest active slots, then id.
+Only replicas that are usable (ready, their supervisor heard lately), not draining, serve the
+task's engine and have a free slot are candidates. The default policy sorts by most free VRAM, then fewest active slots, then id.
 """
 
 from __future__ import annotations
@@ -25,17 +25,33 @@ class ReplicaView:
     devices: str = ""  # CUDA_VISIBLE_DEVICES of its engine
     connected: bool = False  # its supervisor process is up
     gpus: list[dict[str, object]] = field(default_factory=list)  # NVML view of its devices
+    # Its supervisor was heard within a few heartbeats (the scheduler's shell keeps it).
+    responsive: bool = True
+    start_failures: int = 0  # its engine's failed starts in a row (0 once it is ready)
+    circuit_open: bool = False  # its engine's restart circuit breaker is open
+    last_down: str = ""  # why its supervisor was last taken as dead (kept after it is back)
 
     @property
     def free_slots(self) -> int:
         return self.slots - len(self.active)
+
+    @property
+    def usable(self) -> bool:
+        """Ready and heard from: a task placed on it now would run."""
+        return self.ready and self.responsive
+
+    @property
+    def cannot_load(self) -> bool:
+        """Not ready because its engine fails to start (or its circuit is open), as opposed
+        to still starting or briefly restarting after a crash."""
+        return not self.ready and (self.start_failures > 0 or self.circuit_open)
 
 
 def eligible(replicas: Sequence[ReplicaView], engine: str) -> list[ReplicaView]:
     return [
         r
         for r in replicas
-        if r.ready and not r.draining and r.engine == engine and r.free_slots > 0
+        if r.usable and not r.draining and r.engine == engine and r.free_slots > 0
     ]
 
 

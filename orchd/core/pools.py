@@ -11,6 +11,11 @@ from typing import Any
 from orchd.core.errors import Code, OrchdError
 from orchd.core.placement import Policy, ReplicaView
 
+# Retry-After of POOL_UNREADY: an engine that failed to start is retried with backoff; with its
+# circuit open, not before the breaker's cool-down (orchd/core/restart.py).
+UNREADY_RETRY_MS = 1_000
+UNREADY_RETRY_OPEN_MS = 30_000
+
 
 @dataclass(slots=True)
 class PoolState:
@@ -170,24 +175,46 @@ class Pools:
             raise OrchdError(
                 Code.REPLICA_EXHAUSTED, f"placement constraints leave no pool for {model_ref}"
             )
-        if not any(self._usable(p) for p in pools) and all(p.draining for p in pools):
-            raise OrchdError(
-                Code.POOL_UNAVAILABLE,
-                f"every pool serving {model_ref} is draining",
-                pool_id=pools[0].id,
-                retry_after_ms=1000,
-            )
+        if not any(self._usable(p) for p in pools):
+            if all(p.draining for p in pools):
+                raise OrchdError(
+                    Code.POOL_UNAVAILABLE,
+                    f"every pool serving {model_ref} is draining",
+                    pool_id=pools[0].id,
+                    retry_after_ms=1000,
+                )
+            self._unless_loadable(pools, model_ref)
         return pools
 
+    def _unless_loadable(self, pools: list[PoolState], model_ref: str) -> None:
+        """Refuse a task none of whose pools can become ready on its own: every replica's
+        engine fails to load (or its circuit is open), or the pool drains. A replica still
+        starting, or restarting after a crash, may serve soon: the task waits for it."""
+        for p in pools:
+            if p.draining:
+                continue
+            if not all(self.replicas[r].cannot_load for r in p.replicas):
+                return
+        live = [p for p in pools if not p.draining] or pools
+        reps = [self.replicas[r] for p in live for r in p.replicas]
+        why = next((r.last_error for r in reps if r.last_error), "its engine fails to start")
+        retry = UNREADY_RETRY_OPEN_MS if all(r.circuit_open for r in reps) else UNREADY_RETRY_MS
+        raise OrchdError(
+            Code.POOL_UNREADY,
+            f"no pool serving {model_ref} can load it now: {why}",
+            pool_id=live[0].id,
+            retry_after_ms=retry,
+        )
+
     def _usable(self, p: PoolState) -> bool:
-        return not p.draining and any(self.replicas[r].ready for r in p.replicas)
+        return not p.draining and any(self.replicas[r].usable for r in p.replicas)
 
     def _usable_or_raise(self, p: PoolState) -> None:
         if p.draining:
             raise OrchdError(
                 Code.POOL_UNAVAILABLE, f"pool {p.id} is draining", pool_id=p.id, retry_after_ms=1000
             )
-        if not any(self.replicas[r].ready for r in p.replicas):
+        if not any(self.replicas[r].usable for r in p.replicas):
             raise OrchdError(
                 Code.POOL_UNREADY,
                 f"pool {p.id} has no ready replica",
@@ -215,7 +242,7 @@ class Pools:
             cands = [
                 self.replicas[r]
                 for r in p.replicas
-                if self.replicas[r].ready
+                if self.replicas[r].usable
                 and self.replicas[r].free_slots > 0
                 and (allowed is None or (_devices(self.replicas[r].devices) or {"-"}) <= allowed)
             ]
@@ -233,9 +260,10 @@ class Pools:
     def health(self, pool_id: str, queued: int) -> dict[str, Any]:
         p = self.get(pool_id)
         reps = [self.replicas[r] for r in p.replicas]
-        ready = [r for r in reps if r.ready]
+        ready = [r for r in reps if r.usable]
         return {
-            "live": any(r.connected for r in reps),
+            # live: some supervisor of it runs and answers (a paused one is not live).
+            "live": any(r.connected and r.responsive for r in reps),
             "ready": bool(ready) and not p.draining,
             "draining": p.draining,
             "metrics": {
@@ -251,6 +279,16 @@ class Pools:
                 "version": p.version,
                 "reloading": p.reloading,
                 "gpus": [g for r in reps for g in r.gpus],
+                "replica_health": [
+                    {
+                        "replica_id": r.id,
+                        "live": r.connected and r.responsive,
+                        "ready": r.usable,
+                        "last_error": r.last_error or None,
+                        "last_down": r.last_down or None,
+                    }
+                    for r in reps
+                ],
             },
             "last_error": p.last_error or next((r.last_error for r in reps if r.last_error), None),
         }

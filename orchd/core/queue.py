@@ -7,6 +7,11 @@ smallest clock (ties: the older head). A key that was idle re-enters at the lane
 minimum, so idling earns no credit. A flood from one key therefore waits behind everybody
 else's share instead of in front of it.
 
+Dispatch (:meth:`AdmissionQueue.pop_first`) takes the first task that fits in that order, and
+looks past a task that does not (its pool is busy or cannot load) to the same key's next task,
+then to the other keys, then to the lower priority: a task that cannot be placed blocks no task
+that can. Within a key, tasks that fit still go in arrival order.
+
 Full-queue policies, picked by name from ``QUEUE_POLICIES``:
 - ``reject``: the newcomer is refused (``ADMISSION_REJECT``);
 - ``drop-lru``: the oldest batch task (else, for an interactive newcomer, the oldest interactive
@@ -145,19 +150,27 @@ class AdmissionQueue(Generic[T]):
         return out
 
     def pop_first(self, fits: Callable[[str, T], bool] | None = None) -> tuple[str, T] | None:
-        """The next task in fair order (priority first) whose head ``fits``; removed."""
+        """The first task that ``fits``, in fair order (priority first, then the keys by their
+        virtual clocks, then each key's tasks in arrival order); removed. A task that does
+        not fit is looked past, never waited for."""
         for p in PRIORITIES:
             lane = self._lanes[p]
             if not lane.order:
                 continue
-            for _, _, key, task_id in self._candidates(lane):
-                item = lane.by_key[key][task_id].item
-                if fits is None or fits(task_id, item):
-                    lane.vtime = max(lane.vtime, lane.clock[key])
-                    lane.clock[key] += 1.0 / self.weight(key)
-                    self.remove(task_id)
-                    return task_id, item
+            for _, _, key, head in self._candidates(lane):
+                if fits is None:
+                    return self._take(lane, key, head)
+                for task_id, entry in lane.by_key[key].items():
+                    if fits(task_id, entry.item):
+                        return self._take(lane, key, task_id)
         return None
+
+    def _take(self, lane: _Lane[T], key: str, task_id: str) -> tuple[str, T]:
+        item = lane.by_key[key][task_id].item
+        lane.vtime = max(lane.vtime, lane.clock[key])
+        lane.clock[key] += 1.0 / self.weight(key)
+        self.remove(task_id)
+        return task_id, item
 
     def pop(self) -> tuple[str, T] | None:
         return self.pop_first(None)

@@ -2,8 +2,9 @@
 
 Every entry point takes a message (and ``now`` in ms) and returns the messages to send, as
 ``(peer, message)`` pairs. The shell (``orchd/scheduler/loop.py``) only moves bytes.
-Who streams a task and how cancels are answered is ``orchd/core/streams.py``; control-plane
-operations (pools, sessions, catalog) are ``orchd/core/control.py``.
+Who streams a task and how cancels are answered is ``orchd/core/streams.py``; what becomes of
+queued tasks past their deadline and of a replica taken back, ``orchd/core/liveness_ops.py``;
+control-plane operations (pools, sessions, catalog) are ``orchd/core/control.py``.
 
 Peers are named ``fe<N>`` (frontend N), ``sup-<replica id>`` and ``launcher``.
 """
@@ -18,6 +19,7 @@ from ipc.peers import Peer
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
+from orchd.core.liveness_ops import LivenessOps
 from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
@@ -27,7 +29,7 @@ from orchd.core.streams import StreamOps
 from orchd.core.tasks import Out, State, Stats, Task, sup
 
 
-class SchedulerCore(StreamOps):
+class SchedulerCore(StreamOps, LivenessOps):
     def __init__(
         self,
         replicas: list[ReplicaView],
@@ -68,6 +70,8 @@ class SchedulerCore(StreamOps):
         self._fences: dict[int, str] = {}  # fence req id -> task id
         self._ended: deque[tuple[float, str]] = deque()  # (ended_ms, task id), for retention
         self._drain: tuple[str, int, float] | None = None  # (peer, req id, deadline ms)
+        # replica -> tasks it ran when taken as dead (failed then); aborted if it comes back
+        self._orphans: dict[str, list[str]] = {}
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -82,7 +86,7 @@ class SchedulerCore(StreamOps):
                 continue
             for rid in pool.replicas:
                 r = self.replicas[rid]
-                if r.ready:
+                if r.usable:
                     total += r.slots
                     free += r.free_slots
         return total, free
@@ -250,15 +254,28 @@ class SchedulerCore(StreamOps):
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> Out:
+        """Start every queued task that a replica can take now, in fair order. The queue looks
+        past a task that cannot be placed (orchd/core/queue.py), so it blocks nobody; what
+        did not fit is remembered per placement shape for this call, so a long queue of tasks
+        for a busy pool costs a dict lookup each, not a placement each."""
         out: Out = []
         chosen: dict[str, object] = {}
+        if not any(r.usable and r.free_slots > 0 for r in self.replicas.values()):
+            return out
+        misfits: set[tuple[object, ...]] = set()
 
         def fits(task_id: str, _: None) -> bool:
             t = self.tasks[task_id]
+            pl = t.spec.placement
+            shape = (tuple(t.pools), t.model_ref, repr(sorted(pl.items())) if pl else "")
+            if shape in misfits:
+                return False
             sess = self.sessions.sessions.get(t.spec.session_id)
             warm = sess.last_replica if sess is not None and t.spec.kv_hint != "cold" else ""
-            c = self.pools.choose(t.pools, t.model_ref, t.spec.placement, self.place, warm)
+            c = self.pools.choose(t.pools, t.model_ref, pl, self.place, warm)
             chosen["c"] = c
+            if c is None:
+                misfits.add(shape)
             return c is not None
 
         while True:
@@ -340,6 +357,8 @@ class SchedulerCore(StreamOps):
         r.engine_version = msg.engine_version
         r.last_error = msg.last_error
         r.ready = msg.ready
+        r.start_failures = msg.start_failures
+        r.circuit_open = msg.circuit_open
         if msg.ready:
             refusal = self.pools.accept_version(r, msg.engine_version)
             if refusal:
@@ -356,7 +375,7 @@ class SchedulerCore(StreamOps):
                 return out
             r.ready = False
             r.connected = False
-            r.last_error = reason
+            r.last_error = r.last_down = reason
             err = p.ErrorInfo(
                 Code.WORKER_RESET.value,
                 f"engine supervisor for replica {r.id} died: {reason}",
@@ -366,11 +385,13 @@ class SchedulerCore(StreamOps):
             for rid, tid in list(self._aborts.items()):
                 if tid in r.active:
                     del self._aborts[rid]
+            orphans = self._orphans.setdefault(r.id, [])
             for t in self.tasks.values():
                 if t.replica != r.id:
                     continue
                 if t.state is State.RUNNING:
                     self.fail_task(t, err, now, out)
+                    orphans.append(t.spec.task_id)
                 if t.replayable and t.stream is Stream.NONE:
                     t.replayable = False  # lost with the process
                     t.error = err
@@ -396,7 +417,7 @@ class SchedulerCore(StreamOps):
         return out
 
     def tick(self, now: float) -> Out:
-        out: Out = []
+        out: Out = self.expire_queued(now)
         keep = []
         while self._ended and self._ended[0][0] + self.retention_ms <= now:
             _, tid = self._ended.popleft()

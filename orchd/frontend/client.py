@@ -121,6 +121,11 @@ class SchedulerClient:
         if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd | p.Release):
             self.on_notice(msg)
             return
+        if isinstance(msg, p.Rehello):
+            # The scheduler does not know us (it took us as dead, or it is new): say hello.
+            log.warning("scheduler asked this frontend to introduce itself again")
+            self.send(p.Hello("frontend", self.ident, os.getpid()))
+            return
         req_id = 0 if isinstance(msg, p.Welcome) else getattr(msg, "req_id", None)
         entry = self.pending.get(req_id) if req_id is not None else None
         if entry is not None and not entry[0].done():

@@ -2,7 +2,10 @@
 
 A plain blocking ``zmq.Poller`` loop: the core is synchronous and this process does nothing
 else, so asyncio would only add cost. Timers (retention, drain deadline, peer liveness) run
-on a 250 ms tick.
+on a 250 ms tick. Peer liveness is :class:`orchd.core.liveness.PeerClock`: judged on the
+scheduler's waking time only (a paused scheduler judges nobody on its own pause), and a peer
+taken as dead is asked to introduce itself again (``Rehello``) on its next message. Every
+heartbeat the launcher is told how long ago each peer was heard (``PeersSeen``): its watchdog.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
 from orchd.core.errors import Code, OrchdError
+from orchd.core.liveness import Heard, PeerClock
 from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
@@ -31,7 +35,14 @@ from orchd.telemetry.nvml import NvmlCollector
 
 TICK_S = 0.25
 SUPERVISOR_PREFIX = str(peers.supervisor(""))
-IDLE_TICK_S = 1.0
+IDLE_TICK_S = 1.0  # (the launcher's watchdog allows for it: orchd/core/watchdog.py)
+# A gap between loop turns longer than this is the scheduler not running (a turn polls for at
+# most IDLE_TICK_S): that time is credited to every peer (orchd/core/liveness.py).
+STALL_MS = 1_500
+# A supervisor silent for this many heartbeats gets no new task and is not ready in health,
+# well before it is taken as dead (server.peer_timeout_ms).
+UNRESPONSIVE_HEARTBEATS = 2.5
+EXEMPT = frozenset({str(peers.LAUNCHER)})  # the launcher sends no heartbeats
 
 
 class _TraceIds(msgspec.Struct):
@@ -68,7 +79,10 @@ class SchedulerShell:
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(res.runtime.scheduler_addr)
-        self.seen: dict[str, float] = {}
+        self.clock = PeerClock(cfg.server.peer_timeout_ms, STALL_MS, _now_ms())
+        self.unresponsive_ms = UNRESPONSIVE_HEARTBEATS * cfg.server.heartbeat_ms
+        self.unresponsive: set[str] = set()  # replicas whose supervisors went quiet
+        self.next_report = 0.0
         self.frontends: set[str] = set()
         self.announced = False
         self.running = True
@@ -122,7 +136,9 @@ class SchedulerShell:
         while self.running:
             # Round up: a sub-millisecond timeout would poll(0) and spin until the tick.
             timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
-            if poller.poll(timeout_ms):
+            ready = poller.poll(timeout_ms)
+            self._woke()  # (a pause most often falls inside the poll)
+            if ready:
                 # Take everything that is waiting before the next tick; what supervisors
                 # report goes first (ROUTER queues each peer fairly, so a frontend's request
                 # made after a task's end could otherwise come before that end's report).
@@ -147,13 +163,28 @@ class SchedulerShell:
         self.ctx.term()
         self.gpus.close()
 
+    def _woke(self) -> None:
+        """Before the socket is read: time this process did not run is nobody's silence."""
+        stalled = self.clock.woke(_now_ms())
+        if stalled:
+            log.warning(
+                "the scheduler did not run for a while; peers are not judged on that time",
+                stalled_ms=int(stalled),
+            )
+
     def tick(self) -> None:
         now = _now_ms()
-        timeout = self.cfg.server.peer_timeout_ms
-        for peer, last in list(self.seen.items()):
-            if peer != "launcher" and now - last > timeout:
-                log.warning("peer missed its heartbeats; treating it as dead", peer=peer)
-                self._peer_down(peer, "heartbeat timeout", now)
+        clock = self.clock
+        for peer in clock.silent(now, EXEMPT):
+            age = clock.age_ms(peer, now) or 0.0
+            log.warning(
+                "peer missed its heartbeats; treating it as dead", peer=peer, silent_ms=int(age)
+            )
+            self._peer_down(peer, f"no heartbeat for {age / 1000:.1f}s", now)
+        self._responsiveness(now)
+        if now >= self.next_report:
+            self.next_report = now + self.cfg.server.heartbeat_ms
+            self.send([(str(peers.LAUNCHER), p.PeersSeen(clock.ages(now)))])
         for model_id, digest, error in self.verifier.done():
             if model_id in self.core.catalog.models:
                 wall = now + self.control.wall_offset_ms
@@ -188,8 +219,38 @@ class SchedulerShell:
                 if rep.id in self.gpus.owners(s)["replica_id"].split(",")
             ]
 
+    def _responsiveness(self, now: float) -> None:
+        """A supervisor quiet past a few heartbeats gets no new task and is not ready in
+        health; its next message makes it usable again."""
+        for rid, rep in self.core.replicas.items():
+            age = self.clock.age_ms(str(peers.supervisor(rid)), now)
+            quiet = rep.connected and age is not None and age > self.unresponsive_ms
+            if quiet and rid not in self.unresponsive:
+                log.warning("supervisor is quiet; no new tasks for it", replica_id=rid)
+                self.unresponsive.add(rid)
+                rep.responsive = False
+
+    def _heard(self, peer: str, msg: p.Message, now: float) -> None:
+        """Note that ``peer`` spoke; ask an unknown peer to introduce itself."""
+        clock = self.clock
+        if isinstance(msg, p.Hello):
+            return  # (handled by _hello)
+        verdict = clock.heard(peer, now)
+        if verdict is Heard.ASK and Peer(peer).role != "internal":
+            log.info("message from a peer not known (now); asking it to say hello", peer=peer)
+            self.send([(peer, p.Rehello())])
+        if self.unresponsive and peer.startswith(SUPERVISOR_PREFIX):
+            rid = Peer(peer).replica_id
+            if rid in self.unresponsive:
+                self.unresponsive.discard(rid)
+                rep = self.core.replicas.get(rid)
+                if rep is not None:
+                    rep.responsive = True
+                    log.info("supervisor is heard again", replica_id=rid)
+                    self.send(self.core.dispatch(now))
+
     def _peer_down(self, peer: str, reason: str, now: float) -> None:
-        self.seen.pop(peer, None)
+        self.clock.down(peer)
         self.frontends.discard(peer)
         self.send(self.core.peer_down(peer, reason, now))
         self.send(self.control.peer_down(peer))
@@ -203,8 +264,7 @@ class SchedulerShell:
             log.error("undecodable message", peer=peer, error=str(e))
             return
         now = _now_ms()
-        if peer in self.seen or isinstance(msg, p.Hello):
-            self.seen[peer] = now
+        self._heard(peer, msg, now)
         core = self.core
         out: Out
         match msg:
@@ -313,16 +373,26 @@ class SchedulerShell:
             log.error("refused a peer", peer=peer, reason=reason)
             return [(peer, p.Welcome(accepted=False, reason=reason))]
         out: Out = []
+        known = peer in self.clock.known
+        met = peer in self.clock.pids
+        restarted = self.clock.hello(peer, msg.pid, now)
         if msg.role == "supervisor":
             rep = self.core.replicas.get(msg.replica_id)
-            if rep is not None and (rep.active or rep.ready):
+            if rep is not None and restarted and (rep.active or rep.ready):
                 # A new incarnation: whatever the old one ran is lost.
                 out += self.core.peer_down(peer, "supervisor restarted", now)
+            if rep is not None and (restarted or not known):
+                # Taken back (it was taken as dead, or this scheduler is new): what the same
+                # process still runs of the tasks failed when it was taken as dead is aborted.
+                out += self.core.rejoined(msg.replica_id, now, same_process=not restarted)
             if rep is not None:
                 rep.connected = True
+                rep.responsive = True
+                self.unresponsive.discard(msg.replica_id)
         elif msg.role == "frontend":
             self.frontends.add(peer)
-        log.info("peer joined", peer=peer, role=msg.role, pid=msg.pid)
+        back = met and not restarted and not known
+        log.info("peer rejoined" if back else "peer joined", peer=peer, role=msg.role, pid=msg.pid)
         self.send([(peer, p.Welcome()), *out])
         self._maybe_announce()  # the launcher may be the last to say hello
         return []
@@ -332,7 +402,7 @@ class SchedulerShell:
         with its reason: a broken engine must not keep the rest of orchd from serving)."""
         reps = self.core.replicas.values()
         reported = all(r.ready or r.last_error for r in reps)
-        launcher_known = "launcher" in self.seen
+        launcher_known = "launcher" in self.clock.known
         if (
             not self.announced
             and launcher_known

@@ -133,7 +133,9 @@ def test_priorities_dominate_fairness() -> None:
     assert order[4:] == [f"heavy-{i}" for i in range(5)]
 
 
-def test_pop_first_skips_a_head_that_does_not_fit_without_reordering() -> None:
+def test_pop_first_looks_past_a_head_that_does_not_fit() -> None:
+    """Issue 12: a task that cannot be placed blocks no task that can, not even its own key's
+    (with one default key, one task for a broken model used to stop all traffic)."""
     q: AdmissionQueue[str] = AdmissionQueue(100)
     q.push("a-0", "interactive", "big", key="a")
     q.push("a-1", "interactive", "small", key="a")
@@ -142,13 +144,25 @@ def test_pop_first_skips_a_head_that_does_not_fit_without_reordering() -> None:
     def small(_: str, item: str) -> bool:
         return item == "small"
 
-    assert q.pop_first(small) == ("b-0", "small")
-    # a's head does not fit; a-1 may not jump over it (a's FIFO is kept).
-    assert q.pop_first(small) is None
-    assert "a-0" in q and "a-1" in q
-    assert q.pop_first() == ("a-0", "big")
+    # a's clock is as low as b's and its head is older: a goes first, with its first task
+    # that fits; then b (a's clock moved on); then nothing fits.
     assert q.pop_first(small) == ("a-1", "small")
+    assert q.pop_first(small) == ("b-0", "small")
+    assert q.pop_first(small) is None
+    assert "a-0" in q
+    assert q.pop_first() == ("a-0", "big")
     assert len(q) == 0
+
+
+def test_fitting_tasks_of_one_key_keep_their_order_past_a_misfit() -> None:
+    q: AdmissionQueue[str] = AdmissionQueue(100)
+    for i, size in enumerate(["big", "small", "big", "small", "small"]):
+        q.push(f"k-{i}", "interactive", size)
+    took = []
+    while (got := q.pop_first(lambda _, item: item == "small")) is not None:
+        took.append(got[0])
+    assert took == ["k-1", "k-3", "k-4"]
+    assert list(q) == ["k-0", "k-2"]
 
 
 def test_pop_first_falls_through_to_a_lower_priority() -> None:

@@ -212,7 +212,7 @@ def test_launcher_restarts_a_dead_frontend_after_its_backoff(
     la._restart_due()
     assert proc(la, "fe0") is not first
     assert proc(la, "sup-r0").signals == []  # the others were left alone
-    assert la._next_timeout_ms() == 1000  # nothing to restart: the idle poll
+    assert la._next_timeout_ms() == 500  # nothing to restart: the watchdog's poll
 
 
 def test_launcher_restarts_everyone_when_the_scheduler_dies(
@@ -253,3 +253,52 @@ def test_launcher_retries_a_child_that_could_not_be_started(
     clock.now += 0.25
     la._restart_due()
     assert proc(la, "fe0").returncode is None
+
+
+# ---------------------------------------------------------------- the watchdog's wiring
+
+
+def test_the_watchdog_kills_a_silent_supervisor_and_it_restarts(
+    rig: tuple[Launcher, Clock, FakeSock],
+) -> None:
+    """Issue 12: a child alive but silent (SIGSTOP) was never restarted."""
+    la, clock, sock = rig
+    limit = la.cfg.server.watchdog_ms / 1000.0
+    old = proc(la, "sup-r0")
+    for _ in range(int(limit) + 2):  # the scheduler reports every second; sup-r0 went quiet
+        clock.now += 1.0
+        la._on_notice(
+            p.PeersSeen({"fe0": 100, "sup-r0": int((clock.now - 100.0) * 1000)}), None, sock
+        )  # type: ignore[arg-type]
+        la._watch()
+    assert old.signals == [signal.SIGKILL]
+    assert proc(la, "fe0").signals == [] and proc(la, LEADER).signals == []
+    la._reap(sock)  # type: ignore[arg-type]
+    (down,) = sock.sent
+    assert isinstance(down, p.PeerDown) and down.ident == "sup-r0"
+    assert down.reason.startswith("watchdog: alive but no heartbeat for ")
+    clock.now += 1.0
+    la._restart_due()
+    assert proc(la, "sup-r0") is not old
+
+
+def test_the_watchdog_kills_a_silent_scheduler_not_the_others(
+    rig: tuple[Launcher, Clock, FakeSock],
+) -> None:
+    la, clock, sock = rig
+    limit = la.cfg.server.watchdog_ms / 1000.0
+    la._on_notice(p.PeersSeen({"fe0": 0, "sup-r0": 0}), None, sock)  # type: ignore[arg-type]
+    clock.now += limit - 0.5
+    la._watch()
+    assert all(proc(la, n).signals == [] for n in NAMES)
+    clock.now += 1.0  # no report for longer than the limit: the scheduler is stuck
+    la._watch()
+    assert proc(la, LEADER).signals == [signal.SIGKILL]
+    assert proc(la, "fe0").signals == [] and proc(la, "sup-r0").signals == []
+
+
+def test_a_launcher_answers_rehello_with_hello(rig: tuple[Launcher, Clock, FakeSock]) -> None:
+    la, clock, sock = rig
+    la._on_notice(p.Rehello(), None, sock)  # type: ignore[arg-type]
+    (hello,) = sock.sent
+    assert isinstance(hello, p.Hello) and hello.role == "launcher"

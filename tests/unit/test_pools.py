@@ -335,8 +335,8 @@ def test_health_fields() -> None:
         "reloading": False,
     }
     assert {k: h["metrics"].get(k) for k in expected} == expected
-    # Anything else in metrics is an optional extra (e.g. the replicas' GPUs).
-    assert set(h["metrics"]) - set(expected) <= {"gpus"}
+    # Anything else in metrics is an optional extra (the replicas' GPUs, each one's health).
+    assert set(h["metrics"]) - set(expected) <= {"gpus", "replica_health"}
     ps.pools["a"].draining = True
     ps.pools["a"].last_error = "reload failed"
     h = ps.health("a", 0)
