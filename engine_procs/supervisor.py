@@ -126,9 +126,15 @@ class Supervisor:
     # ---------------------------------------------------------------- inputs
 
     def _on_frame(self, data: bytes) -> None:
-        self.core.on_message(p.decode(data), _now())
+        msg = p.decode(data)
+        if isinstance(msg, p.Rehello):  # a restarted scheduler: Hello first, then the core's
+            self.line.send(p.encode(self._hello()))
+        self.core.on_message(msg, _now())
         self.apply()
         self.kick()
+
+    def _hello(self) -> p.Hello:
+        return p.Hello("supervisor", str(self.peer), os.getpid(), replica_id=self.replica.id)
 
     def _line_failed(self, e: BaseException) -> None:
         """A scheduler message we fail on: say why and stop (the launcher restarts us)."""
@@ -285,8 +291,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         self.line.sock.connect(self.rt.scheduler_addr)
         self.line.start()
-        hello = p.Hello("supervisor", str(self.peer), os.getpid(), replica_id=self.replica.id)
-        self.line.send(p.encode(hello))
+        self.line.send(p.encode(self._hello()))
         self.core.start()
         self.flush()
         freeze_startup_heap()

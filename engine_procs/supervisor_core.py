@@ -27,6 +27,7 @@ from typing import Any
 
 from engine_procs.codecs import OpenAICodec
 from engine_procs.deadlines import DeadlineHeap
+from engine_procs.held import running
 from engine_procs.runs import NO_ENGINE, Run, recent_itl_ms, started_event
 from engine_procs.supervisor_effects import (
     Effect,
@@ -106,6 +107,9 @@ class SupervisorCore:
                 self.abort(msg, now)
             case p.QueueDepth():
                 self.queue_depth = msg.depth
+            case p.Rehello():  # (the shell has said Hello again)
+                self.announce()
+                self.engines.status()
             case p.Claim():
                 self.claim(msg.task_id)
             case p.Detach():
@@ -290,7 +294,12 @@ class SupervisorCore:
     # ---------------------------------------------------------------- engine lifecycle
 
     def start(self) -> None:
+        self.announce()
         self.engines.start()
+
+    def announce(self) -> None:
+        """What this supervisor holds, after each Hello (orchd/core/recovery.py)."""
+        self._send(running(self.replica.id, self.runs.values(), self.ended.values()))
 
     def engine_ready(self, eid: int, version: str, now: float) -> None:
         self.engines.on_ready(eid, version, now)
@@ -351,6 +360,7 @@ class SupervisorCore:
             self._emit(run, end)
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
+        run.end_reason = reason
         self._close(run, now)
         self._send(
             p.TaskEnded(
@@ -382,6 +392,7 @@ class SupervisorCore:
             self._emit(run, error_frame(run.seq, err.envelope()))
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
+        run.end_reason, run.error_code = "error", err.code.value
         self._close(run, now)
         self._send(
             p.TaskEnded(

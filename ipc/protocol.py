@@ -18,6 +18,12 @@ from typing import Any
 
 import msgspec
 
+from ipc.reannounce import HeldStream as HeldStream
+from ipc.reannounce import Rehello as Rehello
+from ipc.reannounce import Running as Running
+from ipc.reannounce import RunningTask as RunningTask
+from ipc.reannounce import Streams as Streams
+
 PROTOCOL_VERSION = 1
 
 
@@ -372,6 +378,9 @@ Message = (
     | Welcome
     | Heartbeat
     | Goodbye
+    | Rehello
+    | Running
+    | Streams
     | Submit
     | Claim
     | Unsubscribe

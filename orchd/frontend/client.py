@@ -48,6 +48,8 @@ class SchedulerClient:
         # req_id -> (future, deadline)
         self.pending: dict[int, tuple[asyncio.Future[p.Message], float]] = {}
         self.on_notice: Callable[[Notice], None] = lambda m: None
+        # The open streams to re-announce to a restarted scheduler (set by the app).
+        self.held: Callable[[], list[p.HeldStream]] = list
         self._timers: list[asyncio.TimerHandle] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -120,6 +122,12 @@ class SchedulerClient:
         msg = p.decode(frame)
         if isinstance(msg, p.Fence | p.StreamFail | p.StreamEnd | p.Release):
             self.on_notice(msg)
+            return
+        if isinstance(msg, p.Rehello):
+            # The scheduler restarted: who we are, and the streams we hold (it rebuilds who
+            # streams each task from these; orchd/core/recovery.py).
+            self.send(p.Hello("frontend", self.ident, os.getpid()))
+            self.send(p.Streams(self.held()))
             return
         req_id = 0 if isinstance(msg, p.Welcome) else getattr(msg, "req_id", None)
         entry = self.pending.get(req_id) if req_id is not None else None

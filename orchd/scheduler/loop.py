@@ -8,6 +8,7 @@ on a 250 ms tick.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -21,9 +22,11 @@ from ipc.peers import Peer
 from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
+from orchd.core import recovery
 from orchd.core.errors import Code, OrchdError
 from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
+from orchd.scheduler.journal import Journal, JournalError
 from orchd.scheduler.metrics import SchedulerMetrics
 from orchd.scheduler.models import Verifier, check_refs, model_roots
 from orchd.scheduler.stores import CatalogDisk, make_store
@@ -56,13 +59,19 @@ class SchedulerShell:
         cfg = res.config
         self.cfg = cfg
         self.core, self.control = build_core(cfg)
-        self.control.wall_offset_ms = time.time() * 1000.0 - _now_ms()
+        self.control.wall_offset_ms = self.core.wall_offset_ms = time.time() * 1000.0 - _now_ms()
         self.gpus = NvmlCollector(cfg.replicas)
         self.metrics = SchedulerMetrics(self.core, self.gpus if self.gpus.available else None)
         self.store = make_store(cfg, res.runtime.run_dir)
         self.catalog_disk = CatalogDisk(self.core.catalog, cfg.catalog.catalog_dir)
         self.roots = model_roots(cfg.catalog, res.runtime.run_dir)
         self.verifier = Verifier(cfg.catalog, self.roots)
+        # Admitted tasks and sessions, replayed now; supervisors get a few heartbeats' time
+        # to re-announce the tasks they run before those count as lost.
+        state_dir = cfg.server.state_dir or os.path.join(res.runtime.run_dir, "state")
+        adopt_ms = cfg.server.peer_timeout_ms + 2 * cfg.server.heartbeat_ms
+        self.journal = Journal(self.core, state_dir, _now_ms(), adopt_ms)
+        self.rehello: set[str] = set()  # unknown peers asked to say Hello again
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -141,7 +150,9 @@ class SchedulerShell:
                 busy = bool(self.core.tasks) or bool(self.control.reloads)
                 next_tick = time.monotonic() + (TICK_S if busy else IDLE_TICK_S)
                 self.tick()
+            self.journal.commit()  # durable before the replies that promise it (202s)
             self.flush_out()
+        self.journal.close()
         self.verifier.stop()
         self.sock.close(0)
         self.ctx.term()
@@ -163,6 +174,7 @@ class SchedulerShell:
         if self.gpus.available:
             self._gpu_view()
         self.send(self.core.tick(now))
+        self.send(recovery.overdue(self.core, now))
         self.send(self.control.tick(now))
         depth = len(self.core.queue)
         if depth != self.last_depth:
@@ -205,6 +217,11 @@ class SchedulerShell:
         now = _now_ms()
         if peer in self.seen or isinstance(msg, p.Hello):
             self.seen[peer] = now
+            self.rehello.discard(peer)
+        elif peer not in self.rehello:
+            # Someone this scheduler does not know (it restarted): ask it to re-announce.
+            self.rehello.add(peer)
+            self.send([(peer, p.Rehello())])
         core = self.core
         out: Out
         match msg:
@@ -248,6 +265,11 @@ class SchedulerShell:
                 self._maybe_announce()
             case p.Hello():
                 out = self._hello(peer, msg, now)
+            case p.Running():
+                out = recovery.running(core, peer, msg, now)
+                log.info("tasks re-announced", peer=peer, tasks=len(msg.tasks))
+            case p.Streams():
+                out = recovery.streams(core, peer, msg, now)
             case p.Goodbye():
                 self._peer_down(peer, f"said goodbye: {msg.reason}", now)
                 return
@@ -367,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     res = load_resolved(argv[0])
     log.setup("scheduler", res.config.server.log_level)
     log.defer()  # flushed once per loop turn
-    shell = SchedulerShell(res)
+    try:
+        shell = SchedulerShell(res)
+    except JournalError as e:
+        log.error("scheduler cannot start", error=str(e))
+        log.flush()
+        return 1
 
     def _stop(signum: int, frame: object) -> None:
         shell.running = False
