@@ -292,6 +292,7 @@ class Supervisor:
         self.line.sock.connect(self.rt.scheduler_addr)
         self.line.start()
         self.line.send(p.encode(self._hello()))
+        self.core.announce()  # (nothing yet: a restarted scheduler learns this one is new)
         self.core.start()
         self.flush()
         freeze_startup_heap()

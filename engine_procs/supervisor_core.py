@@ -294,7 +294,6 @@ class SupervisorCore:
     # ---------------------------------------------------------------- engine lifecycle
 
     def start(self) -> None:
-        self.announce()
         self.engines.start()
 
     def announce(self) -> None:
