@@ -122,8 +122,10 @@ def test_a_stopped_orchd_runs_its_queued_tasks_and_keeps_sessions(tmp_path: Path
         complete(s.read_to_end(), 10)
         s.close()
         wait_for(
-            lambda: session(d, "s-budget")["turns"] == 1
-            and session(d, "s-budget")["tokens_budget_remaining"] < 10000,
+            lambda: (
+                session(d, "s-budget")["turns"] == 1
+                and session(d, "s-budget")["tokens_budget_remaining"] < 10000
+            ),
             10,
             "the session charged",
         )
@@ -156,8 +158,9 @@ def test_a_stopped_orchd_runs_its_queued_tasks_and_keeps_sessions(tmp_path: Path
         assert [e.json["code"] for e in ends] == ["POOL_UNAVAILABLE"]
         assert ends[0].json["retriable"] is True
         wait_for(
-            lambda: session(d2, "s-budget")["tokens_budget_remaining"]
-            < kept["tokens_budget_remaining"],
+            lambda: (
+                session(d2, "s-budget")["tokens_budget_remaining"] < kept["tokens_budget_remaining"]
+            ),
             10,
             "the queued turns charged after the restart",
         )
