@@ -4,8 +4,13 @@ The records and what they mean are :mod:`orchd.core.journal`; how a new core tak
 is :mod:`orchd.core.recovery`. This is the file around them:
 
 - ``<state_dir>/journal.bin``: append-only frames ``[u32 length][u32 crc32][msgpack record]``.
-  Everything one loop turn made is written with one ``write`` and made durable with one
-  ``fdatasync``, before that turn's replies (a 202 among them) are sent.
+  Everything one loop turn made is written with one ``write`` before anything of that turn is
+  sent: from then on it survives the death of any orchd process (it is in the kernel's page
+  cache). A turn that admitted tasks is also made durable against a power loss with one
+  ``fdatasync`` before its replies to frontends (the 202s) are sent; the supervisors' messages
+  (dispatches) go out before that fsync, so it does not delay a first token. Other records
+  (starts, ends, sessions) are fsynced with the next admission, or within ``LAZY_SYNC_S``.
+  After a power loss a task whose start or end record was not yet fsynced runs again.
 - A torn or corrupt tail (a crash mid-write) ends the replay there and is cut off.
 - Compaction: once the file is larger than ``max(COMPACT_MIN_BYTES, COMPACT_GROWTH x its size
   after the last compaction)``, it is rewritten as a snapshot of what the core knows (queued
@@ -29,12 +34,13 @@ import msgspec
 
 from orchd import log
 from orchd.core import recovery
-from orchd.core.journal import Record, decode, encode, replay
+from orchd.core.journal import Admit, Record, decode, encode, replay
 from orchd.core.scheduler import SchedulerCore
 
 FRAME = struct.Struct("<II")  # length, crc32 of the record
 COMPACT_MIN_BYTES = 8 << 20
 COMPACT_GROWTH = 2
+LAZY_SYNC_S = 1.0  # records with no 202 waiting on them reach the disk within this
 MAX_RECORD_BYTES = 64 << 20  # a length past this is a corrupt frame, not a record
 
 
@@ -116,8 +122,10 @@ class JournalFile:
     def append(self, records: list[Record]) -> None:
         data = frames(records)
         _write_all(self.fd, data)
-        os.fdatasync(self.fd)
         self.size += len(data)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
 
     def due(self) -> bool:
         return self.size > max(COMPACT_MIN_BYTES, COMPACT_GROWTH * self.base)
@@ -160,6 +168,8 @@ class Journal:
         recovery.restore(core, state, now, adopt_ms)
         self.file.compact(recovery.snapshot(core))
         recovery.take(core)  # (what the restore changed is in the snapshot)
+        self.admitted = False  # written records a 202 waits on, not yet fsynced
+        self.unsynced_at: float | None = None  # when the oldest unsynced record was written
         live = state.live()
         log.info(
             "journal replayed",
@@ -170,19 +180,32 @@ class Journal:
             bytes=self.file.size,
         )
 
-    def commit(self) -> int:
-        """Make this turn's records durable (one write, one fdatasync); the bytes written."""
+    def commit(self, now_s: float) -> int:
+        """Write this turn's records (one write; :meth:`sync` makes them durable); the bytes
+        written."""
         records = recovery.take(self.core)
         if not records:
             return 0
         before = self.file.size
         self.file.append(records)
         written = self.file.size - before
+        self.admitted = self.admitted or any(type(r) is Admit for r in records)
+        if self.unsynced_at is None:
+            self.unsynced_at = now_s
         if self.file.due():
-            self.file.compact(recovery.snapshot(self.core))
+            self.file.compact(recovery.snapshot(self.core))  # (fsynced)
+            self.admitted, self.unsynced_at = False, None
             log.info("journal compacted", path=self.file.path, bytes=self.file.size)
         return written
 
+    def sync(self, now_s: float) -> None:
+        """fdatasync if a 202 waits on it, or the oldest unsynced record is ``LAZY_SYNC_S`` old."""
+        at = self.unsynced_at
+        if at is not None and (self.admitted or now_s - at >= LAZY_SYNC_S):
+            self.file.sync()
+            self.admitted, self.unsynced_at = False, None
+
     def close(self) -> None:
-        self.commit()
+        self.commit(0.0)
+        self.sync(float("inf"))
         self.file.close()

@@ -101,13 +101,19 @@ class SchedulerShell:
         """Send, supervisors first (a dispatch starts the engine: the first token is what
         clients wait for), then log what was sent: nothing is formatted before a send."""
         box = self.outbox
+        synced = False
         for peer in sorted(box, key=lambda peer: Peer(peer).role != "supervisor"):
+            if not synced and Peer(peer).role != "supervisor":
+                self.journal.sync(time.monotonic())  # on disk before the 202s that promise it
+                synced = True
             frames = box[peer]
             try:
                 self.sock.send_multipart([peer.encode(), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("dropped messages to a peer", peer=peer, n=len(frames), error=str(e))
         box.clear()
+        if not synced:
+            self.journal.sync(time.monotonic())
         for submit, out in self.admissions:
             self._narrate_admission(submit, out)
         self.admissions.clear()
@@ -150,7 +156,7 @@ class SchedulerShell:
                 busy = bool(self.core.tasks) or bool(self.control.reloads)
                 next_tick = time.monotonic() + (TICK_S if busy else IDLE_TICK_S)
                 self.tick()
-            self.journal.commit()  # durable before the replies that promise it (202s)
+            self.journal.commit(time.monotonic())  # written before anything is sent
             self.flush_out()
         self.journal.close()
         self.verifier.stop()

@@ -144,7 +144,10 @@ def test_a_stopped_orchd_runs_its_queued_tasks_and_keeps_sessions(tmp_path: Path
         view = session(d2, "s-budget")
         # The same session: its turns (the charged one and the two still queued) and budget.
         assert view["turns"] == kept["turns"] + 2
-        assert view["tokens_budget_remaining"] == kept["tokens_budget_remaining"] - 40
+        # Less the two queued turns' reservations (20 each), and their prompts' 2 tokens each
+        # if they already ran: nothing was given back or charged twice.
+        left = kept["tokens_budget_remaining"] - 40
+        assert left - 4 <= view["tokens_budget_remaining"] <= left
         for tid in queued:
             st = stream(d2, tid)
             assert st.status == 200, st.body

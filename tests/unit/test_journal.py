@@ -278,7 +278,8 @@ def test_the_journal_compacts_past_its_bound(
     for i in range(200):
         submit(core, f"t{i}", i)
         ended(core, f"t{i}", i + 0.5)
-        j.commit()
+        j.commit(i)
+        j.sync(i)
         sizes.append(os.path.getsize(tmp_path / "journal.bin"))
     bound = max(4096, jfile.COMPACT_GROWTH * j.file.base) + 2048  # + one turn's records
     assert max(sizes) <= bound
@@ -287,3 +288,27 @@ def test_the_journal_compacts_past_its_bound(
     again = core_with_budgets(ready=False)
     jfile.Journal(again, str(tmp_path), 300, 5000).close()
     assert set(again.tasks) == set(core.tasks)  # all within retention, nothing else
+
+
+def test_a_202_waits_for_the_fsync_other_records_only_for_the_lazy_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = core_with_budgets()
+    j = jfile.Journal(core, str(tmp_path), 0, 5000)
+    syncs: list[int] = []
+    monkeypatch.setattr(j.file, "sync", lambda: syncs.append(1))
+    submit(core, "t0", 0)  # an admission: fsynced before its 202
+    j.commit(10.0)
+    j.sync(10.0)
+    assert len(syncs) == 1
+    ended(core, "t0", 1)  # an end: written at once, fsynced within LAZY_SYNC_S
+    assert j.commit(11.0) > 0
+    j.sync(11.0 + jfile.LAZY_SYNC_S - 0.01)
+    assert len(syncs) == 1
+    j.sync(11.0 + jfile.LAZY_SYNC_S)
+    assert len(syncs) == 2
+    j.sync(20.0)  # nothing unsynced: no fsync
+    assert len(syncs) == 2
+    # Written records survive this process at once (they are in the kernel's page cache).
+    assert [type(r).__name__ for r in jfile.JournalFile.read(j.file)][-2:] == ["End", "SessionRec"]
+    j.file.close()
