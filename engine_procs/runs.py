@@ -39,6 +39,8 @@ class Run:
     t_metrics: float = 0.0
     ended: bool = False
     ended_at: float = 0.0
+    end_reason: str = ""  # once ended (re-announced to a restarted scheduler)
+    error_code: str = ""
     dirty: bool = False
     check_at: float = 0.0  # its live entry in the supervisor's deadline heap
     held: int = 0  # token frames held back by coalescing

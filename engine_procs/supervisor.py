@@ -290,6 +290,7 @@ class Supervisor:
         self.line.sock.connect(self.rt.scheduler_addr)
         self.line.start()
         self.line.send(p.encode(self.hello))
+        self.core.announce()  # nothing running: a restarted scheduler fails what it ran before
         self.core.start()
         self.flush()
         freeze_startup_heap()

@@ -27,6 +27,7 @@ from typing import Any
 
 from engine_procs.codecs import OpenAICodec
 from engine_procs.deadlines import DeadlineHeap
+from engine_procs.held import running
 from engine_procs.runs import NO_ENGINE, Run, recent_itl_ms, started_event
 from engine_procs.supervisor_effects import (
     Effect,
@@ -106,6 +107,12 @@ class SupervisorCore:
                 self.abort(msg, now)
             case p.QueueDepth():
                 self.queue_depth = msg.depth
+            case p.Rehello():
+                # The scheduler does not know us (it took us as dead, or it is new): the shell
+                # has said hello again; re-announce the tasks we hold and the replica.
+                self._log("warning", "scheduler asked us to introduce ourselves again")
+                self.announce()
+                self.engines.status()
             case p.Claim():
                 self.claim(msg.task_id)
             case p.Detach():
@@ -116,11 +123,6 @@ class SupervisorCore:
                 self.engines.commit(msg.req_id)
             case p.ReloadAbort():
                 self.engines.abort_reload(msg.req_id)
-            case p.Rehello():
-                # The scheduler does not know us (it took us as dead, or it is new): the shell
-                # has said hello again; re-announce the replica.
-                self._log("warning", "scheduler asked us to introduce ourselves again")
-                self.engines.status()
             case p.Welcome(accepted=False):
                 self._log("error", "scheduler refused us", reason=msg.reason)
                 self.out.append(Stop(f"scheduler refused us: {msg.reason}"))
@@ -297,6 +299,10 @@ class SupervisorCore:
     def start(self) -> None:
         self.engines.start()
 
+    def announce(self) -> None:
+        """What this supervisor holds, after each Hello (orchd/core/recovery.py)."""
+        self._send(running(self.replica.id, self.runs.values(), self.ended.values()))
+
     def engine_ready(self, eid: int, version: str, now: float) -> None:
         self.engines.on_ready(eid, version, now)
 
@@ -356,6 +362,7 @@ class SupervisorCore:
             self._emit(run, end)
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
+        run.end_reason = reason
         self._close(run, now)
         self._send(
             p.TaskEnded(
@@ -387,6 +394,7 @@ class SupervisorCore:
             self._emit(run, error_frame(run.seq, err.envelope()))
         self.engines.release(run.engine, run.rid, engine_done=engine_done)
         run.engine = NO_ENGINE
+        run.end_reason, run.error_code = "error", err.code.value
         self._close(run, now)
         self._send(
             p.TaskEnded(

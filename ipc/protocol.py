@@ -18,6 +18,12 @@ from typing import Any
 
 import msgspec
 
+from ipc.reannounce import HeldStream as HeldStream
+from ipc.reannounce import Rehello as Rehello
+from ipc.reannounce import Running as Running
+from ipc.reannounce import RunningTask as RunningTask
+from ipc.reannounce import Streams as Streams
+
 PROTOCOL_VERSION = 1
 
 
@@ -344,13 +350,6 @@ class ReplicaStatus(_Msg):
     circuit_open: bool = False  # its engine's restart circuit breaker is open
 
 
-class Rehello(_Msg):
-    """Scheduler -> frontend or supervisor: "I don't know you, introduce yourself". Sent when
-    a message comes from a peer the scheduler does not know (it declared it dead after a
-    stall, or the scheduler itself is new). The peer answers with its ``Hello``; a supervisor
-    then re-announces its replica's state with ``ReplicaStatus``."""
-
-
 class TaskEnded(_Msg):
     task_id: str
     reason: str  # "stop" | "length" | "canceled" | "error"
@@ -392,6 +391,9 @@ Message = (
     | Welcome
     | Heartbeat
     | Goodbye
+    | Rehello
+    | Running
+    | Streams
     | Submit
     | Claim
     | Unsubscribe
@@ -426,7 +428,6 @@ Message = (
     | PeerDown
     | DrainAll
     | ClusterReady
-    | Rehello
     | PeersSeen
 )
 

@@ -139,6 +139,7 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     # start; its keys reach the other processes only as their sha256.
     api_keys_file: str = ""
     run_dir: str = ""  # "" = a fresh directory under /tmp
+    state_dir: str = ""  # journal + sessions (orchd/scheduler/journal.py); "" = see launcher
     drain_deadline_ms: int = 30_000
     log_level: LogLevel = "info"
     restart_backoff_ms: int = 200

@@ -106,6 +106,7 @@ class Launcher:
             self.guard = listen_socket(s.host, s.port)
         except OSError as e:
             raise ConfigError(f"cannot bind {s.host}:{s.port}: {e.strerror}") from e
+        fixed_port = bool(s.port)
         s.port = self.guard.getsockname()[1]
         if s.run_dir:
             os.makedirs(s.run_dir, mode=0o700, exist_ok=True)
@@ -117,6 +118,9 @@ class Launcher:
         self.run_dir = run_dir
         with open(os.path.join(run_dir, PID_FILE), "w") as f:
             f.write(f"{os.getpid()}\n")
+        if not s.state_dir:  # the journal's home: per address, outliving runs (port 0: per run)
+            own = os.path.expanduser(f"~/.local/state/orchd/{s.host}-{s.port}")
+            s.state_dir = own if fixed_port else os.path.join(run_dir, "state")
         tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         rt = Runtime(run_dir=run_dir, tag=tag, scheduler_addr=f"ipc://{run_dir}/scheduler.sock")
         for ri in range(len(cfg.replicas)):

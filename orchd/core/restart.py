@@ -1,8 +1,8 @@
 """When to restart something that died: exponential backoff plus a circuit breaker.
 
 The one restart rule of orchd: supervisors use it for their engines, the launcher for its
-children (:class:`RestartGroup`, which adds that they all restart with the scheduler). Pure:
-times are passed in.
+children (:class:`RestartGroup`, which adds that nothing starts while the scheduler is down).
+Pure: times are passed in.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ class Child:
 class RestartGroup:
     """The launcher's children, each restarted by its own :class:`RestartPolicy`.
 
-    Every other child's state hangs on the leader's (the scheduler's), so when the leader dies
-    the running children are stopped and restart with it, and no child starts while the
-    leader is down. Pure, like the policy: the launcher does the starting and stopping and
+    The leader (the scheduler) starts first and no child starts while it is down. Its death
+    stops nobody: a restarted scheduler rebuilds its state from its journal and from what the
+    others re-announce (orchd/core/recovery.py), so they keep running, and streaming. Pure, like the policy: the launcher does the starting and stopping and
     passes the times in. A new group has every child due at ``now``.
     """
 
@@ -112,19 +112,13 @@ class RestartGroup:
         c.restart_at = now + c.policy.delay()
 
     def exited(self, name: str, now: float) -> list[str]:
-        """``name`` died at ``now``; returns the running children to stop with it (the
-        leader's death stops them all, and each restarts once the leader has)."""
+        """``name`` died at ``now``; returns the running children to stop with it: none (even
+        the leader's death leaves the others running)."""
         c = self.children[name]
         c.running = False
         c.policy.died(now)
         c.restart_at = now + c.policy.delay()
-        if name != self.leader:
-            return []
-        stop = [n for n, o in self.children.items() if o.running]
-        for n in stop:
-            o = self.children[n]
-            o.running, o.restart_at = False, c.restart_at
-        return stop
+        return []
 
     def due(self, now: float) -> list[str]:
         """The children to start now, in order: the leader first, none while it is down."""

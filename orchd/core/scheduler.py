@@ -19,6 +19,7 @@ from ipc.peers import Peer
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
+from orchd.core.journal import Admit, End, Record, Start
 from orchd.core.liveness_ops import LivenessOps
 from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
@@ -72,6 +73,15 @@ class SchedulerCore(StreamOps, LivenessOps):
         self._drain: tuple[str, int, float] | None = None  # (peer, req id, deadline ms)
         # replica -> tasks it ran when taken as dead (failed then); aborted if it comes back
         self._orphans: dict[str, list[str]] = {}
+        # Durability (orchd/core/journal.py, orchd/core/recovery.py): what the journal is to
+        # record (the shell takes it each loop turn), wall clock minus `now`, the started
+        # tasks a restarted core waits to hear of from their supervisor (task id -> replica),
+        # and whether a drain past its deadline keeps the queued tasks for the next start.
+        self.records: list[Record] = []
+        self.wall_offset_ms = 0.0
+        self.adopting: dict[str, str] = {}
+        self.adopt_until = 0.0  # when the supervisors have had their time to re-announce
+        self.parked = False
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -138,6 +148,7 @@ class SchedulerCore(StreamOps, LivenessOps):
         t.end_reason = reason
         t.error = error
         t.ended_ms = now
+        self.records.append(End(t.spec.task_id, reason, now + self.wall_offset_ms, error))
         self._ended.append((now, t.spec.task_id))
 
     def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None:
@@ -229,6 +240,7 @@ class SchedulerCore(StreamOps, LivenessOps):
             t.frontend, t.slot = provisional
             t.stream = step(t.stream, Ev.OPEN)
         self.tasks[spec.task_id] = t
+        self.records.append(Admit(spec, now + self.wall_offset_ms))
         self.stats.enqueued += 1
         return pushed.position, predicted
 
@@ -278,7 +290,7 @@ class SchedulerCore(StreamOps, LivenessOps):
                 misfits.add(shape)
             return c is not None
 
-        while True:
+        while not self.parked:
             got = self.queue.pop_first(fits)
             if got is None:
                 return out
@@ -291,11 +303,13 @@ class SchedulerCore(StreamOps, LivenessOps):
             t.replica = r.id
             t.placement_reason = c.reason  # type: ignore[attr-defined]
             t.started_ms = now
+            self.records.append(Start(t.spec.task_id, r.id, now + self.wall_offset_ms))
             if t.stream in (Stream.SUBSCRIBED, Stream.PROVISIONAL):
                 t.stream = step(t.stream, Ev.ATTACH)
             self.stats.started += 1
             self.stats.bump(self.stats.placements, (r.pool_id, r.id))
             out.append((sup(r.id), self._dispatch_msg(t, r, now)))
+        return out
 
     def _dispatch_msg(self, t: Task, r: ReplicaView, now: float) -> p.Dispatch:
         sess = self.sessions.sessions.get(t.spec.session_id)
@@ -440,16 +454,13 @@ class SchedulerCore(StreamOps, LivenessOps):
             peer, req_id, deadline = self._drain
             busy = [t for t in self.tasks.values() if t.state is not State.ENDED]
             if busy and now >= deadline:
-                err = p.ErrorInfo(
-                    Code.POOL_UNAVAILABLE.value, "orchd shut down before the task ran"
-                )
-                for t in busy:
-                    if t.state is State.QUEUED:
-                        self.fail_task(t, err, now, out)
+                # The queued tasks stay in the journal (the next start runs them); nothing
+                # more is dispatched; the running ones end with a retriable error.
+                self.parked = True
                 out += self.abort_tasks(
                     [t for t in busy if t.state is State.RUNNING], "shutdown", now
                 )
-                busy = [t for t in self.tasks.values() if t.state is not State.ENDED]
+                busy = [t for t in self.tasks.values() if t.state is State.RUNNING]
             if not busy and not self._fences:
                 self._drain = None
                 out.append((peer, p.Done(req_id)))

@@ -77,9 +77,11 @@ class SessionTable:
         self.per_key = dict(per_key or {})
         self.sessions: dict[str, Session] = {}
         self._expiry: list[tuple[float, str]] = []  # (expires_ms, id): a heap, lazily checked
+        self.dirty: set[str] = set()  # changed since the journal last took them (ids)
 
     def _touch(self, s: Session, now: float) -> None:
         s.last_used_ms = now
+        self.dirty.add(s.id)
         heapq.heappush(self._expiry, (s.expires_ms(), s.id))
 
     def limits_for(self, key: str) -> Limits:
@@ -89,6 +91,7 @@ class SessionTable:
         s = self.sessions.get(session_id)
         if s is not None and s.expires_ms() <= now and s.active == 0:
             del self.sessions[session_id]
+            self.dirty.add(session_id)
             return None
         return s
 
@@ -182,7 +185,13 @@ class SessionTable:
         self._touch(s, s.last_used_ms)
 
     def delete(self, session_id: str) -> bool:
+        self.dirty.add(session_id)
         return self.sessions.pop(session_id, None) is not None
+
+    def restore(self, s: Session) -> None:
+        """Put back a session read from the journal (orchd/core/recovery.py)."""
+        self.sessions[s.id] = s
+        heapq.heappush(self._expiry, (s.expires_ms(), s.id))
 
     def evict_expired(self, now: float) -> list[str]:
         """Sessions past their TTL and idle; O(expired log n), not a scan of all sessions."""
@@ -193,6 +202,7 @@ class SessionTable:
             s = self.sessions.get(sid)
             if s is not None and s.expires_ms() <= now and s.active == 0:
                 del self.sessions[sid]
+                self.dirty.add(sid)
                 gone.append(sid)
             # else: gone already, or touched since (a later entry exists), or still busy
             # (its end touches it again)

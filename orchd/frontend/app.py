@@ -64,6 +64,11 @@ class Frontend:
         )
         self.table.reply = self.client.send
         self.client.on_notice = self.table.on_notice
+        self.client.held = lambda: [
+            p.HeldStream(s.task_id, s.slot, not s.provisional)
+            for s in self.table.streams.values()
+            if not s.terminal
+        ]
         self.registry = CollectorRegistry()
         fl = [str(index)]
         self.m_open = Gauge(

@@ -48,6 +48,8 @@ class SchedulerClient:
         # req_id -> (future, deadline)
         self.pending: dict[int, tuple[asyncio.Future[p.Message], float]] = {}
         self.on_notice: Callable[[Notice], None] = lambda m: None
+        # The open streams to re-announce to a restarted scheduler (set by the app).
+        self.held: Callable[[], list[p.HeldStream]] = list
         self._timers: list[asyncio.TimerHandle] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -122,9 +124,12 @@ class SchedulerClient:
             self.on_notice(msg)
             return
         if isinstance(msg, p.Rehello):
-            # The scheduler does not know us (it took us as dead, or it is new): say hello.
+            # The scheduler does not know us (it took us as dead, or it is new): who we are,
+            # and the streams we hold (it rebuilds who streams each task from these;
+            # orchd/core/recovery.py).
             log.warning("scheduler asked this frontend to introduce itself again")
             self.send(p.Hello("frontend", self.ident, os.getpid()))
+            self.send(p.Streams(self.held()))
             return
         req_id = 0 if isinstance(msg, p.Welcome) else getattr(msg, "req_id", None)
         entry = self.pending.get(req_id) if req_id is not None else None

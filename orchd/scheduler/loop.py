@@ -11,6 +11,7 @@ heartbeat the launcher is told how long ago each peer was heard (``PeersSeen``):
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -24,10 +25,12 @@ from ipc.peers import Peer
 from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, load_resolved
+from orchd.core import recovery
 from orchd.core.errors import Code, OrchdError
 from orchd.core.liveness import Heard, PeerClock
 from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
+from orchd.scheduler.journal import Journal, JournalError
 from orchd.scheduler.metrics import SchedulerMetrics
 from orchd.scheduler.models import Verifier, check_refs, model_roots
 from orchd.scheduler.stores import CatalogDisk, make_store
@@ -67,13 +70,18 @@ class SchedulerShell:
         cfg = res.config
         self.cfg = cfg
         self.core, self.control = build_core(cfg)
-        self.control.wall_offset_ms = time.time() * 1000.0 - _now_ms()
+        self.control.wall_offset_ms = self.core.wall_offset_ms = time.time() * 1000.0 - _now_ms()
         self.gpus = NvmlCollector(cfg.replicas)
         self.metrics = SchedulerMetrics(self.core, self.gpus if self.gpus.available else None)
         self.store = make_store(cfg, res.runtime.run_dir)
         self.catalog_disk = CatalogDisk(self.core.catalog, cfg.catalog.catalog_dir)
         self.roots = model_roots(cfg.catalog, res.runtime.run_dir)
         self.verifier = Verifier(cfg.catalog, self.roots)
+        # Admitted tasks and sessions, replayed now; supervisors get a few heartbeats' time
+        # to re-announce the tasks they run before those count as lost.
+        state_dir = cfg.server.state_dir or os.path.join(res.runtime.run_dir, "state")
+        adopt_ms = cfg.server.peer_timeout_ms + 2 * cfg.server.heartbeat_ms
+        self.journal = Journal(self.core, state_dir, _now_ms(), adopt_ms)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -106,13 +114,19 @@ class SchedulerShell:
         """Send, supervisors first (a dispatch starts the engine: the first token is what
         clients wait for), then log what was sent: nothing is formatted before a send."""
         box = self.outbox
+        synced = False
         for peer in sorted(box, key=lambda peer: Peer(peer).role != "supervisor"):
+            if not synced and Peer(peer).role != "supervisor":
+                self.journal.sync(time.monotonic())  # on disk before the 202s that promise it
+                synced = True
             frames = box[peer]
             try:
                 self.sock.send_multipart([peer.encode(), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("dropped messages to a peer", peer=peer, n=len(frames), error=str(e))
         box.clear()
+        if not synced:
+            self.journal.sync(time.monotonic())
         for submit, out in self.admissions:
             self._narrate_admission(submit, out)
         self.admissions.clear()
@@ -157,7 +171,9 @@ class SchedulerShell:
                 busy = bool(self.core.tasks) or bool(self.control.reloads)
                 next_tick = time.monotonic() + (TICK_S if busy else IDLE_TICK_S)
                 self.tick()
+            self.journal.commit(time.monotonic())  # written before anything is sent
             self.flush_out()
+        self.journal.close()
         self.verifier.stop()
         self.sock.close(0)
         self.ctx.term()
@@ -194,6 +210,7 @@ class SchedulerShell:
         if self.gpus.available:
             self._gpu_view()
         self.send(self.core.tick(now))
+        self.send(recovery.overdue(self.core, now))
         self.send(self.control.tick(now))
         depth = len(self.core.queue)
         if depth != self.last_depth:
@@ -308,6 +325,11 @@ class SchedulerShell:
                 self._maybe_announce()
             case p.Hello():
                 out = self._hello(peer, msg, now)
+            case p.Running():
+                out = recovery.running(core, peer, msg, now)
+                log.info("tasks re-announced", peer=peer, tasks=len(msg.tasks))
+            case p.Streams():
+                out = recovery.streams(core, peer, msg, now)
             case p.Goodbye():
                 self._peer_down(peer, f"said goodbye: {msg.reason}", now)
                 return
@@ -437,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     res = load_resolved(argv[0])
     log.setup("scheduler", res.config.server.log_level)
     log.defer()  # flushed once per loop turn
-    shell = SchedulerShell(res)
+    try:
+        shell = SchedulerShell(res)
+    except JournalError as e:
+        log.error("scheduler cannot start", error=str(e))
+        log.flush()
+        return 1
 
     def _stop(signum: int, frame: object) -> None:
         shell.running = False

@@ -91,7 +91,8 @@ def test_drop_lru_drops_the_oldest_batch_task(tmp_path: Path) -> None:
 
 
 def test_a_flood_from_one_key_does_not_starve_another(tmp_path: Path) -> None:
-    d = daemon_with(tmp_path, "reject", 200, itl=2)  # one slot, ~25 ms a task: a backlog builds
+    # One slot, ~110 ms a task: a backlog builds (each POST also waits for the journal's fsync).
+    d = daemon_with(tmp_path, "reject", 200, itl=10)
     try:
         flood = []
         for _ in range(40):
