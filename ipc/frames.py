@@ -18,7 +18,11 @@ KIND_DATA = 1
 KIND_TERMINAL = 2
 
 
-def frame(event: str, seq: int, data: dict[str, Any]) -> bytes:
+def frame(event: str, seq: int | None, data: dict[str, Any]) -> bytes:
+    """One SSE frame; ``seq`` None: no ``id:`` (a frame about the connection, not the task, so
+    the client's Last-Event-ID stays its last event's)."""
+    if seq is None:
+        return b"event: %s\ndata: %s\n\n" % (event.encode(), _json.encode(data))
     return b"event: %s\nid: %d\ndata: %s\n\n" % (event.encode(), seq, _json.encode(data))
 
 
@@ -52,7 +56,7 @@ def end_frame(
     )
 
 
-def error_frame(seq: int, envelope: dict[str, Any]) -> bytes:
+def error_frame(seq: int | None, envelope: dict[str, Any]) -> bytes:
     body = {
         k: envelope.get(k) for k in ("code", "message", "engine", "retriable", "retry_after_ms")
     }
