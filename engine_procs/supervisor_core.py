@@ -175,7 +175,10 @@ class SupervisorCore:
             return
         run.stream = step(step(run.stream, Ev.RESUME), Ev.ATTACH)
         run.frontend, run.slot = msg.frontend, msg.slot
-        run.outbox = [frames_after(run.transcript, msg.after_seq)]
+        replay = frames_after(run.transcript, msg.after_seq)
+        if not replay and run.ended:
+            replay = run.transcript[-1]  # the client had it all: its terminal again, alone
+        run.outbox = [replay]
         self._mark(run)
         if run.ended:
             run.stream = step(run.stream, Ev.TERMINAL)

@@ -150,6 +150,16 @@ def test_the_supervisor_replays_exactly_the_events_after_last_event_id() -> None
     assert [(e, i) for e, i, _ in events(payload)] == [("token", 7), ("end", 8)]
 
 
+def test_a_resume_after_the_terminal_gets_the_terminal_again_never_an_empty_stream() -> None:
+    core = make_sup()
+    sup_dispatch(core, frontend=-1)
+    toks(core, "t1", 2, T0)
+    core.finish(rid_of(core), "stop", T0 + 0.01)
+    core.on_message(p.Attach("t1", 0, 4, 3), T0 + 0.02)  # 3 is the end's id
+    ((_, _, _, kind, payload),) = core.flush()
+    assert kind == KIND_TERMINAL and [(e, i) for e, i, _ in events(payload)] == [("end", 3)]
+
+
 def test_a_resume_after_the_transcript_is_gone_ends_with_one_clear_error() -> None:
     core = make_sup(limits={"transcript_retention_ms": 1000})
     sup_dispatch(core, frontend=-1)
