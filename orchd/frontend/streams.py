@@ -56,7 +56,6 @@ class Stream:
         "overflow",
         "opened_at",
         "budgets",
-        "released",
     )
 
     def __init__(
@@ -76,7 +75,6 @@ class Stream:
         self.overflow = False
         self.opened_at = 0.0
         self.budgets: p.Budgets | None = None
-        self.released = False  # taken over by another connection: this one just ends
 
     @property
     def terminal(self) -> bool:
@@ -302,7 +300,6 @@ class StreamTable:
                 self.drop_provisional(s)  # a client streams it from another frontend
             elif not s.terminal:
                 # Another connection resumed it (Last-Event-ID): this one ends.
-                s.released = True
                 s.fail(
                     OrchdError(
                         Code.STREAM_CONFLICT,

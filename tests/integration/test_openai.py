@@ -191,7 +191,7 @@ def test_priority_and_session_ride_as_extra_body(client: openai.OpenAI, daemon: 
     daemon.wait_log(
         lambda rec: (
             rec.get("narration") == "admitted"
-            and rec.get("task_id") == r.id
+            and rec.get("task_id", "").endswith("/" + r.id)  # (scoped by its key)
             and rec.get("priority") == "batch"
         ),
         10,
