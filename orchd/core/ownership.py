@@ -131,7 +131,7 @@ for _s in Stream:
 
 # States in which a stream is fed from the producer's ring (the supervisor writes to it).
 FED: Final = frozenset({S.PROVISIONAL, S.ATTACHED})
-# States in which the stream is unclaimed: the supervisor keeps the transcript for a replay.
+# States in which no client's connection holds the stream (it is unclaimed, or nobody's).
 UNCLAIMED: Final = frozenset({S.NONE, S.PROVISIONAL, S.PROVISIONAL_ENDED})
 # States in which a GET without Last-Event-ID may open the stream (anything else: a live
 # connection holds it, 409).
