@@ -6,6 +6,7 @@ only once ``limits.resume_grace_ms`` passed with no GET; a second concurrent GET
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -400,11 +401,16 @@ def test_a_paused_frontend_ends_its_streams_retriably_and_they_resume(pair: Daem
         # The fault is a 15 s pause: hold it that long (the scheduler gave up at ~10 s).
         time.sleep(max(0.0, paused + PAUSE_S - time.monotonic()))
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # (a watchdog may have replaced it)
+            os.kill(proc.pid, signal.SIGCONT)
     old = a.read_to_end(timeout=30)
     assert not any(e.event == "end" and e.json["reason"] == "canceled" for e in old)
-    last = old[-1]
-    assert last.event == "error" and last.id is None, last  # about the connection
-    assert last.json["code"] == "STREAM_INTERRUPTED" and last.json["retriable"]
-    b = Raw(pair, f"/v1/tasks/{tid}/stream", last_id=ids(old)[-1])
+    # The frontend, awake, ends the stream with one retriable error about the connection (no
+    # id); had a watchdog killed it instead, the connection just closed. Either way: resume.
+    ended = [e for e in old if e.event in TERMINAL]
+    assert ended == [old[-1]] or (ended == [] and not proc.is_running())
+    if ended:
+        assert old[-1].event == "error" and old[-1].id is None, old[-1]
+        assert old[-1].json["code"] == "STREAM_INTERRUPTED" and old[-1].json["retriable"]
+    b = reconnect(pair, f"/v1/tasks/{tid}/stream", ids(old)[-1])
     check_rest(old, b.read_to_end(timeout=60), 3000)
