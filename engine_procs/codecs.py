@@ -53,10 +53,11 @@ class OpenAICodec:
         self.kind = spec.api  # "chat" | "completions" | "embeddings"
         self.stream = spec.stream and self.kind != "embeddings"
         self.model = spec.model or spec.model_ref
-        self.task_id = spec.task_id
+        # The id clients see: the frontend scopes task ids by API key ("<key id>/chatcmpl-…").
+        self.task_id = spec.task_id.rpartition("/")[2]
         self.created = spec.created
         self.usage_mode = spec.stream_usage
-        self.shape = oa.ChunkShape(self.kind, spec.task_id, self.model, spec.created)
+        self.shape = oa.ChunkShape(self.kind, self.task_id, self.model, spec.created)
         self.scanner = StopScanner(spec.stop) if spec.stop else None
         self.stopped = False  # a stop string was met: the task ends
         self.pieces: list[bytes] = []  # a whole response's text, as JSON string insides

@@ -12,6 +12,7 @@ from ipc import protocol as p
 from ipc.frames import frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical
+from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import Ev, Stream, step
 
 if TYPE_CHECKING:
@@ -179,3 +180,27 @@ def started_event(msg: p.Dispatch, replica: Replica, engine_version: str) -> dic
         "sampler_profile_version": msg.task.sampler_profile_version,
         "placement": msg.placement_reason,
     }
+
+
+def abort_error(reason: str, replica: Replica) -> OrchdError | None:
+    """The error an abort for ``reason`` ends a running task with; None: ``end canceled``
+    (the client's own cancel, or its disconnect past ``limits.resume_grace_ms``)."""
+    if reason == "frontend_lost":  # orchd's failure, not the client's: retriable
+        return OrchdError(
+            Code.STREAM_INTERRUPTED,
+            "task stopped: the frontend of its stream failed and no client resumed it within "
+            "limits.resume_grace_ms",
+            engine=replica.engine,
+            pool_id=replica.pool_id,
+            retry_after_ms=0,
+        )
+    if reason in ("drained", "shutdown"):
+        why = "its pool was drained" if reason == "drained" else "orchd is shutting down"
+        return OrchdError(
+            Code.POOL_UNAVAILABLE,
+            f"task stopped: {why}",
+            engine=replica.engine,
+            pool_id=replica.pool_id,
+            retry_after_ms=1000,
+        )
+    return None

@@ -12,9 +12,10 @@ The shell (``engine_procs/supervisor.py``) owns the sockets, the rings and the e
 Rules kept here: each event is encoded once into the transcript, and into the outbox while
 a frontend is fed (``orchd/core/ownership.py``); coalescing (the first token at once, then
 every N tokens or ``stream_interval_ms``); one deadline heap for decode timeouts, time
-budgets, `metrics` frames and coalescing releases; ended transcripts kept for late
-subscribers; budgets end a task with ``end {reason: budget}``; every task that ran ends with
-one ``TaskEnded`` (a canceled one before the ``AbortDone`` that answers the cancel). The
+budgets, `metrics` frames and coalescing releases; every transcript kept for
+``transcript_retention_ms`` after its end, delivered or not, so a client resumes from any
+event (``Last-Event-ID``) on any frontend; budgets end a task with ``end {reason: budget}``;
+every task that ran ends with one ``TaskEnded`` (a canceled one before the ``AbortDone`` that answers the cancel). The
 replica's engines (restarts, reloads) are :mod:`engine_procs.supervisor_engines`.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 from engine_procs.codecs import OpenAICodec
 from engine_procs.deadlines import DeadlineHeap
 from engine_procs.held import running
-from engine_procs.runs import NO_ENGINE, Run, recent_itl_ms, started_event
+from engine_procs.runs import NO_ENGINE, Run, abort_error, recent_itl_ms, started_event
 from engine_procs.supervisor_effects import (
     Effect,
     Log,
@@ -40,7 +41,15 @@ from engine_procs.supervisor_effects import (
 )
 from engine_procs.supervisor_engines import EngineSet
 from ipc import protocol as p
-from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame, token_frame
+from ipc.frames import (
+    KIND_DATA,
+    KIND_TERMINAL,
+    end_frame,
+    error_frame,
+    frame,
+    frames_after,
+    token_frame,
+)
 from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step
@@ -156,59 +165,62 @@ class SupervisorCore:
         return self.runs.get(task_id) or self.ended.get(task_id)
 
     def attach(self, msg: p.Attach, now: float) -> None:
-        """A client opened the stream (on any frontend): replay everything so far, then live."""
+        """A client opened the stream (on any frontend), maybe resuming after event
+        ``after_seq``: replay the transcript from there, then live. It takes the stream from
+        whoever held it."""
         run = self._find(msg.task_id)
         if run is None:
-            err = OrchdError(Code.INTERNAL, f"transcript of task {msg.task_id} is gone")
+            err = OrchdError(
+                Code.INTERNAL,
+                f"the transcript of task {msg.task_id} is gone (kept for "
+                f"limits.transcript_retention_ms after its end, and lost with its supervisor)",
+            )
+            seq = max(1, msg.after_seq + 1)
             self.direct.append(
-                (msg.frontend, msg.slot, 1, KIND_TERMINAL, error_frame(1, err.envelope()))
+                (msg.frontend, msg.slot, seq, KIND_TERMINAL, error_frame(seq, err.envelope()))
             )
             return
-        run.stream = step(step(run.stream, Ev.SUBSCRIBE), Ev.ATTACH)
+        run.stream = step(step(run.stream, Ev.RESUME), Ev.ATTACH)
         run.frontend, run.slot = msg.frontend, msg.slot
-        run.outbox = [b"".join(run.transcript)]
+        replay = frames_after(run.transcript, msg.after_seq)
+        if not replay and run.ended:
+            replay = run.transcript[-1]  # the client had it all: its terminal again, alone
+        run.outbox = [replay]
         self._mark(run)
         if run.ended:
             run.stream = step(run.stream, Ev.TERMINAL)
-            self.ended.pop(run.task_id, None)  # delivered by this replay
         else:
             self._schedule(run, now)  # now it may owe `metrics` frames
 
     def claim(self, task_id: str) -> None:
-        """The provisional stream is a client's now: its transcript need not be kept."""
+        """The provisional stream is a client's now."""
         run = self._find(task_id)
         if run is None or run.stream not in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
             return
         run.stream = step(run.stream, Ev.CLAIM)
         if run.stream is Stream.SUBSCRIBED:
             run.stream = step(run.stream, Ev.ATTACH)
-        if run.ended:
-            run.transcript = []
-            self.ended.pop(task_id, None)
 
     def detach(self, task_id: str) -> None:
-        """The unclaimed stream was let go: stop feeding it; keep the transcript."""
+        """Stop feeding the stream: it was unclaimed and let go, or its client (or its
+        frontend) is gone and may resume. The transcript stays for a replay."""
         run = self._find(task_id)
-        if run is None or run.stream not in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
+        if run is None:
             return
-        run.stream = step(run.stream, Ev.DETACH)
+        if run.stream in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
+            run.stream = step(run.stream, Ev.DETACH)
+        elif run.stream in (Stream.SUBSCRIBED, Stream.ATTACHED):
+            run.stream = step(run.stream, Ev.DROP)
+        else:
+            return
         run.frontend, run.slot = -1, 0
         run.outbox = []
 
     def abort(self, msg: p.Abort, now: float) -> None:
         run = self.runs.get(msg.task_id)
         if run is not None:
-            if msg.reason in ("drained", "shutdown"):
-                why = (
-                    "its pool was drained" if msg.reason == "drained" else "orchd is shutting down"
-                )
-                err = OrchdError(
-                    Code.POOL_UNAVAILABLE,
-                    f"task stopped: {why}",
-                    engine=self.replica.engine,
-                    pool_id=self.replica.pool_id,
-                    retry_after_ms=1000,
-                )
+            err = abort_error(msg.reason, self.replica)
+            if err is not None:
                 self._fail(run, err, now)
             else:
                 self._end(run, "canceled", now)
@@ -425,8 +437,6 @@ class SupervisorCore:
                 kind = KIND_TERMINAL if run.ended else KIND_DATA
                 records.append((run.frontend, run.slot, run.seq, kind, payload))
                 run.outbox = []
-            if run.ended and run.stream is Stream.TERMINAL_PENDING:
-                run.transcript = []  # delivered to a claimed stream: nobody will replay it
         self.dirty.clear()
         return records
 

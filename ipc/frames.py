@@ -1,7 +1,9 @@
 """SSE frames, encoded once by the supervisor; the frontend only copies these bytes.
 
 Event ids are the event's sequence number within its task: ``started`` is 0, each later event
-adds one. A ``token``'s ``i`` is its 0-based index among the task's tokens.
+adds one. A ``token``'s ``i`` is its 0-based index among the task's tokens. Ids are given once,
+when a frame is encoded, so a replay of the transcript carries the same ids: a client resumes
+with ``Last-Event-ID`` (:func:`frames_after`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ KIND_DATA = 1
 KIND_TERMINAL = 2
 
 
-def frame(event: str, seq: int, data: dict[str, Any]) -> bytes:
+def frame(event: str, seq: int | None, data: dict[str, Any]) -> bytes:
+    """One SSE frame; ``seq`` None: no ``id:`` (a frame about the connection, not the task, so
+    the client's Last-Event-ID stays its last event's)."""
+    if seq is None:
+        return b"event: %s\ndata: %s\n\n" % (event.encode(), _json.encode(data))
     return b"event: %s\nid: %d\ndata: %s\n\n" % (event.encode(), seq, _json.encode(data))
 
 
@@ -50,8 +56,28 @@ def end_frame(
     )
 
 
-def error_frame(seq: int, envelope: dict[str, Any]) -> bytes:
+def error_frame(seq: int | None, envelope: dict[str, Any]) -> bytes:
     body = {
         k: envelope.get(k) for k in ("code", "message", "engine", "retriable", "retry_after_ms")
     }
     return frame("error", seq, body)
+
+
+def frames_after(transcript: list[bytes], after: int) -> bytes:
+    """The frames of ``transcript`` whose id is above ``after`` (-1: all), in order; a frame
+    with no id (OpenAI's ``data: [DONE]``) is kept. Parses the ``id:`` lines, so it is for
+    replays, not the hot path. Frames hold no blank line inside (their data is one JSON line)."""
+    whole = b"".join(transcript)
+    if after < 0:
+        return whole
+    out = []
+    for f in whole.split(b"\n\n"):
+        if not f:
+            continue
+        i = 0 if f.startswith(b"id: ") else f.find(b"\nid: ") + 1
+        if i > 0 or f.startswith(b"id: "):
+            end = f.find(b"\n", i)
+            if int(f[i + 4 : end]) <= after:
+                continue
+        out.append(f + b"\n\n")
+    return b"".join(out)

@@ -39,8 +39,11 @@ def data_frame(seq: int, body: bytes) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (seq, body)
 
 
-def error_frame(seq: int, error_body: dict[str, Any]) -> bytes:
-    """An error after the stream started: one ``data: {"error": ...}`` frame (no [DONE])."""
+def error_frame(seq: int | None, error_body: dict[str, Any]) -> bytes:
+    """An error after the stream started: one ``data: {"error": ...}`` frame (no [DONE]);
+    ``seq`` None: no ``id:`` (the connection failed, not the task: the client resumes)."""
+    if seq is None:
+        return b"data: %s\n\n" % _json.encode(error_body)
     return data_frame(seq, _json.encode(error_body))
 
 

@@ -127,9 +127,11 @@ class Claim(_Msg):
 
 class Unsubscribe(_Msg):
     """The frontend dropped the unclaimed provisional stream of ``task_id`` (it waited too long
-    or outgrew its buffer); a later GET replays the transcript."""
+    or outgrew its buffer), or the client of the stream in ``slot`` left before its terminal
+    (the task runs on for ``limits.resume_grace_ms``); a later GET replays the transcript."""
 
     task_id: str
+    slot: int = 0  # 0: the provisional stream
 
 
 class Release(_Msg):
@@ -150,6 +152,7 @@ class Subscribe(_Msg):
     task_id: str
     frontend: int
     slot: int
+    after_seq: int = -1  # Last-Event-ID: feed the events after it (and take the stream over)
 
 
 class Cancel(_Msg):
@@ -206,6 +209,7 @@ class Subscribed(_Msg):
     req_id: int
     task_id: str
     budgets: Budgets = Budgets()
+    codec: str = "native"  # the shape of the task's frames: "native" | "openai"
 
 
 class Done(_Msg):
@@ -283,6 +287,7 @@ class Attach(_Msg):
     task_id: str
     frontend: int
     slot: int
+    after_seq: int = -1  # replay the transcript's events after this id (-1: all of it)
 
 
 class Abort(_Msg):

@@ -161,7 +161,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_streams_per_key: int = 0  # per frontend and API key; 0 = max_streams
     max_tokens_limit: int = 32_768
     ctx_limit: int = 1 << 20
-    transcript_retention_ms: int = 60_000
+    transcript_retention_ms: int = 60_000  # ended tasks: Last-Event-ID resumes this long
+    resume_grace_ms: int = 10_000  # a stream's client gone: its task runs on this long
     # The edge (orchd/frontend/edge.py): what one client may hold of a frontend.
     max_connections: int = 4096  # per frontend; past it idle ones are closed, else 503
     max_header_bytes: int = 16_384  # request line + headers; beyond it: 431
@@ -445,8 +446,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"limits.{name} must be >= 1, got {value}")
     if lim.max_header_bytes < 1024:
         raise ConfigError(f"limits.max_header_bytes must be >= 1024, got {lim.max_header_bytes}")
-    if lim.max_streams_per_key < 0 or lim.send_buffer_bytes < 0:
-        raise ConfigError("limits.max_streams_per_key and send_buffer_bytes must be >= 0")
+    if min(lim.max_streams_per_key, lim.send_buffer_bytes, lim.resume_grace_ms) < 0:
+        raise ConfigError("limits.max_streams_per_key, send_buffer_bytes, resume_grace_ms: >= 0")
     c = cfg.catalog
     if c.verify_concurrency < 1 or c.verify_max_bytes < 1 or c.verify_timeout_ms < 1:
         raise ConfigError("catalog.verify_concurrency, verify_max_bytes, verify_timeout_ms: >= 1")

@@ -27,6 +27,8 @@ class Code(StrEnum):
     DECODE_TIMEOUT = "DECODE_TIMEOUT"
     WORKER_RESET = "WORKER_RESET"
     STREAM_OVERFLOW = "STREAM_OVERFLOW"
+    STREAM_CONFLICT = "STREAM_CONFLICT"  # another connection holds (or took) the stream
+    STREAM_INTERRUPTED = "STREAM_INTERRUPTED"  # orchd lost the stream: resume it
     INTERNAL = "INTERNAL"
 
 
@@ -60,6 +62,8 @@ TABLE: dict[Code, Rule] = {
     Code.DECODE_TIMEOUT: Rule(500, True, _SERVER),
     Code.WORKER_RESET: Rule(500, True, _SERVER),
     Code.STREAM_OVERFLOW: Rule(500, True, _SERVER),
+    Code.STREAM_CONFLICT: Rule(409, False, _INVALID),
+    Code.STREAM_INTERRUPTED: Rule(503, True, _UNAVAILABLE),
     Code.INTERNAL: Rule(500, False, _SERVER),
 }
 

@@ -13,12 +13,19 @@ States::
     TERMINAL_PENDING   the terminal frame is written (ring or frontend), maybe not yet sent
     FENCING            a fence is out: the frontend answers once the terminal is on the wire
     DONE               the terminal frame is on the client's socket
+    DETACHED           its client's connection (or its frontend) went away mid-stream;
+                       nothing is fed, the transcript is kept, and the scheduler cancels the
+                       task unless a GET takes the stream back within
+                       ``limits.resume_grace_ms``
 
 Events: ``open`` (a provisional stream at admission), ``claim`` (its client came),
 ``subscribe`` (a GET: a new stream, maybe taking over a provisional one elsewhere),
 ``attach`` (the supervisor feeds it), ``terminal`` (its terminal frame is written),
 ``fence`` (the scheduler asks to be told when it is sent), ``sent`` (it is sent),
-``detach`` (an unclaimed stream let go), ``lost`` (its frontend died).
+``detach`` (an unclaimed stream let go), ``lost`` (its frontend died), ``drop`` (its client
+left before the terminal), ``resume`` (a GET with ``Last-Event-ID``: it takes the stream
+from whoever holds it, and is fed from the event after that id), ``expire`` (the grace
+after a drop passed with no GET).
 
 The cancel handshake. A cancel is answered only once no further ``token`` can reach the
 client: the stream's terminal frame is on its socket (or there is no socket)::
@@ -58,6 +65,7 @@ class Stream(Enum):
     TERMINAL_PENDING = "terminal_pending"
     FENCING = "fencing"
     DONE = "done"
+    DETACHED = "detached"
 
 
 class Ev(Enum):
@@ -70,6 +78,9 @@ class Ev(Enum):
     SENT = "sent"
     DETACH = "detach"
     LOST = "lost"
+    DROP = "drop"
+    RESUME = "resume"
+    EXPIRE = "expire"
 
 
 class IllegalTransition(Exception):
@@ -100,18 +111,33 @@ TRANSITIONS: Final[dict[tuple[Stream, Ev], Stream]] = {
     (S.TERMINAL_PENDING, E.FENCE): S.FENCING,
     (S.TERMINAL_PENDING, E.SENT): S.DONE,
     (S.FENCING, E.SENT): S.DONE,
+    # A client gone mid-stream: the task runs on for a grace period, a GET may take it back.
+    (S.SUBSCRIBED, E.DROP): S.DETACHED,
+    (S.ATTACHED, E.DROP): S.DETACHED,
+    (S.DETACHED, E.SUBSCRIBE): S.SUBSCRIBED,  # replayed from the start
+    (S.DETACHED, E.EXPIRE): S.NONE,
+    (S.DONE, E.SUBSCRIBE): S.SUBSCRIBED,  # read again, whole, while the transcript is kept
 }
-# A frontend's death takes every stream it held.
+# A frontend's death takes every stream it held; a live one is detached (its client may
+# come back on another frontend), an unclaimed or ended one is simply no longer streamed.
 for _s in Stream:
-    if _s is not S.NONE:
+    if _s not in (S.NONE, S.DETACHED):
         TRANSITIONS[(_s, E.LOST)] = S.NONE
+TRANSITIONS[(S.SUBSCRIBED, E.LOST)] = S.DETACHED
+TRANSITIONS[(S.ATTACHED, E.LOST)] = S.DETACHED
+# A GET with Last-Event-ID takes the stream whatever holds it (the old connection ends).
+for _s in Stream:
+    TRANSITIONS[(_s, E.RESUME)] = S.SUBSCRIBED
 
 # States in which a stream is fed from the producer's ring (the supervisor writes to it).
 FED: Final = frozenset({S.PROVISIONAL, S.ATTACHED})
-# States in which the stream is unclaimed: the supervisor keeps the transcript for a replay.
+# States in which no client's connection holds the stream (it is unclaimed, or nobody's).
 UNCLAIMED: Final = frozenset({S.NONE, S.PROVISIONAL, S.PROVISIONAL_ENDED})
-# States in which a GET may open the stream (anything else: it is already streamed).
-OPENABLE: Final = UNCLAIMED
+# States in which a GET without Last-Event-ID may open the stream (anything else: a live
+# connection holds it, 409).
+OPENABLE: Final = UNCLAIMED | {S.DETACHED, S.DONE}
+# States in which a client's connection holds the stream (a take-over ends that connection).
+HELD: Final = frozenset({S.SUBSCRIBED, S.ATTACHED, S.TERMINAL_PENDING, S.FENCING})
 # States in which the terminal frame is written into the stream.
 ENDED: Final = frozenset({S.PROVISIONAL_ENDED, S.TERMINAL_PENDING, S.FENCING, S.DONE})
 

@@ -44,6 +44,7 @@ class SchedulerCore(StreamOps, LivenessOps):
         sessions: SessionTable | None = None,
         catalog: Catalog | None = None,
         cost_per_token: float = 0.0,
+        resume_grace_ms: int = 10_000,
     ) -> None:
         self.replicas = {r.id: r for r in replicas}
         if pools is None:
@@ -69,6 +70,8 @@ class SchedulerCore(StreamOps, LivenessOps):
         self._ids = itertools.count(1)
         self._aborts: dict[int, str] = {}  # abort req id -> task id
         self._fences: dict[int, str] = {}  # fence req id -> task id
+        self._detached: dict[str, tuple[float, str]] = {}  # (grace end ms, why); streams.py
+        self.resume_grace_ms = resume_grace_ms
         self._ended: deque[tuple[float, str]] = deque()  # (ended_ms, task id), for retention
         self._drain: tuple[str, int, float] | None = None  # (peer, req id, deadline ms)
         # replica -> tasks it ran when taken as dead (failed then); aborted if it comes back
@@ -406,8 +409,8 @@ class SchedulerCore(StreamOps, LivenessOps):
                 if t.state is State.RUNNING:
                     self.fail_task(t, err, now, out)
                     orphans.append(t.spec.task_id)
-                if t.replayable and t.stream is Stream.NONE:
-                    t.replayable = False  # lost with the process
+                if t.replayable:
+                    t.replayable = False  # its transcript is lost with the process
                     t.error = err
         elif peer.role == "frontend":
             out += self.frontend_lost(peer.frontend_index, now)
@@ -443,6 +446,7 @@ class SchedulerCore(StreamOps, LivenessOps):
                     del self.tasks[tid]
         self._ended.extend(keep)
         self.sessions.evict_expired(now)
+        out += self.expire_detached(now)
         for pool in self.pools.pools.values():
             if (
                 pool.draining

@@ -1,8 +1,11 @@
 """Streams and cancels in the scheduler core: who streams a task (a provisional stream at
 the admitting frontend, a claim, a take-over by another frontend), and the rule that a cancel
-is answered only once the stream's terminal frame is on its wire (``Fence``). The states and
-the cancel handshake are :mod:`orchd.core.ownership`; every change of ``Task.stream`` here is
-one of its transitions. A mixin of :class:`orchd.core.scheduler.SchedulerCore`."""
+is answered only once the stream's terminal frame is on its wire (``Fence``), and resumable
+streams: a client that leaves mid-stream (or whose frontend dies) detaches the stream, the
+task runs on for ``resume_grace_ms`` and a GET with ``Last-Event-ID`` on any frontend takes it
+back; past the grace the task is canceled. The states and the cancel handshake are
+:mod:`orchd.core.ownership`; every change of ``Task.stream`` here is one of its transitions.
+A mixin of :class:`orchd.core.scheduler.SchedulerCore`."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ class StreamOps:
     sessions: SessionTable
     _aborts: dict[int, str]
     _fences: dict[int, str]
+    # Detached streams: task id -> (the time its grace ends, ms; why it was detached).
+    _detached: dict[str, tuple[float, str]]
+    resume_grace_ms: float
 
     if TYPE_CHECKING:
 
@@ -29,6 +35,7 @@ class StreamOps:
         def error_info(self, e: OrchdError) -> p.ErrorInfo: ...
         def budgets(self, session_id: str) -> p.Budgets: ...
         def dispatch(self, now: float) -> Out: ...
+        def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None: ...
         def _end(
             self,
             t: Task,
@@ -84,24 +91,42 @@ class StreamOps:
         if t is None:
             err = OrchdError(Code.NOT_FOUND, f"no task {msg.task_id!r}")
             return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
-        if t.stream not in OPENABLE:
-            err = OrchdError(Code.INVALID_PARAMS, f"task {msg.task_id!r} is already streamed")
+        if t.spec.api != "native" and not (t.spec.stream and t.spec.api != "embeddings"):
+            err = OrchdError(Code.INVALID_PARAMS, f"task {msg.task_id!r} is not a stream")
+            return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
+        resume = msg.after_seq >= 0
+        if t.stream not in OPENABLE and not resume:
+            err = OrchdError(
+                Code.STREAM_CONFLICT,
+                f"task {msg.task_id!r} is already streamed on another connection; "
+                "send Last-Event-ID to take the stream over",
+            )
             return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
         out: Out = []
-        if t.stream is not Stream.NONE:
-            # Opened on another frontend than the one that admitted it: take the stream over.
+        if t.stream is not Stream.NONE and t.frontend >= 0:
+            # Held by another stream (unclaimed where it was admitted, or a client's
+            # connection a resume takes over): that stream ends.
             out.append((fe(t.frontend), p.Release(t.spec.task_id, t.slot)))
-        t.stream = step(t.stream, Ev.SUBSCRIBE)
+            for rid in [r for r, tid in self._fences.items() if tid == t.spec.task_id]:
+                del self._fences[rid]  # (its old wire's fence answers nothing now)
+        self._detached.pop(t.spec.task_id, None)
+        t.stream = step(t.stream, Ev.RESUME if resume else Ev.SUBSCRIBE)
         t.frontend, t.slot = msg.frontend, msg.slot
-        out.append((peer, p.Subscribed(msg.req_id, msg.task_id, self.budgets(t.spec.session_id))))
+        codec = "native" if t.spec.api == "native" else "openai"
+        budgets = self.budgets(t.spec.session_id)
+        out.append((peer, p.Subscribed(msg.req_id, msg.task_id, budgets, codec)))
         if t.state is State.RUNNING or t.replayable:
-            # The supervisor replays the transcript so far, then streams live.
+            # The supervisor replays the transcript so far (after the client's last event),
+            # then streams live.
             t.stream = step(t.stream, Ev.ATTACH)
             if t.state is State.ENDED:
                 t.stream = step(t.stream, Ev.TERMINAL)
-            out.append((sup(t.replica), p.Attach(t.spec.task_id, msg.frontend, msg.slot)))
+            attach = p.Attach(t.spec.task_id, msg.frontend, msg.slot, msg.after_seq)
+            out.append((sup(t.replica), attach))
         elif t.state is State.ENDED:
             self._terminal_by_frontend(t, out)
+        if t.state is State.ENDED:
+            self._settle(t, out)  # cancels waiting on a stream taken over: fenced anew
         return out
 
     def cancel(self, peer: str, msg: p.Cancel, now: float) -> Out:
@@ -169,11 +194,47 @@ class StreamOps:
         return []
 
     def unsubscribe(self, peer: str, msg: p.Unsubscribe, now: float) -> Out:
-        """The admitting frontend gave up its unclaimed provisional stream."""
+        """The admitting frontend gave up its unclaimed provisional stream, or a client left
+        its stream before the terminal (detached: canceled unless resumed within the grace)."""
         t = self.tasks.get(msg.task_id)
-        if t is None or not self._unclaimed_at(t, peer):
+        if t is None or fe(t.frontend) != peer:
             return []
-        return self._detach(t)
+        if msg.slot == 0 and self._unclaimed_at(t, peer):
+            return self._detach(t)
+        if msg.slot == t.slot and t.stream in (Stream.SUBSCRIBED, Stream.ATTACHED):
+            return self._let_go(t, Ev.DROP, "client_disconnect", now)
+        return []  # an ended stream (its transcript stays), or one taken over meanwhile
+
+    def _let_go(self, t: Task, ev: Ev, why: str, now: float) -> Out:
+        """Nobody reads the stream now: stop feeding it and start its grace period."""
+        out: Out = []
+        if t.replica and t.state is State.RUNNING:
+            out.append((sup(t.replica), p.Detach(t.spec.task_id)))
+        t.stream = step(t.stream, ev)
+        t.frontend, t.slot = -1, 0
+        self._detached[t.spec.task_id] = (now + self.resume_grace_ms, why)
+        return out
+
+    def expire_detached(self, now: float) -> Out:
+        """Detached streams whose grace passed with no GET: their tasks end. A client that
+        left is taken at its word (canceled); a stream orchd lost ends with a retriable
+        STREAM_INTERRUPTED, never ``canceled``."""
+        out: Out = []
+        for tid, (until, why) in list(self._detached.items()):
+            if now < until:
+                continue
+            del self._detached[tid]
+            t = self.tasks.get(tid)
+            if t is None or t.stream is not Stream.DETACHED:
+                continue
+            t.stream = step(t.stream, Ev.EXPIRE)
+            if t.state is State.ENDED:
+                continue
+            if why == "frontend_lost" and t.state is State.QUEUED:
+                self.fail_task(t, self.error_info(_interrupted()), now, out)
+                continue
+            out += self.cancel("", p.Cancel(0, tid, why), now)
+        return out
 
     @staticmethod
     def _unclaimed_at(t: Task, peer: str) -> bool:
@@ -189,24 +250,36 @@ class StreamOps:
         return out
 
     def frontend_lost(self, index: int, now: float) -> Out:
-        """A frontend died: its clients are gone with it."""
+        """A frontend died (or was declared dead): its clients may resume elsewhere."""
         out: Out = []
         for rid, tid in list(self._fences.items()):
             fenced = self.tasks.get(tid)
             if fenced is not None and fenced.frontend == index:
                 del self._fences[rid]
+        notice = self.error_info(_interrupted())
         for t in list(self.tasks.values()):
             if t.frontend != index or t.stream is Stream.NONE:
                 continue
             if t.stream in (Stream.PROVISIONAL, Stream.PROVISIONAL_ENDED):
                 out += self._detach(t)  # nobody was streaming it yet: it runs on
                 continue
+            if t.stream in (Stream.SUBSCRIBED, Stream.ATTACHED):
+                # A frontend that was only paused learns it here (ZMQ keeps the notice for
+                # it) and ends the stream with a retriable error its client resumes from.
+                tid = t.spec.task_id
+                out.append((fe(index), p.StreamFail(0, t.slot, tid, notice)))
+                out += self._let_go(t, Ev.LOST, "frontend_lost", now)
+                continue
             t.stream = step(t.stream, Ev.LOST)
             t.frontend, t.slot = -1, 0
-            if t.state is State.ENDED:
-                self._settle(t, out)
-            else:
-                # Cancel what its clients were streaming (and write to it no more: nobody
-                # would answer).
-                out += self.cancel("", p.Cancel(0, t.spec.task_id, "frontend_lost"), now)
+            self._settle(t, out)
         return out
+
+
+def _interrupted() -> OrchdError:
+    return OrchdError(
+        Code.STREAM_INTERRUPTED,
+        "the frontend serving this stream failed; the task runs on for "
+        "limits.resume_grace_ms: reconnect with Last-Event-ID to resume",
+        retry_after_ms=0,
+    )

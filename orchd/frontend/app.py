@@ -140,31 +140,36 @@ class Frontend:
         )
 
     async def stream(self, request: Request) -> Response | SSEResponse:
+        """The task's SSE stream; with ``Last-Event-ID: n`` it continues from event n+1 (on
+        any frontend, while the transcript is kept) and takes the stream over from any other
+        connection; without it a second concurrent GET is 409 STREAM_CONFLICT."""
         try:
             owner = tenant(request)
             kid = request.scope["state"]["api_key_id"]
+            after = last_event_id(request)
             self.key_stream_room(request, kid)
         except OrchdError as e:
             return error_response(e)
         task_id = scoped(owner, request.path_params["task_id"])
-        s = self.table.claim(task_id)
+        s = self.table.claim(task_id) if after < 0 else None
         if s is not None and s.budgets is not None:
             self.client.send(p.Claim(task_id))
             return self._sse(request, s, kid, self.budget_header_list(s.budgets))
         if s is not None:  # admitted but its reply not yet seen: go the ordinary way
             self.table.close(s)
         try:
-            s = self.table.open(task_id)
+            s = self.table.open(task_id, after)
         except OrchdError as e:
             return error_response(e)
         try:
             reply = await self.client.request(
-                p.Subscribe(self.client.next_id(), task_id, self.index, s.slot)
+                p.Subscribe(self.client.next_id(), task_id, self.index, s.slot, after)
             )
         except OrchdError as e:
             self.table.close(s)
             return error_response(local_error(e, owner))
         assert isinstance(reply, p.Subscribed)
+        s.codec = "openai" if reply.codec == "openai" else "native"
         return self._sse(request, s, kid, self.budget_header_list(reply.budgets))
 
     def key_stream_room(self, request: Request, kid: str) -> None:
@@ -222,8 +227,15 @@ class Frontend:
             self.m_open.dec()
         if left_early:
             self.m_disconnects.inc()
-            log.info("client left mid-stream: canceling", task_id=s.task_id)
-            self.client.send(p.Cancel(0, s.task_id, "client_disconnect"))
+        if left_early and not s.overflow:  # (an overflow has canceled its task already)
+            if s.codec == "body":  # a whole response: nothing to resume
+                log.info("client left before its response: canceling", task_id=s.task_id)
+                self.client.send(p.Cancel(0, s.task_id, "client_disconnect"))
+            else:
+                # The task runs on for limits.resume_grace_ms: a GET with Last-Event-ID (on
+                # any frontend) takes it back, else the scheduler cancels it.
+                log.info("client left mid-stream: detached", task_id=s.task_id)
+                self.client.send(p.Unsubscribe(s.task_id, s.slot))
 
     def _on_overflow(self, s: Stream) -> None:
         self.m_overflow.inc()
@@ -292,6 +304,20 @@ class Frontend:
         fast = FastRoutes(star, routes, on_error=_internal)
         keys = ApiKeys(fast, effective_api_keys(self.cfg), respond=_refusal)
         return CorrelationId(keys, self.index)
+
+
+def last_event_id(request: Request) -> int:
+    """The ``Last-Event-ID`` header as an event id, or -1 when absent."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or raw.strip() == "":
+        return -1
+    if not raw.strip().isdigit() or len(raw.strip()) > 18:
+        raise OrchdError(
+            Code.INVALID_PARAMS,
+            f"Last-Event-ID must be an event id (a non-negative integer), got {raw[:40]!r}",
+            param="Last-Event-ID",
+        )
+    return int(raw.strip())
 
 
 def _refusal(path: str, err: OrchdError) -> Response:

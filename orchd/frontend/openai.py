@@ -6,7 +6,10 @@ sessions and budgets, placement by ``model``, drain, metrics and transcripts. It
 encoded once by the supervisor in OpenAI's shapes (engine_procs/codecs.py): a streamed
 request is fed from the rings exactly as a native stream is, and a request that does not
 stream gets one terminal record holding the whole response, so this frontend never parses
-a token. A client that goes away cancels its task, as a native client's disconnect does.
+a token. A client that goes away from a stream detaches it, as a native client's disconnect
+does: the task runs on for ``limits.resume_grace_ms``, and ``GET /v1/tasks/{id}/stream`` (``id``
+being the chunks' ``id``) with ``Last-Event-ID`` resumes it in the same OpenAI chunks. One that
+leaves a request that does not stream cancels it at once (there is nothing to resume).
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ class OpenAIRoutes:
             fe.key_stream_room(request, kid)
             body = await read_body(request, fe.cfg.limits.max_body_bytes)
             spec = parse(body, api, fe.cfg.limits, kid)
-            # Its session is the key's own (task ids here are random: nobody can name them).
+            # Its task and session are the key's own, as native ones are: the chunks' ``id``
+            # names the task for a resume (GET /v1/tasks/{id}/stream with Last-Event-ID).
+            spec.task_id = scoped(kid, spec.task_id)
             spec.session_id = scoped(kid, spec.session_id)
             s = fe.table.open_provisional(spec.task_id, "openai" if spec.stream else "body")
             if s is None:

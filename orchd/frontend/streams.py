@@ -4,6 +4,11 @@ The drain wakes on the doorbell (or a slow periodic recheck), reads every ring t
 owns, appends each record's bytes to its stream's buffer and wakes that stream's writer,
 which sends everything buffered with one ``send``. No JSON is parsed here: records are
 finished SSE frames.
+
+Resumable streams: a stream this frontend must end for a reason of its own (the scheduler
+declared it lost, another connection took the stream over) gets an ``error`` frame with no
+``id:``, so its client's ``Last-Event-ID`` stays the last event it got; every other frame is the
+task's own, with the id the supervisor gave it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import ENDED, Ev, step
 from orchd.core.ownership import Stream as State
 
+# Errors about a stream's connection, not its task: written with no id (the task runs on).
+CONNECTION_ERRORS = frozenset({Code.STREAM_INTERRUPTED, Code.STREAM_CONFLICT})
 RECHECK_S = 0.1  # while streams are open
 IDLE_RECHECK_S = 1.0  # while none are
 FENCE_TIMEOUT_S = 5.0
@@ -88,12 +95,15 @@ class Stream:
         self.state = step(self.state, Ev.TERMINAL)
 
     def fail(self, err: OrchdError) -> None:
-        """End the stream with an error this frontend writes, in the stream's own shape."""
+        """End the stream with an error this frontend writes, in the stream's own shape. One
+        about the connection (the task runs on) has no id: the client resumes after its last
+        event."""
         envelope = err.envelope()
+        seq = None if err.code in CONNECTION_ERRORS else self.last_seq + 1
         if self.codec == "native":
-            self.push_terminal(error_frame(self.last_seq + 1, envelope))
+            self.push_terminal(error_frame(seq, envelope))
         elif self.codec == "openai":
-            self.push_terminal(oa.error_frame(self.last_seq + 1, err.openai()))
+            self.push_terminal(oa.error_frame(seq, err.openai()))
         else:
             self.push_terminal(oa.encode(err.openai()))
 
@@ -172,8 +182,8 @@ class StreamTable:
             r.close()
         self.bell.close()
 
-    def open(self, task_id: str) -> Stream:
-        """A stream for a client's GET."""
+    def open(self, task_id: str, after_seq: int = -1) -> Stream:
+        """A stream for a client's GET (resuming after event ``after_seq``, or -1)."""
         if len(self.streams) >= self.max_streams:
             raise OrchdError(
                 Code.REPLICA_EXHAUSTED,
@@ -181,6 +191,7 @@ class StreamTable:
                 retry_after_ms=1000,
             )
         s = Stream(next(self.slots) & 0xFFFFFFFF, task_id)
+        s.last_seq = after_seq  # (the frames this frontend writes itself number on from it)
         self.streams[s.slot] = s
         return s
 
@@ -280,9 +291,21 @@ class StreamTable:
     def on_notice(self, msg: p.Fence | p.StreamFail | p.StreamEnd | p.Release) -> None:
         self.drain()  # whatever the producer published comes first
         s = self.streams.get(msg.slot)
+        if s is not None and not isinstance(msg, p.Fence) and s.task_id != msg.task_id:
+            s = None  # (a notice for a slot since reused: a frontend restarts its slots)
         if isinstance(msg, p.Release):
-            if s is not None and s.provisional and s.task_id == msg.task_id:
+            if s is None or s.task_id != msg.task_id:
+                return
+            if s.provisional:
                 self.drop_provisional(s)  # a client streams it from another frontend
+            elif not s.terminal:
+                # Another connection resumed it (Last-Event-ID): this one ends.
+                s.fail(
+                    OrchdError(
+                        Code.STREAM_CONFLICT,
+                        "another connection took this stream over with Last-Event-ID",
+                    )
+                )
             return
         if isinstance(msg, p.StreamFail) and s is not None:
             err = OrchdError(

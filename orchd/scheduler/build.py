@@ -62,6 +62,7 @@ def build_core(cfg: Config) -> tuple[SchedulerCore, Control]:
         sessions=sessions,
         catalog=Catalog(cfg.catalog.trust_policy, cfg.catalog.signing_keys),
         cost_per_token=ss.cost_per_token,
+        resume_grace_ms=cfg.limits.resume_grace_ms,
     )
     control = Control(
         core, cfg.limits.ctx_limit, cfg.limits.max_tokens_limit, cfg.limits.queue_capacity

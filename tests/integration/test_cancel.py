@@ -13,6 +13,9 @@ from tests.support.daemon import Daemon
 from tests.support.sse import SyncStream, sync_request
 
 ONE_SLOT = """
+[limits]
+resume_grace_ms = 300
+
 [[replicas]]
 id = "solo"
 slots = 1
@@ -86,14 +89,14 @@ def test_cancel_of_a_queued_task_while_streaming(solo: Daemon) -> None:
     assert cancel(solo, first["task_id"]) == 204
 
 
-def test_client_disconnect_cancels_and_frees_the_slot(solo: Daemon) -> None:
+def test_client_disconnect_cancels_after_the_grace_and_frees_the_slot(solo: Daemon) -> None:
     before = metric(solo, "tasks_canceled_total", '{reason="client_disconnect"}')
     _, body, _ = submit(solo, max_tokens=100_000 // 10)
     assert "task_id" in body, body
     s = stream(solo, body["task_id"])
     s.read_until(lambda st: tokens(st) >= 3)
-    s.close()  # the client goes away mid-stream
-    # The only slot must come free: a new task gets started and runs to its end.
+    s.close()  # the client goes away mid-stream (and does not come back with Last-Event-ID)
+    # Past limits.resume_grace_ms the only slot must come free: a new task runs to its end.
     _, nxt, _ = submit(solo, max_tokens=3)
     events = stream(solo, nxt["task_id"]).read_to_end(timeout=10)
     assert events[-1].event == "end" and events[-1].json["tokens_out"] == 3

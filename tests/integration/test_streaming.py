@@ -128,5 +128,5 @@ def test_second_concurrent_stream_of_a_task_is_refused(daemon: Daemon) -> None:
         first.read_until(lambda st: len(st.events) >= 2)
         with closing(stream(daemon, body["task_id"])) as second:
             second.read_until(lambda st: b"}" in st.body, 5)
-        assert second.status == 400
-        assert json.loads(second.body)["code"] == "INVALID_PARAMS"
+        assert second.status == 409  # (with Last-Event-ID it would take the stream over)
+        assert json.loads(second.body)["code"] == "STREAM_CONFLICT"

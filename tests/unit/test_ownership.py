@@ -7,6 +7,7 @@ import pytest
 from orchd.core.ownership import (
     ENDED,
     FED,
+    HELD,
     OPENABLE,
     TRANSITIONS,
     Ev,
@@ -53,9 +54,34 @@ def test_a_provisional_stream_taken_over_or_let_go() -> None:
     assert run(S.NONE, E.OPEN, E.TERMINAL, E.DETACH) is S.NONE
 
 
-@pytest.mark.parametrize("state", [s for s in Stream if s is not S.NONE])
+@pytest.mark.parametrize("state", [s for s in Stream if s not in (S.NONE, S.DETACHED)])
 def test_a_frontends_death_takes_every_stream_it_held(state: Stream) -> None:
-    assert step(state, E.LOST) is S.NONE
+    # A live client stream is detached (its client may resume on another frontend); an
+    # unclaimed or ended one is no longer streamed.
+    live = state in (S.SUBSCRIBED, S.ATTACHED)
+    assert step(state, E.LOST) is (S.DETACHED if live else S.NONE)
+
+
+def test_a_client_that_leaves_mid_stream_detaches_it_for_a_grace_period() -> None:
+    attached = run(S.NONE, E.SUBSCRIBE, E.ATTACH)
+    assert run(attached, E.DROP) is S.DETACHED
+    assert run(S.NONE, E.SUBSCRIBE, E.DROP) is S.DETACHED  # (its task still queued)
+    assert run(attached, E.DROP, E.EXPIRE) is S.NONE  # no GET within the grace
+    # A GET takes it back: with Last-Event-ID from the next event, without from the start.
+    assert run(attached, E.DROP, E.RESUME, E.ATTACH) is S.ATTACHED
+    assert run(attached, E.DROP, E.SUBSCRIBE, E.ATTACH) is S.ATTACHED
+
+
+@pytest.mark.parametrize("state", list(Stream))
+def test_a_resume_takes_the_stream_from_any_state(state: Stream) -> None:
+    assert step(state, E.RESUME) is S.SUBSCRIBED
+
+
+def test_a_second_get_without_last_event_id_is_refused_only_while_a_connection_holds_it() -> None:
+    assert HELD.isdisjoint(OPENABLE)
+    for state in HELD:
+        assert (state, E.SUBSCRIBE) not in TRANSITIONS
+    assert run(S.NONE, E.SUBSCRIBE, E.ATTACH, E.TERMINAL, E.SENT, E.SUBSCRIBE) is S.SUBSCRIBED
 
 
 @pytest.mark.parametrize(
@@ -64,7 +90,11 @@ def test_a_frontends_death_takes_every_stream_it_held(state: Stream) -> None:
         (S.NONE, E.TERMINAL),  # nobody streams it: nothing to write to
         (S.NONE, E.CLAIM),
         (S.ATTACHED, E.SUBSCRIBE),  # a second GET of a live stream
-        (S.DONE, E.SUBSCRIBE),
+        (S.TERMINAL_PENDING, E.SUBSCRIBE),
+        (S.FENCING, E.DROP),  # an ended stream is not detached: it has nothing more to feed
+        (S.DETACHED, E.ATTACH),  # fed again only by a GET
+        (S.DETACHED, E.LOST),  # no frontend holds it
+        (S.ATTACHED, E.EXPIRE),
         (S.SUBSCRIBED, E.CLAIM),
         (S.ATTACHED, E.DETACH),  # only an unclaimed stream is let go
         (S.TERMINAL_PENDING, E.TERMINAL),  # one terminal per stream
@@ -94,4 +124,4 @@ def test_the_named_sets_agree_with_the_table() -> None:
     assert all((s, E.TERMINAL) in TRANSITIONS for s in FED)
     assert all((s, E.SUBSCRIBE) in TRANSITIONS for s in OPENABLE)
     assert not any((s, E.TERMINAL) in TRANSITIONS for s in ENDED)
-    assert {S.PROVISIONAL_ENDED} == OPENABLE & ENDED
+    assert {S.PROVISIONAL_ENDED, S.DONE} == OPENABLE & ENDED

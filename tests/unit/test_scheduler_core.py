@@ -270,7 +270,7 @@ def test_subscribe_unknown_is_not_found() -> None:
     assert f.error.code == "NOT_FOUND"
 
 
-def test_subscribe_twice_is_invalid_params() -> None:
+def test_subscribe_twice_is_a_conflict() -> None:
     core = make_core()
     submit(core, "t1")
     assert of(core.subscribe(FE, p.Subscribe(5, "t1", 0, 1), 0), p.Subscribed)
@@ -278,7 +278,7 @@ def test_subscribe_twice_is_invalid_params() -> None:
     assert len(out) == 1
     peer, f = out[0]
     assert peer == "fe1" and isinstance(f, p.Failed) and f.req_id == 6
-    assert f.error.code == "INVALID_PARAMS"
+    assert f.error.code == "STREAM_CONFLICT"  # 409; with Last-Event-ID it takes over
     # The first subscriber keeps the stream.
     assert (core.tasks["t1"].frontend, core.tasks["t1"].slot) == (0, 1)
 
@@ -501,22 +501,28 @@ def test_unknown_peer_down_is_ignored() -> None:
     assert core.tasks["t1"].state is State.RUNNING
 
 
-def test_frontend_down_aborts_its_running_streams() -> None:
-    core = make_core()
+def test_frontend_down_detaches_its_running_streams_then_ends_them_retriably() -> None:
+    core = make_core(resume_grace_ms=1000)
     submit(core, "t1")
     submit(core, "t2")
     submit(core, "t3")
     sub(core, "t1", slot=1, frontend=0)
     sub(core, "t2", slot=1, frontend=1)
     out = core.peer_down("fe0", "exit", 50)
-    ((peer, ab),) = out
-    assert peer == "sup-r0" and isinstance(ab, p.Abort)
-    assert (ab.task_id, ab.reason) == ("t1", "frontend_lost")
+    # Its supervisor stops feeding it; the frontend (if only paused) is told to end the
+    # stream with a retriable error; the task runs on for the grace period.
+    assert ("sup-r0", p.Detach("t1")) in out
+    ((peer, sf),) = of(out, p.StreamFail)
+    assert peer == "fe0" and sf.error.code == "STREAM_INTERRUPTED"
+    assert core.tasks["t1"].stream is Stream.DETACHED
+    assert core.tick(1049) == [] and core.tasks["t1"].state is State.RUNNING
+    ((peer, ab),) = of(core.tick(1050), p.Abort)
+    assert peer == "sup-r0" and (ab.task_id, ab.reason) == ("t1", "frontend_lost")
     assert core.stats.canceled == {"frontend_lost": 1}
     # Only fe0's streams: t2 (fe1) and t3 (nobody) keep running.
     assert core.tasks["t2"].state is State.RUNNING
     assert core.tasks["t3"].state is State.RUNNING
-    out = aborted(core, "sup-r0", ab, 51)
+    out = aborted(core, "sup-r0", ab, 1051)
     assert [peer for peer, _ in out if peer == "fe0"] == []  # nobody left to fence
     assert core.tasks["t1"].state is State.ENDED
 
@@ -534,14 +540,18 @@ def test_frontend_down_answers_cancels_waiting_on_its_fence() -> None:
 
 
 def test_frontend_down_with_queued_stream_does_not_block_drain() -> None:
-    """A queued task streamed by a frontend that dies is canceled. The frontend is gone, so no
-    fence to it may stay outstanding: otherwise drain_all waits forever for a FenceDone."""
-    core = make_core()
+    """A queued task streamed by a frontend that dies fails (retriably) once its grace passes.
+    The frontend is gone, so no fence to it may stay outstanding: otherwise drain_all waits
+    forever for a FenceDone."""
+    core = make_core(resume_grace_ms=5)
     fill(core)
     submit(core, "q1")
     sub(core, "q1", slot=3)
     core.peer_down("fe0", "exit", 10)
+    core.tick(15)
     assert core.tasks["q1"].state is State.ENDED
+    assert core.tasks["q1"].error is not None
+    assert core.tasks["q1"].error.code == "STREAM_INTERRUPTED"
     for i, tid in enumerate(["t1", "t2", "t3", "t4"]):
         ended(core, tid, 20 + i)
     out = core.drain_all("launcher", p.DrainAll(77, deadline_ms=1000), 30)
