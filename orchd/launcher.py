@@ -354,5 +354,5 @@ def reclaim_stale_rings(shm_dir: str = "/dev/shm") -> list[str]:
 
 
 def serve(cfg: Config) -> int:
-    log.setup("launcher", cfg.server.log_level)
+    log.setup("launcher", cfg.server.log_level, cfg.server.log_format)
     return Launcher(expand_gpus(cfg)).run()

@@ -25,6 +25,7 @@ from ipc import protocol as p
 from orchd import log
 from orchd.core.errors import Code, OrchdError, openai_error
 from orchd.frontend.http import JSON, read_body
+from orchd.frontend.middleware import tag_task
 from orchd.frontend.openai_schema import parse
 from orchd.frontend.sse import SSEResponse, watch_disconnect
 from orchd.frontend.streams import Stream
@@ -150,6 +151,7 @@ class OpenAIRoutes:
             spec = parse(body, api, fe.cfg.limits, kid)
             # Its session is the key's own (task ids here are random: nobody can name them).
             spec.session_id = scoped(kid, spec.session_id)
+            tag_task(request.scope, spec, spec.task_id)
             s = fe.table.open_provisional(spec.task_id, "openai" if spec.stream else "body")
             if s is None:
                 raise OrchdError(
