@@ -108,8 +108,9 @@ def _shown(path: str, value: Any) -> Any:
 
 
 def describe(cfg: Config, sources: dict[str, str]) -> list[str]:
-    """Every leaf of the resolved config, ``path = value  # source``, in TOML syntax; the
-    source of a value is the nearest source recorded for it or a path above it."""
+    """Every field of the resolved config, ``path = <JSON value>  # source``; a value's source
+    is the one recorded for it, for a path above it (a table set whole), or for an entry
+    in it (a table whose entries were set)."""
     lines: list[str] = []
 
     def source_of(path: str) -> str:
@@ -119,7 +120,8 @@ def describe(cfg: Config, sources: dict[str, str]) -> list[str]:
                 return sources[probe]
             cut = max(probe.rfind("."), probe.rfind("["))
             probe = probe[:cut] if cut > 0 else ""
-        return "default"
+        below = [v for k, v in sources.items() if k.startswith((path + ".", path + "["))]
+        return below[0] if below else "default"  # a table whose entries were set
 
     def walk(path: str, value: Any) -> None:
         if isinstance(value, msgspec.Struct):
