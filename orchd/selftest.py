@@ -163,6 +163,11 @@ class Check:
             ORCHD_ARTIFACT_DIR=os.path.join(run_dir, "artifacts"),
             PYTHONUNBUFFERED="1",
         )
+        if self.cfg.server.run_dir and not self.cfg.catalog.model_roots:
+            # The default model root is <run_dir>/models: keep the configured one.
+            env["ORCHD_MODEL_ROOTS"] = os.path.abspath(
+                os.path.join(self.cfg.server.run_dir, "models")
+            )
         argv = [sys.executable, "-m", "orchd.cli", "serve", *self.flags]
         if self.path:
             argv += ["--config", self.path]
