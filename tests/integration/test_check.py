@@ -32,7 +32,7 @@ id = "t0"
 engine = "torch"
 model_ref = "file:{root}/no-such-model"
 [replicas.endpoint]
-ready_timeout_s = 20
+ready_timeout_s = 180   # torch's import alone may take a while on a loaded machine
 [catalog]
 model_roots = ["{root}"]
 """
