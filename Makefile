@@ -2,40 +2,52 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# What each command needs, installed once per venv: `make run` only what serving needs (no
+# torch, no test or lint tools); `make test` adds the `dev`, `torch` and `llama` extras.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
 
-# torch for the built-in engine's tests: 2.13.0 is the CPU build this machine keeps on disk
-# (pip takes it from there); on a GPU host, `make TORCH=torch` gets PyPI's CUDA build.
-TORCH  ?= torch==2.13.0
+# torch for the built-in engine and its tests. Empty (the default): pip picks a version from
+# the `torch` extra, PyPI's build (CUDA on Linux x86_64, a few GB). Installed first when set:
+#   CPU only:        make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+#   a CUDA build:    make test TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+#   a wheel at hand: make test TORCH=torch==2.13.0   (from pip's find-links or cache)
+# A torch already in the venv is kept (`torch>=2.3` is satisfied).
+TORCH  ?=
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q '$(TORCH)'
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
+	$(if $(strip $(TORCH)),$(BIN)/python -m pip install -q $(TORCH))
 	$(BIN)/python -m pip install -q -e '.[dev,torch,llama]'
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 # A real llama.cpp server for the tests (tests/support/llama_build.py): built once per venv and
 # pinned version from llama-cpp-python's sdist into $(VENV)/llama.cpp/<version>/; about 10
 # minutes on 2 cores the first time, nothing after.
-llama-server: $(STAMP)
+llama-server: $(TEST_STAMP)
 	$(BIN)/python -m tests.support.llama_build
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/orchd serve $(ARGS)
 
-test: $(STAMP) llama-server
+test: $(TEST_STAMP) llama-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 # The benchmark harness (perf/README.md) also needs the `bench` extra (matplotlib, tqdm).
 BENCH_STAMP := $(VENV)/.installed-bench
 
-$(BENCH_STAMP): $(STAMP) pyproject.toml
+$(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,torch,llama,bench]'
 	touch $(BENCH_STAMP)
 
@@ -73,7 +85,7 @@ gpu-wheels:
 gpu-check:
 	perf/gpu_check.sh $(ARGS) $(OUT)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check orchd engine_procs ipc tests perf
 	$(BIN)/ruff format --check orchd engine_procs ipc tests perf
 	$(BIN)/mypy

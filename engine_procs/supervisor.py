@@ -130,6 +130,8 @@ class Supervisor:
         msg = p.decode(data)
         if isinstance(msg, p.Rehello):
             self.line.send(p.encode(self.hello))  # before the core's re-announcement
+        elif isinstance(msg, p.Dispatch):  # its lines carry the submitting request's id
+            log.bind_task(msg.task.task_id, msg.task.cid)
         self.core.on_message(msg, _now())
         self.apply()
         self.kick()
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     res = load_resolved(argv[0])
     index = int(argv[1])
-    log.setup(f"supervisor-{res.config.replicas[index].id}", res.config.server.log_level)
+    s = res.config.server
+    log.setup(f"supervisor-{res.config.replicas[index].id}", s.log_level, s.log_format)
     try:
         import uvloop
 

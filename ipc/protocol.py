@@ -69,6 +69,9 @@ class TaskSpec(msgspec.Struct, array_like=True, omit_defaults=True):
     model: str = ""
     created: int = 0
     encoding_format: str = "float"  # embeddings: "float" lists or "base64" float32 bytes
+    # The correlation id of the request that submitted the task: every process's log lines
+    # about the task carry it (orchd/log.py bind_task).
+    cid: str = ""
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, omit_defaults=True):

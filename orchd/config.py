@@ -1,8 +1,12 @@
-"""orchd's configuration: one typed object, read from TOML and ``ORCHD_*`` env, in one place.
+"""orchd's configuration: read from TOML, ``ORCHD_*`` env and flags, checked, in one place.
 
-Only :func:`load` (in the launcher) reads files and the environment. The launcher writes the
-resolved config, with the run-time names of rings and sockets, as JSON into the run directory;
-every child process reads that file and nothing else (:func:`load_resolved`).
+The typed objects live in :mod:`orchd.config_schema` and are re-exported here. Only
+:func:`load` (the launcher, ``orchd check``, ``orchd config``) reads files and the environment;
+values keep their TOML types (``ttft_ms = "5"`` is an error, never coerced), an environment
+value is parsed as its field's type, and every value's source is recorded
+(:func:`load_sourced`). The launcher writes the resolved config, with the run-time names of
+rings and sockets, as JSON into the run directory; every child process reads that file and
+nothing else (:func:`load_resolved`).
 """
 
 from __future__ import annotations
@@ -13,300 +17,169 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import msgspec.inspect as mi
 
-# Every choice is a name, checked once when the config is read. The implementations stay in
-# the layer that owns them, in tables keyed by these names (tests/unit/test_config_tables.py
-# holds each table to its type): ADAPTERS in engine_procs/adapters, POLICIES in
-# orchd/core/placement.py, QUEUE_POLICIES in orchd/core/queue.py, STORES in
-# orchd/scheduler/stores.py, levels in orchd/log.py.
-Engine = Literal["mock", "vllm", "llamacpp", "tgi", "triton", "torch"]
-AdapterName = Literal["mock", "openai", "llamacpp", "tgi", "triton", "torch"]
-QueuePolicy = Literal["reject", "drop-lru"]
-PlacementPolicy = Literal["default", "least-loaded", "round-robin"]
-TrustPolicy = Literal["permissive", "strict"]  # strict: signed and verified models only
-ArtifactStoreName = Literal["memory", "fs"]
-LogLevel = Literal["debug", "info", "warning", "error"]
-GpuMode = Literal["", "auto"]
-Role = Literal["client", "admin"]  # client: the data plane; admin: also the control plane
+from orchd.config_schema import (
+    CHAT_ADAPTERS,
+    DEFAULT_ADAPTER,
+    EMBEDDING_ADAPTERS,
+    AdapterName,
+    ApiKey,
+    Artifacts,
+    ArtifactStoreName,
+    Budget,
+    Catalog,
+    Config,
+    ConfigError,
+    Endpoint,
+    Engine,
+    GpuMode,
+    Limits,
+    LogFormat,
+    LogLevel,
+    MockEngine,
+    PlacementPolicy,
+    Pool,
+    QueuePolicy,
+    Replica,
+    Resolved,
+    Role,
+    Runtime,
+    Scheduling,
+    Server,
+    Sessions,
+    TorchEngine,
+    TrustPolicy,
+)
 
+__all__ = [
+    "CHAT_ADAPTERS",
+    "DEFAULT_ADAPTER",
+    "EMBEDDING_ADAPTERS",
+    "AdapterName",
+    "ApiKey",
+    "ArtifactStoreName",
+    "Artifacts",
+    "Budget",
+    "Catalog",
+    "Config",
+    "ConfigError",
+    "Endpoint",
+    "Engine",
+    "GpuMode",
+    "Limits",
+    "LogFormat",
+    "LogLevel",
+    "MockEngine",
+    "PlacementPolicy",
+    "Pool",
+    "QueuePolicy",
+    "Replica",
+    "Resolved",
+    "Role",
+    "Runtime",
+    "Scheduling",
+    "Server",
+    "Sessions",
+    "TorchEngine",
+    "TrustPolicy",
+    "child_env",
+    "effective_api_keys",
+    "is_loopback",
+    "load",
+    "load_resolved",
+    "load_sourced",
+    "read_keys_file",
+    "validate",
+    "write_resolved",
+]
 
-class ConfigError(Exception):
-    """A config file or override that cannot be used; the message says which and why."""
-
-
-class MockEngine(msgspec.Struct, forbid_unknown_fields=True):
-    """The mock engine: a real process that decodes like an engine, minus the model."""
-
-    engine_version: str = "mock-1.0"
-    ttft_ms: float = 5.0
-    itl_ms: float = 2.0  # 0: unlimited rate (as fast as the supervisor drains)
-    tokens_per_step: int = 1
-    vocab_size: int = 512
-    # Benchmarks only: each token's text is the engine's CLOCK_MONOTONIC ns at emission,
-    # so a client on the same host measures engine-write-to-receipt latency.
-    stamp_tokens: bool = False
-    # Length of the mock's embedding vectors (deterministic unit vectors; see mock_engine.py).
-    embedding_dim: int = 64
-    # Fault injection (0 = off). Set per replica in config; never triggered by request content.
-    crash_after_tokens: int = 0  # the engine process exits once any request reaches N tokens
-    stall_after_tokens: int = 0  # a request stops producing tokens after N
-    error_after_tokens: int = 0  # a request fails with an engine error after N
-
-
-class TorchEngine(msgspec.Struct, forbid_unknown_fields=True):
-    """The built-in ``torch`` engine: a transformers causal LM in its own process, batched
-    greedy or seeded decoding with a KV cache. Its model is the replica's ``model_ref``: a
-    ``file:`` directory holding a transformers model (config, weights, tokenizer), or
-    ``random:<name>`` for random weights on a named config (engine_procs/torch_models.py)."""
-
-    device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu; or "cpu", "cuda:0"
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu; or float16, float32, ...
-    max_batch: int = 64  # requests decoded together; more wait in the engine
-    max_seq_len: int = 4096  # prompt + output tokens per request (prompts are cut at the left)
-    weights_seed: int = 0  # random: models draw their weights from this seed
-    engine_version: str = ""  # "" = "torch-<torch version>"
-
-
-class Endpoint(msgspec.Struct, forbid_unknown_fields=True):
-    """How a supervisor reaches a real engine server, and optionally starts it."""
-
-    url: str = ""  # base URL, e.g. "http://127.0.0.1:8001"; "" = http://127.0.0.1:{port}
-    model: str = ""  # the model name the server expects (OpenAI "model", Triton model name)
-    # Start the engine ourselves: argv with {model_path}, {port}, {model} substituted, e.g.
-    # ["llama-server", "-m", "{model_path}", "--port", "{port}"]. Empty: the server is external.
-    command: list[str] = msgspec.field(default_factory=list)
-    port: int = 0  # substituted into {port}; 0 = a free port picked at start
-    model_path: str = ""
-    ready_timeout_s: float = 120.0  # also how long a mock or torch engine may take to load
-    request_timeout_s: float = 600.0
-    chat: bool = False  # openai adapter: /v1/chat/completions instead of /v1/completions
-
-
-# The adapter that speaks to each engine unless a replica names another.
-DEFAULT_ADAPTER: dict[Engine, AdapterName] = {
-    "mock": "mock",
-    "vllm": "openai",
-    "llamacpp": "llamacpp",
-    "tgi": "tgi",
-    "triton": "triton",
-    "torch": "torch",
+ENV_PREFIX = "ORCHD_"
+ENV_CONFIG = "ORCHD_CONFIG"  # the config file, when --config is not given
+# The sections whose plain fields an ``ORCHD_<FIELD>`` variable sets (names are unique
+# across them); tables and lists of tables are set in the file only.
+ENV_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": Server,
+    "limits": Limits,
+    "scheduling": Scheduling,
+    "sessions": Sessions,
+    "catalog": Catalog,
+    "artifacts": Artifacts,
 }
+_LIST_FIELDS = frozenset({"api_keys", "model_roots"})  # comma-separated in the environment
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
 
-# What each adapter can do beyond completions (the adapters' own ``chat`` / ``embeddings``
-# flags say the same; tests/unit/test_config_tables.py keeps them in step). Admission refuses
-# a chat or an embedding for a pool whose adapter is not named here, naming pool and engine.
-CHAT_ADAPTERS: frozenset[AdapterName] = frozenset({"mock", "torch", "openai", "llamacpp", "tgi"})
-EMBEDDING_ADAPTERS: frozenset[AdapterName] = frozenset({"mock", "torch", "openai"})
-
-
-class Replica(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
-    pool_id: str = "default"
-    engine: Engine = "mock"  # what tasks ask for
-    adapter: Literal[AdapterName, ""] = ""  # how we speak to it; "" = DEFAULT_ADAPTER[engine]
-    model_ref: str = "mock:tiny"
-    slots: int = 64
-    devices: str = ""  # CUDA_VISIBLE_DEVICES for the engine; "" = none
-    decode_timeout_ms: int = 30_000  # no token for this long -> DECODE_TIMEOUT
-    mock: MockEngine = msgspec.field(default_factory=MockEngine)
-    torch: TorchEngine = msgspec.field(default_factory=TorchEngine)
-    endpoint: Endpoint = msgspec.field(default_factory=Endpoint)
-
-    @property
-    def adapter_name(self) -> AdapterName:
-        return self.adapter or DEFAULT_ADAPTER[self.engine]
+# Where a value came from: "default", "file <path>", "env ORCHD_X" or "flag --x".
+Sources = dict[str, str]
 
 
-class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
-    """A key with its role: ``{key = "sha256:<hex>", role = "client"}``. A plain string in
-    ``api_keys`` is an admin key (what every key was before roles)."""
-
-    key: str  # the secret itself, or "sha256:<64 hex digits>" of it
-    role: Role
-    max_streams: int = 0  # open SSE streams per frontend; 0 = limits.max_streams_per_key
-
-
-class Server(msgspec.Struct, forbid_unknown_fields=True):
-    host: str = "127.0.0.1"
-    port: int = 8080
-    frontends: int = 1
-    api_keys: list[str | ApiKey] = msgspec.field(default_factory=list)
-    # More keys, one a line: "<role> <key or sha256:hex>" ("#" starts a comment). Read at
-    # start; its keys reach the other processes only as their sha256.
-    api_keys_file: str = ""
-    run_dir: str = ""  # "" = a fresh directory under /tmp
-    state_dir: str = ""  # journal + sessions (orchd/scheduler/journal.py); "" = see launcher
-    drain_deadline_ms: int = 30_000
-    log_level: LogLevel = "info"
-    restart_backoff_ms: int = 200
-    restart_backoff_max_ms: int = 5_000
-    heartbeat_ms: int = 2_000  # a backup: the launcher sees a dead child at once
-    peer_timeout_ms: int = 10_000
-    watchdog_ms: int = 30_000  # a child alive but unheard this long is killed and restarted
-    # "auto": one replica per GPU that NVML finds, each a copy of the first [[replicas]]
-    # entry with devices set to that GPU ("" = the replicas exactly as configured).
-    gpus: GpuMode = ""
+def _env_value(var: str, raw: str, t: Any) -> Any:
+    """``raw`` parsed as the field's type: "8080" is an int for an int field, "x" is an
+    error naming the variable, never a string passed on to be coerced."""
+    if isinstance(t, mi.IntType):
+        try:
+            return int(raw.strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{var}: expected an integer, got {raw!r}") from None
+    if isinstance(t, mi.FloatType):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
+    if isinstance(t, mi.BoolType):
+        v = raw.strip().lower()
+        if v in _TRUE or v in _FALSE:
+            return v in _TRUE
+        raise ConfigError(f"{var}: expected true or false, got {raw!r}")
+    if isinstance(t, mi.StrType | mi.LiteralType):
+        return raw
+    raise ConfigError(f"{var}: this field is a table or list; set it in the config file")
 
 
-class Limits(msgspec.Struct, forbid_unknown_fields=True):
-    queue_capacity: int = 1024
-    max_body_bytes: int = 1 << 20
-    ring_bytes: int = 4 << 20
-    stream_buffer_bytes: int = 4 << 20  # per stream, in the frontend, before it is cut off
-    max_streams: int = 10_000  # per frontend
-    max_streams_per_key: int = 0  # per frontend and API key; 0 = max_streams
-    max_tokens_limit: int = 32_768
-    ctx_limit: int = 1 << 20
-    transcript_retention_ms: int = 60_000  # ended tasks: Last-Event-ID resumes this long
-    resume_grace_ms: int = 10_000  # a stream's client gone: its task runs on this long
-    # The edge (orchd/frontend/edge.py): what one client may hold of a frontend.
-    max_connections: int = 4096  # per frontend; past it idle ones are closed, else 503
-    max_header_bytes: int = 16_384  # request line + headers; beyond it: 431
-    max_headers: int = 100  # beyond it: 431
-    header_timeout_ms: int = 10_000  # from connect (or a request's first byte) to its headers
-    body_timeout_ms: int = 30_000  # from the headers to the end of the body; then 408
-    keepalive_timeout_ms: int = 5_000  # an idle keep-alive connection is closed after this
-    send_buffer_bytes: int = 262_144  # kernel send buffer (SO_SNDBUF) per connection; 0 = OS
-    stall_timeout_ms: int = 5_000  # a stream cut off for reading too slowly: socket closed
-
-
-class Pool(msgspec.Struct, forbid_unknown_fields=True):
-    """A set of replicas serving one model on one engine, with versions pinned.
-
-    Pools named by replicas but not listed under [[pools]] are derived from their first
-    replica (engine, model_ref; versions pinned to what its engine reports first)."""
-
-    id: str
-    engine: Engine = "mock"
-    model_ref: str = "mock:tiny"
-    engine_version: str = ""  # "" = pinned to the first version a replica reports
-    sampler_profile_version: str = "v1"
-    supported_workloads: list[str] = msgspec.field(default_factory=lambda: ["completion"])
-    kv_bytes_per_token: int = 1024  # for sessions' kv_bytes estimate
-
-
-class Budget(msgspec.Struct, forbid_unknown_fields=True):
-    """Per-session allowances; 0 means unlimited."""
-
-    tokens: int = 0
-    time_ms: int = 0
-    cost: float = 0.0
-
-
-class Scheduling(msgspec.Struct, forbid_unknown_fields=True):
-    queue_policy: QueuePolicy = "reject"
-    placement: PlacementPolicy = "default"
-    # Weighted fairness across API keys: key -> weight (default 1.0).
-    key_weights: dict[str, float] = msgspec.field(default_factory=dict)
-    metrics_interval_ms: int = 1000  # SSE `metrics` frames per stream; 0 = none
-    # Token coalescing: after the first token, a stream's frames are written every N tokens
-    # or every stream_interval_ms, whichever comes first (1 = every token at once). Each token
-    # is still its own SSE event; only the writes are batched.
-    stream_interval_tokens: int = 1
-    stream_interval_ms: float = 10.0
-
-
-class Sessions(msgspec.Struct, forbid_unknown_fields=True):
-    ttl_ms: int = 600_000
-    max_turns: int = 8
-    cost_per_token: float = 0.0
-    session_budget: Budget = msgspec.field(default_factory=Budget)
-    key_budgets: dict[str, Budget] = msgspec.field(default_factory=dict)  # API key -> budget
-
-
-class Catalog(msgspec.Struct, forbid_unknown_fields=True):
-    catalog_dir: str = ""  # "" = the catalog lives in memory only
-    trust_policy: TrustPolicy = "permissive"
-    signing_keys: dict[str, str] = msgspec.field(default_factory=dict)  # key id -> HMAC secret
-    # file: model refs resolve only under these directories ([] = <run_dir>/models).
-    model_roots: list[str] = msgspec.field(default_factory=list)
-    verify_max_bytes: int = 64 << 30  # a verify reads at most this much
-    verify_timeout_ms: int = 600_000  # ... for at most this long
-    verify_concurrency: int = 2  # verifications at once; more: 429
-
-
-class Artifacts(msgspec.Struct, forbid_unknown_fields=True):
-    artifact_store: ArtifactStoreName = "memory"
-    artifact_dir: str = ""  # for fs; "" = <run_dir>/artifacts
-    artifact_memory_bytes: int = 256 << 20  # memory store: oldest evicted beyond this
-    transcripts: bool = True  # store each stream's transcript as a `trace` artifact
-
-
-class Config(msgspec.Struct, forbid_unknown_fields=True):
-    server: Server = msgspec.field(default_factory=Server)
-    limits: Limits = msgspec.field(default_factory=Limits)
-    scheduling: Scheduling = msgspec.field(default_factory=Scheduling)
-    sessions: Sessions = msgspec.field(default_factory=Sessions)
-    catalog: Catalog = msgspec.field(default_factory=Catalog)
-    artifacts: Artifacts = msgspec.field(default_factory=Artifacts)
-    pools: list[Pool] = msgspec.field(default_factory=list)
-    replicas: list[Replica] = msgspec.field(
-        default_factory=lambda: [Replica(id="r0"), Replica(id="r1")]
-    )
-
-    def all_pools(self) -> list[Pool]:
-        """Configured pools plus those only named by replicas."""
-        pools = {p.id: p for p in self.pools}
-        for r in self.replicas:
-            if r.pool_id not in pools:
-                pools[r.pool_id] = Pool(id=r.pool_id, engine=r.engine, model_ref=r.model_ref)
-        return list(pools.values())
-
-
-class Runtime(msgspec.Struct):
-    """Names the launcher made for this run: where every child finds its rings and sockets."""
-
-    run_dir: str
-    tag: str
-    scheduler_addr: str
-
-    def ring_name(self, replica_index: int, frontend: int) -> str:
-        return f"/orchd-{self.tag}-r{replica_index}-f{frontend}"
-
-    def bell_path(self, frontend: int) -> str:
-        return os.path.join(self.run_dir, f"fe{frontend}.bell")
-
-    def engine_addr(self, replica_index: int) -> str:
-        return f"ipc://{self.run_dir}/engine-{replica_index}.sock"
-
-
-class Resolved(msgspec.Struct):
-    config: Config
-    runtime: Runtime
-
-
-_ENV_PREFIX = "ORCHD_"
-
-
-def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """``ORCHD_<FIELD>`` for any scalar field of a section (names are unique across them)."""
-    sections: dict[str, type[msgspec.Struct]] = {
-        "server": Server,
-        "limits": Limits,
-        "scheduling": Scheduling,
-        "sessions": Sessions,
-        "catalog": Catalog,
-        "artifacts": Artifacts,
-    }
-    out: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    for key, raw in env.items():
-        if not key.startswith(_ENV_PREFIX) or key == "ORCHD_CONFIG":
+def _overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], Sources]:
+    """``ORCHD_<FIELD>`` for any plain field of a section; an unknown ``ORCHD_*`` is an error
+    (a typo must not be silently ignored)."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in ENV_SECTIONS}
+    sources: Sources = {}
+    for var, raw in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
             continue
-        name = key[len(_ENV_PREFIX) :].lower()
-        for section, cls in sections.items():
-            if name in cls.__struct_fields__:
-                value: Any = raw
-                if name in ("api_keys", "model_roots"):
-                    value = [k.strip() for k in raw.split(",") if k.strip()]
+        name = var[len(ENV_PREFIX) :].lower()
+        for section, cls in ENV_SECTIONS.items():
+            fields = {f.name: f.type for f in mi.type_info(cls).fields}  # type: ignore[attr-defined]
+            if name in fields:
+                if name in _LIST_FIELDS:
+                    value: Any = [k.strip() for k in raw.split(",") if k.strip()]
+                else:
+                    value = _env_value(var, raw, fields[name])
                 out[section][name] = value
+                sources[f"{section}.{name}"] = f"env {var}"
                 break
         else:
-            raise ConfigError(f"unknown environment override {key}")
-    return out
+            known = ", ".join(
+                sorted(
+                    ENV_PREFIX + f.upper()
+                    for c in ENV_SECTIONS.values()
+                    for f in c.__struct_fields__
+                )
+            )
+            raise ConfigError(f"unknown environment variable {var} (known: {ENV_CONFIG}, {known})")
+    return out, sources
+
+
+def _leaves(prefix: str, value: Any, source: str, into: Sources) -> None:
+    """Every leaf path of a TOML value (``replicas[0].mock.ttft_ms``) -> ``source``."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _leaves(f"{prefix}.{k}" if prefix else k, v, source, into)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            _leaves(f"{prefix}[{i}]", v, source, into)
+    else:
+        into[prefix] = source
 
 
 def load(
@@ -315,9 +188,19 @@ def load(
     cli: Mapping[str, Any] | None = None,
 ) -> Config:
     """File (optional) < ``ORCHD_*`` env < command-line flags (server fields)."""
+    return load_sourced(path, env, cli)[0]
+
+
+def load_sourced(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> tuple[Config, Sources]:
+    """:func:`load`, and where each value set came from (a path absent is a default)."""
     env = os.environ if env is None else env
-    path = path or env.get("ORCHD_CONFIG") or None
+    path = path or env.get(ENV_CONFIG) or None
     data: dict[str, Any] = {}
+    sources: Sources = {}
     if path:
         try:
             with open(path, "rb") as f:
@@ -326,19 +209,25 @@ def load(
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config {path} is not valid TOML: {e}") from e
-    for section, values in _overrides(env).items():
+        _leaves("", data, f"file {path}", sources)
+    overrides, env_sources = _overrides(env)
+    for section, values in overrides.items():
+        if values and not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"invalid config: [{section}] must be a table")
         data.setdefault(section, {}).update(values)
+    sources.update(env_sources)
     for key, value in (cli or {}).items():
         if value is not None:
             data.setdefault("server", {})[key] = value
+            sources[f"server.{key}"] = f"flag --{key.replace('_', '-')}"
     try:
-        cfg = msgspec.convert(data, Config, strict=False)
+        cfg = msgspec.convert(data, Config, strict=True)
     except msgspec.ValidationError as e:
         raise ConfigError(f"invalid config: {_explain(e, data)}") from e
     if cfg.server.api_keys_file:
         cfg.server.api_keys += read_keys_file(cfg.server.api_keys_file)
     validate(cfg)
-    return cfg
+    return cfg, sources
 
 
 def read_keys_file(path: str) -> list[str | ApiKey]:
@@ -370,27 +259,37 @@ _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
 
 
 def _explain(e: msgspec.ValidationError, data: Any) -> str:
-    """msgspec's message, or for a name field (a Literal) the field, the value and the names
-    it may take: ``replicas[0].engine: unknown engine 'x' (known: 'llamacpp', 'mock', ...)``."""
+    """Where and what: ``replicas[0].mock.ttft_ms: expected a float, got '5' (a str)``, or for
+    a name field (a Literal) the names it may take: ``replicas[0].engine: unknown engine 'x'
+    (known: 'llamacpp', 'mock', ...)``."""
     m = _AT.search(str(e))
     if m is None:
         return str(e)
+    where = m.group(1).lstrip(".")
     t: Any = mi.type_info(Config)
-    value, field = data, ""
+    value, field, found = data, "", True
     for name, index in _STEP.findall(m.group(1)):
         if name and isinstance(t, mi.StructType):
             t = next((f.type for f in t.fields if f.encode_name == name), None)
+            found = found and isinstance(value, dict) and name in value
             value = value.get(name) if isinstance(value, dict) else None
             field = name
         elif index and isinstance(t, mi.ListType):
             t = t.item_type
             value = value[int(index)] if isinstance(value, list) else None
         else:
-            return str(e)
-    if not isinstance(t, mi.LiteralType):
-        return str(e)
-    known = ", ".join(repr(v) for v in t.values)
-    return f"{m.group(1).lstrip('.')}: unknown {field} {value!r} (known: {known})"
+            t = None
+    if isinstance(t, mi.LiteralType):
+        known = ", ".join(repr(v) for v in t.values)
+        return f"{where}: unknown {field} {value!r} (known: {known})"
+    expected = _EXPECTED.search(str(e))
+    if expected is not None and found:
+        got = f"{value!r} (a {type(value).__name__}, not converted)"
+        return f"{where}: expected {expected.group(1)}, got {got}"
+    return f"{where}: {str(e)[: m.start()]}"
+
+
+_EXPECTED = re.compile(r"^Expected `([^`]+)`, got `[^`]+`")
 
 
 def is_loopback(host: str) -> bool:

@@ -4,7 +4,8 @@ SIGTERM drain, stop them all and leave nothing behind.
 Children: one scheduler, one engine supervisor per replica, F frontends. Each runs as
 ``python -m <module> <run_dir>/config.json [index]``, in its own session (so a terminal's
 Ctrl-C reaches only the launcher) and with a parent-death signal (so nothing outlives a
-launcher killed with -9). When to restart a child that died is orchd's one restart rule
+launcher killed with -9). The first SIGINT or SIGTERM drains; a second SIGINT (Ctrl-C again)
+kills every child at once and exits 130. When to restart a child that died is orchd's one restart rule
 (:class:`orchd.core.restart.RestartGroup`): exponential backoff and a circuit breaker per child,
 and if the scheduler dies, every child is restarted with it, since the others' state hangs on it.
 A child alive but silent past ``server.watchdog_ms`` (:class:`orchd.core.watchdog.Watchdog`:
@@ -66,6 +67,7 @@ class Launcher:
         self.rings: list[str] = []
         self.made_run_dir = False
         self.stopping = False
+        self.forced = False  # a second Ctrl-C: kill everything now
         self.guard: socket.socket | None = None
         self.group: RestartGroup | None = None  # made with the children, in prepare()
         try:
@@ -214,13 +216,21 @@ class Launcher:
             signal.set_wakeup_fd(-1)
             os.close(rfd)
             os.close(wfd)
+        if self.forced:
+            log.warning("forced exit: children killed; rings and sockets removed", port=s.port)
+            return 130
         log.info("stopped; every process, ring and socket is gone", port=s.port)
         return 0
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self.stopping:
+            if signum == signal.SIGINT:
+                self.forced = True
             return
         self.stopping = True
+        if signum == signal.SIGINT:
+            with contextlib.suppress(OSError):  # said plainly, whatever the log format
+                os.write(2, b"orchd: draining; press Ctrl-C again to exit now\n")
 
     def _next_timeout_ms(self) -> int:
         due = self.group.next_due() if self.group is not None else None
@@ -315,7 +325,7 @@ class Launcher:
             sock.send(p.encode(p.DrainAll(1, deadline_ms)))
         end = time.monotonic() + deadline_ms / 1000.0 + 5.0
         while time.monotonic() < end:
-            if self.children[LEADER].proc is None:
+            if self.children[LEADER].proc is None or self.forced:
                 return
             events = dict(poller.poll(200))
             if sock in events:
@@ -327,14 +337,20 @@ class Launcher:
                     return
 
     def _stop_child(self, c: Child, sig: int | None, wait_s: float) -> None:
+        """Signal ``c`` and wait up to ``wait_s`` for it, then kill it (at once once forced)."""
         if c.proc is None:
             return
         if sig is not None:
             with contextlib.suppress(ProcessLookupError):
                 c.proc.send_signal(sig)
-        try:
-            c.proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
+        end = time.monotonic() + wait_s
+        while not self.forced and time.monotonic() < end:
+            try:
+                c.proc.wait(min(0.1, max(0.0, end - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if c.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 c.proc.kill()
             c.proc.wait()
@@ -469,5 +485,5 @@ def reclaim_run_dir(run_dir: str) -> None:
 
 
 def serve(cfg: Config) -> int:
-    log.setup("launcher", cfg.server.log_level)
+    log.setup("launcher", cfg.server.log_level, cfg.server.log_format)
     return Launcher(expand_gpus(cfg)).run()

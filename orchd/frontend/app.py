@@ -24,7 +24,14 @@ from orchd.frontend import openai
 from orchd.frontend.client import SchedulerClient
 from orchd.frontend.control import routes as control_routes
 from orchd.frontend.http import JSON, error_response, read_body
-from orchd.frontend.middleware import ApiKeys, CorrelationId, FastRoute, FastRoutes
+from orchd.frontend.middleware import (
+    AccessLog,
+    ApiKeys,
+    CorrelationId,
+    FastRoute,
+    FastRoutes,
+    tag_task,
+)
 from orchd.frontend.openai import OpenAIRoutes
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
@@ -116,6 +123,7 @@ class Frontend:
             spec = parse_task(body, self.cfg.limits, kid)
             client_task_id = spec.task_id
             scope_spec(spec, kid)  # t-0 is <key id>/t-0 inside orchd
+            tag_task(request.scope, spec, client_task_id)
             # Feed a stream here from the start: a GET on this frontend then costs no round
             # trip, and its first bytes are already waiting.
             s = self.table.open_provisional(spec.task_id)
@@ -303,7 +311,7 @@ class Frontend:
         )
         fast = FastRoutes(star, routes, on_error=_internal)
         keys = ApiKeys(fast, effective_api_keys(self.cfg), respond=_refusal)
-        return CorrelationId(keys, self.index)
+        return CorrelationId(AccessLog(keys, self.index), self.index)
 
 
 def last_event_id(request: Request) -> int:

@@ -19,7 +19,9 @@ instance per connection, with every bound from ``[limits]``:
 - ``send_buffer_bytes``: each socket's kernel send buffer (SO_SNDBUF), so an SSE client that
   stops reading holds at most this in the kernel, beside its stream buffer in the frontend.
 
-Every answer given here is the contract's error envelope with a correlation id.
+Every answer given here is the contract's error envelope with a correlation id, and is logged
+as an ``access`` line like the app's answers (``refused_by: edge``; method and path when they
+had arrived).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, ClassVar
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from orchd import log
 from orchd.config import Limits
 from orchd.core.errors import Code, OrchdError
 
@@ -90,15 +93,16 @@ class Edge:
         return False
 
 
-def raw_response(status: int, err: OrchdError, extra: bytes = b"") -> bytes:
+def raw_response(status: int, err: OrchdError, extra: bytes = b"", cid: bytes = b"") -> bytes:
     body = msgspec.json.encode(err.envelope())
+    cid = cid or os.urandom(16).hex().encode()
     phrase = _PHRASES.get(status, b"Service Unavailable")
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, phrase),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"x-correlation-id: %s\r\n" % os.urandom(16).hex().encode(),
+            b"x-correlation-id: %s\r\n" % cid,
             extra,
             b"connection: close\r\n\r\n",
             body,
@@ -174,12 +178,28 @@ class EdgeProtocol(HttpToolsProtocol):
         t = self.transport
         if t.is_closing():
             return
-        t.write(raw_response(status, err, extra))
+        cid = os.urandom(16).hex()
+        self._log_refusal(status, err, cid)
+        t.write(raw_response(status, err, extra, cid.encode()))
         if t.can_write_eof():
             t.write_eof()
             self.loop.call_later(LINGER_S, t.close)
         else:
             t.close()
+
+    def _log_refusal(self, status: int, err: OrchdError, cid: str) -> None:
+        fields: dict[str, Any] = {"status": status, "cid": cid, "refused_by": "edge"}
+        url = bytes(getattr(self, "url", b"") or b"")
+        if self.parser is not None and not self._expect_headers:
+            with contextlib.suppress(Exception):  # httptools: the method once headers are in
+                fields["method"] = self.parser.get_method().decode("latin-1")
+        if url:
+            fields["path"] = url.split(b"?", 1)[0].decode("latin-1")[:256]
+        client = self.transport.get_extra_info("peername")
+        if client:
+            fields["client"] = str(client[0])
+        fields["reason"] = err.message
+        log.info("access", **fields)
 
     # ---------------------------------------------------------------- bytes in
 

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     pin_malloc_thresholds()
     res = load_resolved(argv[0])
     index = int(argv[1])
-    log.setup(f"frontend-{index}", res.config.server.log_level)
     s, lim = res.config.server, res.config.limits
+    log.setup(f"frontend-{index}", s.log_level, s.log_format)
     edge = Edge(lim)
     needed = fds_needed(lim)
     soft, hard = raise_nofile(needed)

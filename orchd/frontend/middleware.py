@@ -1,6 +1,7 @@
 """Pure-ASGI middleware of the frontend, one concern each, composed outermost first:
-:class:`CorrelationId` (ids on every response), :class:`ApiKeys` (every guarded path needs a
-key), :class:`FastRoutes` (the hottest routes skip Starlette's router)."""
+:class:`CorrelationId` (ids on every response), :class:`AccessLog` (one log line per request,
+refusals included), :class:`ApiKeys` (every guarded path needs a key), :class:`FastRoutes` (the
+hottest routes skip Starlette's router)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hmac
 import itertools
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
@@ -18,12 +20,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ipc.protocol import TaskSpec
+from orchd import log
 from orchd.config import ApiKey
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 from orchd.keys import KeyEntry, key_entry
 
 OPEN_PATHS = frozenset({"/metrics"})
+# Probes and scrapes: their successful answers are logged at debug, not info (a load balancer
+# asks every second); a failed one is logged like any request.
+QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/version"})
 _MAX_CID = 128
 
 Endpoint = Callable[[Request], Awaitable[Any]]
@@ -66,6 +73,67 @@ class CorrelationId:
             await send(message)
 
         await self.app(scope, receive, send_with_cid)
+
+
+class AccessLog:
+    """One ``access`` log line per request, when its response is done (for a stream, when the
+    stream ends): method, path (no query), status, duration_ms, cid, key_id (the key's
+    non-secret id, never the key), task_id when the request names or creates one, frontend.
+    401, 403, 404, 413, 429 and every other refusal are logged like the rest; a request whose
+    app raised is logged as 500 before the error goes on."""
+
+    def __init__(self, app: ASGIApp, frontend: int) -> None:
+        self.app = app
+        self.frontend = frontend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status = 0
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        except BaseException:
+            self.line(scope, status or 500, start)
+            raise
+        self.line(scope, status, start)
+
+    def line(self, scope: Scope, status: int, start: float) -> None:
+        state = scope.get("state", {})
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round((time.monotonic() - start) * 1000.0, 3),
+            "cid": state.get("correlation_id", ""),
+            "key_id": state.get("api_key_id", ""),
+        }
+        task_id = state.get("task_id") or scope.get("path_params", {}).get("task_id")
+        if task_id:
+            fields["task_id"] = task_id
+        fields["frontend"] = self.frontend
+        if status < 400 and scope["path"] in QUIET_PATHS:
+            log.debug("access", **fields)
+        else:
+            log.info("access", **fields)
+
+
+def tag_task(scope: Scope, spec: TaskSpec, shown_id: str) -> None:
+    """This request submits ``spec``: its access line names the task (``shown_id``, as the
+    client knows it), and the task carries the request's correlation id, so every process's
+    log lines about it carry that id too."""
+    state = scope.setdefault("state", {})
+    state["task_id"] = shown_id
+    spec.cid = state.get("correlation_id", "")
+    log.bind_task(spec.task_id, spec.cid)
 
 
 class ApiKeys:

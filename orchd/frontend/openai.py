@@ -28,6 +28,7 @@ from ipc import protocol as p
 from orchd import log
 from orchd.core.errors import Code, OrchdError, openai_error
 from orchd.frontend.http import JSON, read_body
+from orchd.frontend.middleware import tag_task
 from orchd.frontend.openai_schema import parse
 from orchd.frontend.sse import SSEResponse, watch_disconnect
 from orchd.frontend.streams import Stream
@@ -155,6 +156,7 @@ class OpenAIRoutes:
             # names the task for a resume (GET /v1/tasks/{id}/stream with Last-Event-ID).
             spec.task_id = scoped(kid, spec.task_id)
             spec.session_id = scoped(kid, spec.session_id)
+            tag_task(request.scope, spec, spec.task_id)
             s = fe.table.open_provisional(spec.task_id, "openai" if spec.stream else "body")
             if s is None:
                 raise OrchdError(

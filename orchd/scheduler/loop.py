@@ -288,6 +288,7 @@ class SchedulerShell:
             case p.Heartbeat():
                 return
             case p.Submit():
+                log.bind_task(msg.task.task_id, msg.task.cid)
                 out = core.submit(peer, msg, now)
                 self.admissions.append((msg, out))
             case p.Subscribe():
@@ -457,7 +458,7 @@ class SchedulerShell:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     res = load_resolved(argv[0])
-    log.setup("scheduler", res.config.server.log_level)
+    log.setup("scheduler", res.config.server.log_level, res.config.server.log_format)
     log.defer()  # flushed once per loop turn
     try:
         shell = SchedulerShell(res)

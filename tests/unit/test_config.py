@@ -18,6 +18,7 @@ from orchd.config import (
     is_loopback,
     load,
     load_resolved,
+    load_sourced,
     write_resolved,
 )
 from orchd.keys import key_entry, key_id
@@ -251,9 +252,80 @@ def test_replica_engine_and_adapter_are_names(tmp_path: Path) -> None:
     assert (rep.adapter, rep.adapter_name) == ("", "openai")  # "": the engine's default
 
 
-def test_a_type_error_keeps_msgspecs_message() -> None:
-    with pytest.raises(ConfigError, match=r"Expected `int`, got `str` - at `\$\.server\.port`"):
+def test_an_env_value_is_parsed_as_its_fields_type() -> None:
+    with pytest.raises(ConfigError, match=r"^ORCHD_PORT: expected an integer, got 'eighty'$"):
         load(env={"ORCHD_PORT": "eighty"})
+    with pytest.raises(ConfigError, match=r"ORCHD_STREAM_INTERVAL_MS: expected a number"):
+        load(env={"ORCHD_STREAM_INTERVAL_MS": "soon"})
+    with pytest.raises(ConfigError, match=r"ORCHD_TRANSCRIPTS: expected true or false"):
+        load(env={"ORCHD_TRANSCRIPTS": "maybe"})
+    with pytest.raises(ConfigError, match=r"ORCHD_KEY_WEIGHTS: .* set it in the config file"):
+        load(env={"ORCHD_KEY_WEIGHTS": "a=1"})
+    cfg = load(
+        env={"ORCHD_PORT": "9001", "ORCHD_TRANSCRIPTS": "false", "ORCHD_COST_PER_TOKEN": "2"}
+    )
+    assert (cfg.server.port, cfg.artifacts.transcripts, cfg.sessions.cost_per_token) == (
+        9001,
+        False,
+        2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[[replicas]]\nid = "a"\n[replicas.mock]\nttft_ms = "5"\n',
+            r"^invalid config: replicas\[0\]\.mock\.ttft_ms: expected float, got '5' \(a str, not converted\)$",
+        ),
+        ('[server]\nport = "8080"\n', r"server\.port: expected int, got '8080'"),
+        ("[server]\nport = 80.0\n", r"server\.port: expected int, got 80\.0"),
+        ("[limits]\nqueue_capacity = true\n", r"limits\.queue_capacity: expected int, got True"),
+        ('[artifacts]\ntranscripts = "yes"\n', r"artifacts\.transcripts: expected bool"),
+        ('[server]\napi_keys = "k"\n', r"server\.api_keys: expected array"),
+        ('[server]\nlog_level = "verbose"\n', r"server\.log_level: unknown log_level 'verbose'"),
+    ],
+)
+def test_a_wrong_type_in_the_file_is_an_error_not_coerced(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load(str(path), env={})
+
+
+def test_an_int_is_a_float_field_s_value(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[replicas]]\nid = "a"\n[replicas.mock]\nttft_ms = 5\n')
+    assert load(str(path), env={}).replicas[0].mock.ttft_ms == 5.0
+
+
+@pytest.mark.parametrize("var", ["ORCHD_PROT", "ORCHD_", "ORCHD_REPLICAS", "ORCHD_MOCK"])
+def test_an_unknown_orchd_variable_is_refused(var: str) -> None:
+    with pytest.raises(
+        ConfigError, match=f"unknown environment variable {var} \\(known: ORCHD_CONFIG"
+    ):
+        load(env={var: "1"})
+
+
+def test_an_invalid_log_level_from_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"server\.log_level: unknown log_level 'loud'"):
+        load(env={"ORCHD_LOG_LEVEL": "loud"})
+
+
+def test_sources_name_file_env_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 9000\nfrontends = 2\n[[replicas]]\nid = "a"\n')
+    cfg, sources = load_sourced(
+        str(path), env={"ORCHD_FRONTENDS": "3", "ORCHD_QUEUE_CAPACITY": "5"}, cli={"port": 9100}
+    )
+    assert (cfg.server.port, cfg.server.frontends, cfg.limits.queue_capacity) == (9100, 3, 5)
+    assert sources["server.port"] == "flag --port"
+    assert sources["server.frontends"] == "env ORCHD_FRONTENDS"
+    assert sources["limits.queue_capacity"] == "env ORCHD_QUEUE_CAPACITY"
+    assert sources["replicas[0].id"] == f"file {path}"
+    assert "limits.ring_bytes" not in sources  # a default
 
 
 # ---------------------------------------------------------------- keys and roles (issue 13)

@@ -104,4 +104,5 @@ def test_config_imports_no_implementation() -> None:
     """orchd.config names adapters and policies; the tables of implementations import it."""
     mods = _modules()
     deps = _imports("orchd.config", mods["orchd.config"], set(mods))
-    assert deps <= {"orchd.log"}, deps
+    assert deps <= {"orchd.log", "orchd.config_schema"}, deps
+    assert not _imports("orchd.config_schema", mods["orchd.config_schema"], set(mods))
