@@ -39,7 +39,7 @@ from engine_procs.supervisor_effects import (
 )
 from engine_procs.supervisor_engines import EngineSet
 from ipc import protocol as p
-from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame, token_frame
+from ipc.frames import KIND_DATA, KIND_TERMINAL, end_data, end_frame, error_frame, frame, token_frame
 from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step
@@ -344,7 +344,9 @@ class SupervisorCore:
         else:
             aid = None
             if keep:
-                aid, doc = run.transcript_doc(self.replica, version, reason)
+                data = end_data(run.tokens, decode_ms, decode_time_ms, reason)
+                terminal = {"type": "end", "id": run.seq + 1, "data": data}
+                aid, doc = run.transcript_doc(self.replica, version, reason, terminal)
                 self._send(p.PutArtifact(doc))
             run.seq += 1
             end = end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid)
