@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_procs.adapters.base import EngineRequest
 from ipc import protocol as p
-from ipc.frames import frame, metrics_frame
+from ipc.frames import metrics_frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical, transcript_events
 from orchd.core.ownership import Ev, Stream, step

@@ -39,7 +39,15 @@ from engine_procs.supervisor_effects import (
 )
 from engine_procs.supervisor_engines import EngineSet
 from ipc import protocol as p
-from ipc.frames import KIND_DATA, KIND_TERMINAL, end_data, end_frame, error_frame, frame, token_frame
+from ipc.frames import (
+    KIND_DATA,
+    KIND_TERMINAL,
+    end_data,
+    end_frame,
+    error_frame,
+    frame,
+    token_frame,
+)
 from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step

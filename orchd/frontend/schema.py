@@ -161,9 +161,16 @@ class StateBody(msgspec.Struct, forbid_unknown_fields=True):
     state: Literal["Active", "Retired"]
 
 
+ArtifactId = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class ArtifactBody(msgspec.Struct, forbid_unknown_fields=True):
-    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.\-]*$")]
+    kind: Literal["plan", "summary", "diff", "trace", "other"]
     content: Any
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=32)] | None = None
+    parent: ArtifactId | None = None
+    metadata: dict[str, Any] | None = None
 
 
 def parse_body(body: bytes, cls: type[msgspec.Struct]) -> dict[str, Any]:

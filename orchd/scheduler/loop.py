@@ -20,8 +20,9 @@ from ipc import protocol as p
 from ipc.peers import Peer
 from ipc.proc import freeze_startup_heap
 from orchd import log
+from orchd.artifacts import answer as answer_artifact
 from orchd.config import Resolved, load_resolved
-from orchd.core.errors import Code, OrchdError
+from orchd.core.errors import OrchdError
 from orchd.core.tasks import Out
 from orchd.scheduler.build import build_core
 from orchd.scheduler.metrics import SchedulerMetrics
@@ -278,15 +279,12 @@ class SchedulerShell:
         return m.ref if m is not None else ref_or_id
 
     def query(self, peer: str, q: p.Query, now: float) -> Out:
-        if q.op == "artifact.put":
-            aid = self.store.put(q.args["doc"], q.key)
-            return [(peer, p.Reply(q.req_id, {"id": aid}, 201))]
-        if q.op == "artifact.get":
-            doc = self.store.get(q.args["id"], q.key)
-            if doc is None:
-                err = OrchdError(Code.NOT_FOUND, f"no artifact {q.args['id']!r}")
-                return [(peer, p.Failed(q.req_id, self.core.error_info(err)))]
-            return [(peer, p.Reply(q.req_id, doc, 200))]
+        if q.op.startswith("artifact."):
+            try:
+                status, body = answer_artifact(self.store, q.op, q.args, q.key)
+            except OrchdError as e:
+                return [(peer, p.Failed(q.req_id, self.core.error_info(e)))]
+            return [(peer, p.Reply(q.req_id, body, status))]
         try:
             check_refs(q.op, q.args, self.roots, self._catalog_ref)
             if q.op == "catalog.verify":

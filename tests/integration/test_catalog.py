@@ -120,8 +120,9 @@ def test_every_stream_leaves_its_transcript(daemon: Daemon) -> None:
     assert status == 200 and art["kind"] == "trace"
     t = art["content"]
     assert t["task_id"] and t["tokens_out"] == 12 and t["reason"] == "length"
-    frames = [f + "\n\n" for f in bytes(s.sse.raw).decode().split("\n\n") if f]
-    assert t["events"] == frames[:-1]  # every event before `end`
+    sent = [{"type": e.event, "id": int(e.id), "data": e.json} for e in s.events]
+    sent[-1]["data"].pop("artifact_id")  # the transcript's own id is not in it
+    assert t["events"] == sent  # every event as {type, id, data}, the terminal included
 
 
 STRICT = """
