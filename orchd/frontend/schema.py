@@ -178,6 +178,7 @@ def parse_body(body: bytes, cls: type[msgspec.Struct]) -> dict[str, Any]:
     try:
         obj = msgspec.json.decode(body or b"null", type=cls)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        raise invalid("body", field_errors(body, cls) or [{"field": "", "message": "invalid"}])
+        errs = field_errors(body, cls) or [{"field": "", "message": "invalid"}]
+        raise invalid("body", errs) from None
     out: dict[str, Any] = msgspec.to_builtins(obj)
     return out
