@@ -36,6 +36,8 @@ ADMIN_OPS = frozenset(
         "pool.health",
         "pool.drain",
         "pool.reload",
+        "pool.undrain",
+        "pool.list",
         "catalog.create",
         "catalog.delete",
         "catalog.state",
@@ -43,7 +45,7 @@ ADMIN_OPS = frozenset(
     }
 )
 # Ops on the caller's own (or ?tenant='s) records; their id parameters are namespaced.
-TENANT_OPS = {"session.get": "session_id", "session.delete": "session_id"}
+TENANT_OPS = {"session.get": "session_id", "session.delete": "session_id", "task.get": "task_id"}
 
 
 def routes(client: SchedulerClient, max_body: int) -> list[Route]:
@@ -148,7 +150,15 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
             handler("pool.reload", ReloadBody, ("pool_id",), RELOAD_TIMEOUT_S),
             methods=["POST"],
         ),
+        Route(
+            "/v1/pools/{pool_id}/undrain",
+            handler("pool.undrain", None, ("pool_id",)),
+            methods=["POST"],
+        ),
+        Route("/v1/pools", handler("pool.list"), methods=["GET"]),
+        Route("/v1/tasks/{task_id}", handler("task.get", None, ("task_id",)), methods=["GET"]),
         Route("/v1/capabilities", handler("capabilities"), methods=["GET"]),
+        Route("/v1/catalog/models", handler("catalog.list"), methods=["GET"]),
         Route("/v1/catalog/models", handler("catalog.create", ModelBody), methods=["POST"]),
         Route(
             "/v1/catalog/models/{model_id}", handler("catalog.get", None, model), methods=["GET"]

@@ -149,16 +149,61 @@ class ReloadBody(msgspec.Struct, forbid_unknown_fields=True):
     new_model_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 
 
+Digest = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{2,16}:[0-9a-f]{32,128}$")]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+Short = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Manifest(msgspec.Struct, forbid_unknown_fields=True):
+    digest: Digest
+    size_bytes: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Signature(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    signer: Short
+    algo: Short
+    verified: bool = False  # as the client says; orchd verifies only its own HMAC signature
+    timestamp_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class Sbom(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    uri: Ref
+    digest: Digest | None = None
+
+
+class TrustPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Literal["strict", "permissive"]
+    allowed_registries: Annotated[list[Short], msgspec.Meta(max_length=64)] = []
+    require_signature: bool = False
+    require_sbom: bool = False
+    ca_roots: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=16384)]], msgspec.Meta(max_length=16)
+    ] = []
+
+
 class ModelBody(msgspec.Struct, forbid_unknown_fields=True):
     id: Id
-    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
-    digest: str | None = None
+    digest: Digest | None = None
+    source_url: Ref | None = None
+    ref: Ref | None = None  # orchd's alias of source_url
+    tags: (
+        Annotated[
+            list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]],
+            msgspec.Meta(max_length=32),
+        ]
+        | None
+    ) = None
+    manifests: Annotated[list[Manifest], msgspec.Meta(max_length=256)] | None = None
+    signatures: Annotated[list[Signature], msgspec.Meta(max_length=16)] | None = None
+    sbom: Sbom | None = None
+    trust_policy: TrustPolicy | None = None
     signature: str | None = None
     signing_key: str | None = None
 
 
 class StateBody(msgspec.Struct, forbid_unknown_fields=True):
     state: Literal["Active", "Retired"]
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] | None = None
 
 
 ArtifactId = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]

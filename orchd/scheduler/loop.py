@@ -294,13 +294,14 @@ class SchedulerShell:
         if q.op == "catalog.delete":
             self.verifier.cancel(q.args["model_id"])
         out = self.control.handle(peer, q, now)
-        if q.op.startswith("catalog.") and q.op != "catalog.get":
+        if q.op.startswith("catalog.") and q.op not in ("catalog.get", "catalog.list"):
             ok = any(isinstance(m, p.Reply) for _, m in out)
             if ok:
                 self.catalog_disk.save()
                 if q.op == "catalog.verify":
                     m = self.core.catalog.models[q.args["model_id"]]
-                    self.verifier.start(m.id, m.ref)
+                    algo = (m.digest or "sha256:").partition(":")[0]
+                    self.verifier.start(m.id, m.ref, algo)
         if q.op.startswith("pool.") or q.op.startswith("catalog."):
             log.info("control", op=q.op, args={k: v for k, v in q.args.items() if k != "doc"})
         return out
