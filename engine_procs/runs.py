@@ -12,12 +12,21 @@ from ipc import protocol as p
 from ipc.frames import metrics_frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical, transcript_events
+from orchd.core.errors import Code
 from orchd.core.ownership import Ev, Stream, step
 
 if TYPE_CHECKING:
     from engine_procs.codecs import OpenAICodec
 
 NO_ENGINE = -1
+
+
+# Aborts that end a task with an error, not as canceled: reason -> (code, why, retry ms).
+STOPS: dict[str, tuple[Code, str, int | None]] = {
+    "drained": (Code.POOL_UNAVAILABLE, "task stopped: its pool was drained", 1000),
+    "shutdown": (Code.POOL_UNAVAILABLE, "task stopped: orchd is shutting down", 1000),
+    "model_retired": (Code.MODEL_DEPRECATED, "task stopped: its model was retired", None),
+}
 
 
 @dataclass(slots=True, eq=False)

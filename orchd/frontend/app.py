@@ -37,11 +37,11 @@ def budget_headers(b: p.Budgets) -> dict[str, str]:
     budget's header is omitted."""
     h: dict[str, str] = {}
     if b.tokens is not None:
-        h["X-Budget-Tokens-Remaining"] = str(int(b.tokens))
+        h["X-Budget-Tokens-Remaining"] = str(max(0, int(b.tokens)))
     if b.time_ms is not None:
-        h["X-Budget-Time-Remaining-Ms"] = str(int(b.time_ms))
+        h["X-Budget-Time-Remaining-Ms"] = str(max(0, int(b.time_ms)))
     if b.cost is not None:
-        h["X-Budget-Cost-Remaining"] = repr(round(float(b.cost), 6))
+        h["X-Budget-Cost-Remaining"] = f"{max(0.0, float(b.cost)):.6f}".rstrip("0").rstrip(".")
     return h
 
 

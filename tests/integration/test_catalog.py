@@ -45,7 +45,7 @@ def test_catalog_lifecycle_and_admission_checks(daemon: Daemon) -> None:
     status, m = call(
         daemon, "POST", "/v1/catalog/models", {"id": "good", "ref": ref, "digest": digest}
     )
-    assert status == 201 and m["state"] == "Active" and m["verified"] is None
+    assert status == 201 and m["state"] == "Active" and "verified" not in m  # never null
     status, _ = call(daemon, "POST", "/v1/catalog/models/good/verify")
     assert status == 202
     m = wait_verified(daemon, "good")
@@ -81,10 +81,11 @@ def test_catalog_lifecycle_and_admission_checks(daemon: Daemon) -> None:
 
 def test_model_refs_are_parsed_with_clear_errors(daemon: Daemon) -> None:
     good = ["hf:meta-llama/Llama-3-8B@main", "https://models.example/m.gguf", "s3://bucket-1/m.bin",
-            "oci://registry.example/models/llama:v1"]  # fmt: skip
+            "oci://registry.example/models/llama:v1", "hf:org/repo/path/to/file.gguf"]  # fmt: skip
     for i, ref in enumerate(good):
         assert call(daemon, "POST", "/v1/catalog/models", {"id": f"ref-{i}", "ref": ref})[0] == 201
-    for ref, hint in [("llama", "no scheme"), ("file:relative/x", "absolute"), ("hf:nope", "hf:<org>"),
+    # A relative path is looked up under the model roots: one that is not there says so.
+    for ref, hint in [("llama", "cannot be read"), ("file:relative/x", "absolute"), ("hf:nope", "hf:<org>"),
                       ("ftp://x/y", "unknown scheme"), ("http://x/y", "plain http")]:  # fmt: skip
         status, body = call(daemon, "POST", "/v1/catalog/models", {"id": "bad", "ref": ref})
         assert status == 400 and hint in body["message"], (ref, body)

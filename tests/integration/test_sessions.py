@@ -161,5 +161,5 @@ def test_metrics_frames_are_interleaved(budgets: Daemon) -> None:
     assert "token" in kinds[first_metrics + 1 :]  # interleaved, not appended
     m = metrics[-1]
     assert m["queue_depth"] >= 0 and 0.0 <= m["on_time_probability"] <= 1.0
-    assert m["tokens_budget_remaining"] is None and isinstance(m["kv_warmth"], bool)
+    assert "tokens_budget_remaining" not in m and isinstance(m["kv_warmth"], bool)  # unlimited
     assert [int(e.id or -1) for e in events] == list(range(len(events)))

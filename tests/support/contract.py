@@ -97,10 +97,11 @@ def check_response(
                 raise ContractViolation(f"{method} {path} {status}: header {name} missing")
             continue
         try:
-            jsonschema.validate(value, h.get("schema", {}))
-        except jsonschema.ValidationError as e:
+            jsonschema.validate(_typed(value, h.get("schema", {})), h.get("schema", {}))
+        except (jsonschema.ValidationError, ValueError) as e:
+            why = e.message if isinstance(e, jsonschema.ValidationError) else str(e)
             raise ContractViolation(
-                f"{method} {path} {status}: header {name}={value!r}: {e.message}"
+                f"{method} {path} {status}: header {name}={value!r}: {why}"
             ) from None
     content = spec.get("content") or {}
     if "application/json" in content:
@@ -113,6 +114,21 @@ def check_response(
         raise ContractViolation(
             f"{method} {path} {status}: body where none is documented: {body[:200]!r}"
         )
+
+
+def _typed(value: str, schema: dict[str, Any]) -> Any:
+    """A header's text as the type its schema gives: an integer is digits only (int64), a
+    number a finite JSON number; anything else stays text."""
+    kind = schema.get("type")
+    if kind == "integer":
+        if not re.fullmatch(r"-?[0-9]{1,19}", value):
+            raise ValueError("not an int64")
+        return int(value)
+    if kind == "number":
+        if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", value):
+            raise ValueError("not a JSON number")
+        return float(value)
+    return value
 
 
 def _check_json(body: bytes, doc: str, schema: dict[str, Any]) -> None:
