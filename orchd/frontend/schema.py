@@ -149,7 +149,7 @@ class ReloadBody(msgspec.Struct, forbid_unknown_fields=True):
     new_model_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 
 
-Digest = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{2,16}:[0-9a-f]{32,128}$")]
+Digest = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{2,16}:[0-9a-f]{8,128}$")]
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 Short = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 

@@ -79,12 +79,18 @@ def check_refs(
         scheme = parse(target).scheme
         if scheme not in ("file", "relative"):
             continue
+        if scheme == "relative" and not _under_a_root(target, roots):
+            continue  # nothing there yet: confined by its form (no '..'); read when verified
         try:
             real = confine(target, roots)
         except OrchdError as e:
             raise _refused(ref, e.message.removeprefix(f"model ref {target!r} ")) from None
         if scheme == "relative" and target == ref:
             args[name] = "file:" + real
+
+
+def _under_a_root(rel: str, roots: list[str]) -> bool:
+    return any(os.path.lexists(os.path.join(root, rel)) for root in roots)
 
 
 @dataclass(slots=True)

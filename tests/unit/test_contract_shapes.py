@@ -184,11 +184,20 @@ def test_source_url_and_ref_are_one_field() -> None:
 
 
 @pytest.mark.parametrize(
-    "digest", ["sha256:" + "1" * 63, "sha512:" + "1" * 64, "SHA256:" + "1" * 64, "1" * 64]
+    "digest", ["sha256:dead", "SHA256:" + "1" * 64, "1" * 64, "sha256:xyz12345"]
 )
-def test_digest_is_algo_colon_hex_of_the_right_length(digest: str) -> None:
+def test_digest_is_algo_colon_lowercase_hex(digest: str) -> None:
     with pytest.raises(OrchdError):
         Catalog().register({"id": "m", "digest": digest}, 0)
+
+
+def test_a_short_digest_is_kept_and_a_verification_finds_the_mismatch() -> None:
+    c = Catalog()
+    c.register({"id": "m", "digest": "sha256:deadbeef", "source_url": "file:/m.bin"}, 0)
+    c.record_verification("m", D1, 1)
+    with pytest.raises(OrchdError) as ei:
+        c.check("m")
+    assert ei.value.code is Code.UNTRUSTED_ARTIFACT
 
 
 def test_permissive_warns_strict_policy_refuses_what_it_requires() -> None:
