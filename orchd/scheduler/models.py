@@ -79,7 +79,9 @@ def check_refs(
         try:
             scheme = parse(target).scheme
         except OrchdError:
-            continue  # malformed: the op itself refuses it, in its own terms (400 or 409)
+            if target.startswith(("file:", "/")):
+                raise  # a local path that is not usable: 400, whatever the op
+            continue  # other malformed refs: the op refuses them in its own terms (400 or 409)
         if scheme not in ("file", "relative"):
             continue
         if scheme == "relative" and not _under_a_root(target, roots):
