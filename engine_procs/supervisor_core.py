@@ -44,6 +44,7 @@ from ipc import protocol as p
 from ipc.frames import (
     KIND_DATA,
     KIND_TERMINAL,
+    end_data,
     end_frame,
     error_frame,
     frame,
@@ -367,7 +368,9 @@ class SupervisorCore:
         else:
             aid = None
             if keep:
-                aid, doc = run.transcript_doc(self.replica, version, reason)
+                data = end_data(run.tokens, decode_ms, decode_time_ms, reason)
+                terminal = {"type": "end", "id": run.seq + 1, "data": data}
+                aid, doc = run.transcript_doc(self.replica, version, reason, terminal)
                 self._send(p.PutArtifact(doc))
             run.seq += 1
             end = end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid)
@@ -474,7 +477,7 @@ class SupervisorCore:
 
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat:
-            self._send(p.Heartbeat())
+            self._send(p.Heartbeat({r.task_id: r.tokens for r in self.runs.values()}))
             self.next_heartbeat = now + self.heartbeat_s
         itl: list[float] = []
         for run in self.checks.due(now):

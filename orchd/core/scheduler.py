@@ -148,6 +148,7 @@ class SchedulerCore(StreamOps, LivenessOps):
                 self.sessions.release(t.grant, now)
             t.grant = None
         t.state = State.ENDED
+        t.tokens_out = tokens_out if ran else 0
         t.end_reason = reason
         t.error = error
         t.ended_ms = now
