@@ -99,6 +99,9 @@ __all__ = [
 
 ENV_PREFIX = "ORCHD_"
 ENV_CONFIG = "ORCHD_CONFIG"  # the config file, when --config is not given
+# Variables that are not config fields, read where they are used: a fake NVML for tests and
+# demos without a GPU (orchd/telemetry), and the git sha a build was made from (orchd/build_info).
+ENV_OTHER = (ENV_CONFIG, "ORCHD_NVML_MODULE", "ORCHD_GIT_SHA")
 # The sections whose plain fields an ``ORCHD_<FIELD>`` variable sets (names are unique
 # across them); tables and lists of tables are set in the file only.
 ENV_SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -145,7 +148,7 @@ def _overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], Sourc
     out: dict[str, dict[str, Any]] = {name: {} for name in ENV_SECTIONS}
     sources: Sources = {}
     for var, raw in sorted(env.items()):
-        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var in ENV_OTHER:
             continue
         name = var[len(ENV_PREFIX) :].lower()
         for section, cls in ENV_SECTIONS.items():
@@ -166,7 +169,9 @@ def _overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], Sourc
                     for f in c.__struct_fields__
                 )
             )
-            raise ConfigError(f"unknown environment variable {var} (known: {ENV_CONFIG}, {known})")
+            raise ConfigError(
+                f"unknown environment variable {var} (known: {', '.join(ENV_OTHER)}, {known})"
+            )
     return out, sources
 
 
