@@ -18,6 +18,7 @@ from ipc import protocol as p
 from ipc.peers import Peer
 from orchd.core.catalog import parse_ref
 from orchd.core.errors import Code, OrchdError
+from orchd.core.live import LiveView, readiness
 from orchd.core.scheduler import SchedulerCore
 from orchd.core.tasks import Out, State, sup
 
@@ -48,6 +49,7 @@ class Control:
         self.reloads: dict[int, PendingReload] = {}
         self.wall_offset_ms = 0.0  # wall clock minus `now`: catalog times are for humans
         self.started_ms: float | None = None  # when this scheduler first served (wall clock)
+        self.live = LiveView(core, queue_capacity)
 
     # ---------------------------------------------------------------- dispatching a Query
 
@@ -89,6 +91,15 @@ class Control:
             "deadline_ms": deadline_ms,
             "running": running,
         }
+
+    def pool_undrain(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """Serve again: the drain is called off (running tasks were never stopped by it; those
+        it aborted at its deadline stay ended)."""
+        pool = self.core.pools.get(q.args["pool_id"])
+        pool.draining = False
+        pool.drain_deadline_ms = None
+        out += self.core.dispatch(now)
+        return 200, {"pool_id": pool.id, "draining": False}
 
     def pool_reload(self, peer: str, q: p.Query, now: float, out: Out) -> Result | None:
         pool = self.core.pools.get(q.args["pool_id"])
@@ -197,6 +208,17 @@ class Control:
                     out += self._maybe_finish(rid, 0.0)
         return out
 
+    # ---------------------------------------------------------------- the operator's view
+
+    def ready(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """``GET /readyz``: 200 when a replica can serve, else 503; which cannot, and why."""
+        ok, body = readiness(self.core)
+        return (200 if ok else 503), body
+
+    def admin_live(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """The operator page's snapshot (orchd/core/live.py)."""
+        return 200, self.live.snapshot(now, self.wall_offset_ms, bool(q.args.get("history")))
+
     # ---------------------------------------------------------------- sessions
 
     def session_get(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
@@ -297,7 +319,10 @@ class Control:
 OPS: dict[str, Callable[[Control, str, p.Query, float, Out], Result | None]] = {
     "pool.health": Control.pool_health,
     "pool.drain": Control.pool_drain,
+    "pool.undrain": Control.pool_undrain,
     "pool.reload": Control.pool_reload,
+    "ready": Control.ready,
+    "admin.live": Control.admin_live,
     "session.get": Control.session_get,
     "session.delete": Control.session_delete,
     "catalog.create": Control.catalog_create,

@@ -22,6 +22,7 @@ from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
 from orchd.core.queue import AdmissionQueue, QueueFull
+from orchd.core.recent import Recent
 from orchd.core.sessions import SessionTable
 from orchd.core.streams import StreamOps
 from orchd.core.tasks import Out, State, Stats, Task, sup
@@ -61,6 +62,7 @@ class SchedulerCore(StreamOps):
         self.ttft = ServiceTime(prior_ms=0.0)
         self.tpot = ServiceTime(prior_ms=0.0)  # per token after the first
         self.stats = Stats()
+        self.recent = Recent({r.id: r.pool_id for r in replicas})  # for the operator page
         self.retention_ms = retention_ms
         self.admitting = True
         self._ids = itertools.count(1)
@@ -107,6 +109,7 @@ class SchedulerCore(StreamOps):
         error: p.ErrorInfo | None = None,
         tokens_in: int = 0,
         tokens_out: int = 0,
+        first_token_ms: float = 0.0,
     ) -> None:
         ran = t.state is State.RUNNING
         if ran:
@@ -135,6 +138,7 @@ class SchedulerCore(StreamOps):
         t.error = error
         t.ended_ms = now
         self._ended.append((now, t.spec.task_id))
+        self.recent.ended(t, ran, now, tokens_out, first_token_ms)
 
     def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None:
         """End a task that its supervisor cannot end (queued, or its supervisor is gone)."""
@@ -324,7 +328,7 @@ class SchedulerCore(StreamOps):
         if natural:
             self.service.observe(now - t.started_ms)
         error = p.ErrorInfo(msg.error_code, msg.reason) if msg.error_code else None
-        self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out)
+        self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out, msg.first_token_ms)
         self._ended_in_ring(t)
         out = self.dispatch(now)
         self._settle(t, out)

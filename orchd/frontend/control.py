@@ -35,6 +35,7 @@ ADMIN_OPS = frozenset(
     {
         "pool.health",
         "pool.drain",
+        "pool.undrain",
         "pool.reload",
         "catalog.create",
         "catalog.delete",
@@ -133,6 +134,11 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
         Route(
             "/v1/pools/{pool_id}/drain",
             handler("pool.drain", DrainBody, ("pool_id",)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/pools/{pool_id}/undrain",
+            handler("pool.undrain", None, ("pool_id",)),
             methods=["POST"],
         ),
         Route(

@@ -23,7 +23,11 @@ from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 from orchd.keys import KeyEntry, key_entry
 
-OPEN_PATHS = frozenset({"/metrics"})
+# Paths served without a key: metrics, the probes, and the operator page's static files (what
+# the page shows comes from keyed routes). ``/`` only redirects to ``/ui``.
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/version", "/ui", "/ui/", "/"})
+# ... and every ``<prefix><name>`` with a single path segment as name.
+OPEN_PREFIXES = ("/ui/",)
 _MAX_CID = 128
 
 Endpoint = Callable[[Request], Awaitable[Any]]
@@ -80,10 +84,12 @@ class ApiKeys:
         app: ASGIApp,
         api_keys: Iterable[str | ApiKey | KeyEntry],
         open_paths: Collection[str] = OPEN_PATHS,
+        open_prefixes: Collection[str] = OPEN_PREFIXES,
         respond: Callable[[str, OrchdError], Response] | None = None,
     ) -> None:
         self.app = app
         self.open_paths = frozenset(open_paths)
+        self.open_prefixes = tuple(open_prefixes)
         # The refusal's shape for a path (the OpenAI routes answer in OpenAI's).
         self.respond = respond or (lambda path, err: error_response(err))
         self.keys = [k if isinstance(k, KeyEntry) else key_entry(k) for k in api_keys]
@@ -102,8 +108,17 @@ class ApiKeys:
         e = self.entry(given)
         return None if e is None else e.id
 
+    def is_open(self, path: str) -> bool:
+        if path in self.open_paths:
+            return True
+        for prefix in self.open_prefixes:
+            if path.startswith(prefix):
+                name = path[len(prefix) :]
+                return "/" not in name and name not in ("", ".", "..")
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or self.is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         key: bytes | None = None

@@ -7,6 +7,7 @@ on a 250 ms tick.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -173,6 +174,8 @@ class SchedulerShell:
         """Free VRAM for placement and per-device figures for pool health, from the sampler."""
         free = self.gpus.free_vram_by_replica()
         samples = self.gpus.snapshot()
+        rows = [{**dataclasses.asdict(s), **self.gpus.owners(s)} for s in samples]
+        self.core.recent.gpus.observe(_now_ms(), rows)  # the operator page's GPU view
         for rep in self.core.replicas.values():
             rep.free_vram_bytes = free.get(rep.id, 0)
             rep.gpus = [
