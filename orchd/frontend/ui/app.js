@@ -8,6 +8,7 @@
 const KEY_ITEM = "orchd.adminKey";
 const HISTORY = 180; // GPU readings kept per series: 3 minutes at one a second
 const GPU_SERIES = ["utilization", "vram_used", "power_w", "temperature_c"];
+const RECENT_ROWS = 25; // recent tasks shown (the feed carries up to 100)
 
 let key = sessionStorage.getItem(KEY_ITEM) || "";
 let feed = null; // the AbortController of the running live feed
@@ -330,7 +331,9 @@ function renderTasks(tasks, total) {
 }
 
 function renderRecent(recent) {
-  const rows = recent.map((t) => el("tr", { "data-task": t.task_id },
+  $("recent-count").textContent =
+    recent.length > RECENT_ROWS ? `(newest ${RECENT_ROWS} of ${recent.length})` : "";
+  const rows = recent.slice(0, RECENT_ROWS).map((t) => el("tr", { "data-task": t.task_id },
     el("td", { text: new Date(t.ended_at_ms).toLocaleTimeString() }),
     el("td", { text: clientId(t.task_id) }),
     el("td", { class: "muted", text: t.api_key_id }),
