@@ -9,15 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 from engine_procs.adapters.base import EngineRequest
 from ipc import protocol as p
-from ipc.frames import frame
+from ipc.frames import metrics_frame
 from orchd.config import Replica
-from orchd.core.artifacts import artifact_id, canonical
+from orchd.core.artifacts import artifact_id, canonical, transcript_events
+from orchd.core.errors import Code
 from orchd.core.ownership import Ev, Stream, step
 
 if TYPE_CHECKING:
     from engine_procs.codecs import OpenAICodec
 
 NO_ENGINE = -1
+
+
+# Aborts that end a task with an error, not as canceled: reason -> (code, why, retry ms).
+STOPS: dict[str, tuple[Code, str, int | None]] = {
+    "drained": (Code.POOL_UNAVAILABLE, "task stopped: its pool was drained", 1000),
+    "shutdown": (Code.POOL_UNAVAILABLE, "task stopped: orchd is shutting down", 1000),
+    "model_retired": (Code.MODEL_DEPRECATED, "task stopped: its model was retired", None),
+}
 
 
 @dataclass(slots=True, eq=False)
@@ -122,23 +131,28 @@ class Run:
             return None if v is None else round(max(0.0, v - used), 6)
 
         self.seq += 1
-        return frame(
-            "metrics",
+        return metrics_frame(
             self.seq,
-            {
-                "queue_depth": queue_depth,
-                "on_time_probability": round(on_time, 4),
-                "kv_warmth": self.kv_warm,
-                "tokens_budget_remaining": rem(self.tokens_budget, self.tokens),
-                "time_budget_remaining_ms": rem(self.time_budget_ms, elapsed_ms),
-                "cost_budget_remaining": rem(self.cost_budget, self.tokens * self.cost_per_token),
-            },
+            queue_depth,
+            round(on_time, 4),
+            self.kv_warm,
+            (
+                rem(self.tokens_budget, self.tokens),
+                rem(self.time_budget_ms, elapsed_ms),
+                rem(self.cost_budget, self.tokens * self.cost_per_token),
+            ),
         )
 
     def transcript_doc(
-        self, replica: Replica, engine_version: str, reason: str
+        self,
+        replica: Replica,
+        engine_version: str,
+        reason: str,
+        terminal: dict[str, Any] | None = None,
     ) -> tuple[str, bytes]:
-        """The `trace` artifact of this stream (every event before `end`) and its id."""
+        """The `trace` artifact of this stream and its id: every event as ``{type, id, data}``,
+        then ``terminal`` (the `end` event, less its artifact id: the id is this document's
+        hash) where the terminal frame is not among the events already."""
         doc = canonical(
             "trace",
             {
@@ -152,7 +166,7 @@ class Run:
                 "seed": self.spec.seed,
                 "tokens_out": self.tokens,
                 "reason": reason,
-                "events": [f.decode() for f in self.transcript],
+                "events": [*transcript_events(self.transcript), *([terminal] if terminal else [])],
             },
         )
         return artifact_id(doc), doc

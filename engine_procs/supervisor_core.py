@@ -27,7 +27,7 @@ from typing import Any
 
 from engine_procs.codecs import OpenAICodec
 from engine_procs.deadlines import DeadlineHeap
-from engine_procs.runs import NO_ENGINE, Run, recent_itl_ms, started_event
+from engine_procs.runs import NO_ENGINE, STOPS, Run, recent_itl_ms, started_event
 from engine_procs.supervisor_effects import (
     Effect,
     Log,
@@ -39,7 +39,15 @@ from engine_procs.supervisor_effects import (
 )
 from engine_procs.supervisor_engines import EngineSet
 from ipc import protocol as p
-from ipc.frames import KIND_DATA, KIND_TERMINAL, end_frame, error_frame, frame, token_frame
+from ipc.frames import (
+    KIND_DATA,
+    KIND_TERMINAL,
+    end_data,
+    end_frame,
+    error_frame,
+    frame,
+    token_frame,
+)
 from orchd.config import Config, Replica
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, Ev, Stream, step
@@ -191,20 +199,16 @@ class SupervisorCore:
     def abort(self, msg: p.Abort, now: float) -> None:
         run = self.runs.get(msg.task_id)
         if run is not None:
-            if msg.reason in ("drained", "shutdown"):
-                why = (
-                    "its pool was drained" if msg.reason == "drained" else "orchd is shutting down"
-                )
+            stop = STOPS.get(msg.reason)
+            if stop is None:
+                self._end(run, "canceled", now)
+            else:
+                code, why, retry = stop
+                rep = self.replica
                 err = OrchdError(
-                    Code.POOL_UNAVAILABLE,
-                    f"task stopped: {why}",
-                    engine=self.replica.engine,
-                    pool_id=self.replica.pool_id,
-                    retry_after_ms=1000,
+                    code, why, engine=rep.engine, pool_id=rep.pool_id, retry_after_ms=retry
                 )
                 self._fail(run, err, now)
-            else:
-                self._end(run, "canceled", now)
         self.out.append(Send(p.AbortDone(msg.req_id, msg.task_id), after_rings=True))
 
     # ---------------------------------------------------------------- the engine's reports
@@ -344,7 +348,9 @@ class SupervisorCore:
         else:
             aid = None
             if keep:
-                aid, doc = run.transcript_doc(self.replica, version, reason)
+                data = end_data(run.tokens, decode_ms, decode_time_ms, reason)
+                terminal = {"type": "end", "id": run.seq + 1, "data": data}
+                aid, doc = run.transcript_doc(self.replica, version, reason, terminal)
                 self._send(p.PutArtifact(doc))
             run.seq += 1
             end = end_frame(run.seq, run.tokens, decode_ms, decode_time_ms, reason, aid)

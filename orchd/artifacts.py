@@ -14,10 +14,15 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
 
+import msgspec
+
+from orchd.core import artifacts as arts
 from orchd.core.artifacts import artifact_id
+from orchd.core.errors import Code, OrchdError
 
 _ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -31,6 +36,10 @@ class ArtifactStore(Protocol):
 
     def get(self, aid: str, owner: str | None = None) -> bytes | None: ...
 
+    def created_ms(self, aid: str) -> int: ...
+
+    def owned(self, owner: str) -> list[str]: ...
+
 
 class MemoryStore:
     """Keeps at most ``max_bytes`` of documents; the least recently used go first."""
@@ -40,6 +49,7 @@ class MemoryStore:
         self.bytes = 0
         self._docs: OrderedDict[str, bytes] = OrderedDict()
         self._owners: dict[str, set[str]] = {}
+        self._created: dict[str, int] = {}  # wall-clock ms of the first put
 
     def put(self, doc: bytes, owner: str | None = None) -> str:
         aid = artifact_id(doc)
@@ -49,12 +59,20 @@ class MemoryStore:
             self._docs.move_to_end(aid)
             return aid
         self._docs[aid] = doc
+        self._created[aid] = int(time.time() * 1000)
         self.bytes += len(doc)
         while self.bytes > self.max_bytes and len(self._docs) > 1:
             gone, old = self._docs.popitem(last=False)
             self._owners.pop(gone, None)
+            self._created.pop(gone, None)
             self.bytes -= len(old)
         return aid
+
+    def created_ms(self, aid: str) -> int:
+        return self._created.get(aid, 0)
+
+    def owned(self, owner: str) -> list[str]:
+        return [a for a, who in self._owners.items() if owner in who and a in self._docs]
 
     def get(self, aid: str, owner: str | None = None) -> bytes | None:
         if owner is not None and owner not in self._owners.get(aid, ()):
@@ -106,6 +124,23 @@ class FsStore:
         except FileNotFoundError:
             return None
 
+    def created_ms(self, aid: str) -> int:
+        """When the document was written (it never is again: its name is its hash)."""
+        try:
+            return os.stat(self._path(aid)).st_mtime_ns // 1_000_000
+        except FileNotFoundError:
+            return 0
+
+    def owned(self, owner: str) -> list[str]:
+        out = []
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.name.endswith(".owners") and e.name.startswith("sha256-"):
+                    aid = e.name.removesuffix(".owners").replace("-", ":", 1)
+                    if owner in self._owners(aid) and os.path.exists(self._path(aid)):
+                        out.append(aid)
+        return out
+
 
 def write_atomic(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` crash-safely: temp file, fsync, rename, directory fsync
@@ -128,3 +163,33 @@ def write_atomic(path: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def answer(store: ArtifactStore, op: str, args: dict[str, Any], owner: str) -> tuple[int, Any]:
+    """The scheduler's artifact ops (``artifact.put|get|list``) on ``store`` for ``owner``:
+    ``(status, body)``, or the typed error why not."""
+    if op == "artifact.put":
+        parent = args.get("parent")
+        if parent is not None and store.get(parent, owner) is None:
+            raise OrchdError(
+                Code.INVALID_PARAMS, f"parent: no artifact {parent!r} of yours", param="parent"
+            )
+        aid = store.put(args["doc"], owner)
+        return 201, arts.summary(aid, msgspec.json.decode(args["doc"]), store.created_ms(aid))
+    if op == "artifact.get":
+        doc = store.get(args["id"], owner)
+        if doc is None:
+            raise OrchdError(Code.NOT_FOUND, f"no artifact {args['id']!r}")
+        return 200, arts.view(args["id"], msgspec.json.decode(doc), store.created_ms(args["id"]))
+    if op == "artifact.list":
+        found = []
+        for aid in store.owned(owner):
+            raw = store.get(aid, owner)
+            if raw is None:
+                continue
+            doc = msgspec.json.decode(raw)
+            if arts.matches(doc, args.get("kind"), args.get("tag"), args.get("parent")):
+                found.append(arts.summary(aid, doc, store.created_ms(aid)))
+        found.sort(key=lambda a: (-a["created_ms"], a["id"]))
+        return 200, {"artifacts": found[: arts.MAX_LIST]}
+    raise OrchdError(Code.INVALID_PARAMS, f"unknown operation {op!r}")

@@ -76,7 +76,10 @@ class Control:
             for t in self.core.tasks.values()
             if t.state is State.QUEUED and t.pools[:1] == [pool.id]
         )
-        return 200, self.core.pools.health(pid, queued)
+        health = self.core.pools.health(pid, queued)
+        # Drained: draining, and nothing runs there any more.
+        health["drained"] = pool.draining and not self.core.running_on(pool.id)
+        return 200, health
 
     def pool_drain(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
         pool = self.core.pools.get(q.args["pool_id"])
@@ -93,13 +96,21 @@ class Control:
         }
 
     def pool_undrain(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
-        """Serve again: the drain is called off (running tasks were never stopped by it; those
-        it aborted at its deadline stay ended)."""
+        """Back in service without a reload: placed on again at once."""
         pool = self.core.pools.get(q.args["pool_id"])
         pool.draining = False
         pool.drain_deadline_ms = None
         out += self.core.dispatch(now)
-        return 200, {"pool_id": pool.id, "draining": False}
+        return 200, self.pool_health(
+            peer, p.Query(0, "pool.health", {"pool_id": pool.id}), now, out
+        )[1]
+
+    def pool_list(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        pools = []
+        for pid in self.core.pools.pools:
+            health = self.pool_health(peer, p.Query(0, "pool.health", {"pool_id": pid}), now, out)
+            pools.append({"pool_id": pid, **health[1]})
+        return 200, {"pools": pools}
 
     def pool_reload(self, peer: str, q: p.Query, now: float, out: Out) -> Result | None:
         pool = self.core.pools.get(q.args["pool_id"])
@@ -189,6 +200,13 @@ class Control:
 
     def tick(self, now: float) -> Out:
         out: Out = []
+        for m in self.core.catalog.overdue(now + self.wall_offset_ms):
+            late = [
+                t
+                for t in self.core.tasks.values()
+                if t.state is State.RUNNING and t.model_ref in (m.ref, m.id)
+            ]
+            out += self.core.abort_tasks(late, "model_retired", now)
         for rid, rel in list(self.reloads.items()):
             if now - rel.started_ms > RELOAD_TIMEOUT_MS:
                 for r in rel.waiting:
@@ -252,13 +270,44 @@ class Control:
         return 204, None
 
     def catalog_state(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
-        m = self.core.catalog.set_state(q.args["model_id"], q.args.get("state"))
+        deadline = q.args.get("deadline_ms")
+        m = self.core.catalog.set_state(
+            q.args["model_id"], q.args.get("state"), now + self.wall_offset_ms, deadline
+        )
         return 202, m.view()
+
+    def catalog_list(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        return 200, {"models": self.core.catalog.listing()}
+
+    # ---------------------------------------------------------------- tasks
+
+    def task_get(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """A task's state for its owner, without a stream: queued (and where), running (and
+        where), or ended (and why)."""
+        t = self.core.tasks.get(q.args["task_id"])
+        if t is None or t.spec.api_key_id != q.key:
+            raise OrchdError(Code.NOT_FOUND, f"no task {q.args['task_id']!r}")
+        body: dict[str, Any] = {"task_id": t.spec.task_id, "state": t.state.value}
+        if t.state is State.QUEUED:
+            body["queue_position"] = self.core.queue.position(t.spec.task_id) or 1
+        elif t.state is State.RUNNING:
+            rep = self.core.replicas.get(t.replica)
+            body["pool_id"] = rep.pool_id if rep is not None else ""
+            body["replica_id"] = t.replica
+            body["running_ms"] = max(0, int(now - t.started_ms))
+        else:
+            body["reason"] = t.end_reason or ("error" if t.error else "")
+            if t.error is not None:
+                body["error_code"] = t.error.code
+        return 200, body
 
     def catalog_verify(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
         m = self.core.catalog.get(q.args["model_id"])
         # The shell computes the digest off the loop and records it (202: accepted).
-        return 202, {"id": m.id, "ref": m.ref, "verification": "started"}
+        body = {"id": m.id, "verification": "started"}
+        if m.ref:
+            body["ref"] = m.ref
+        return 202, body
 
     # ---------------------------------------------------------------- capabilities
 
@@ -319,8 +368,11 @@ class Control:
 OPS: dict[str, Callable[[Control, str, p.Query, float, Out], Result | None]] = {
     "pool.health": Control.pool_health,
     "pool.drain": Control.pool_drain,
-    "pool.undrain": Control.pool_undrain,
     "pool.reload": Control.pool_reload,
+    "pool.undrain": Control.pool_undrain,
+    "pool.list": Control.pool_list,
+    "task.get": Control.task_get,
+    "catalog.list": Control.catalog_list,
     "ready": Control.ready,
     "admin.live": Control.admin_live,
     "session.get": Control.session_get,

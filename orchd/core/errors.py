@@ -91,8 +91,10 @@ class OrchdError(Exception):
         policy_label: str | None = None,
         pool_id: str | None = None,
         param: str | None = None,
+        errors: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(message)
+        self.errors = errors  # every field at fault, [{field, message}], where several are
         self.param = param  # the request field at fault, where one is
         self.code = Code(code)
         self.message = message
@@ -114,12 +116,16 @@ class OrchdError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         """The contract's error body (also the data of an SSE ``error`` event)."""
-        return {
+        env: dict[str, Any] = {
             "code": self.code.value,
             "message": self.message,
-            "engine": self.engine,
             "retriable": self.retriable,
-            "retry_after_ms": self.retry_after_ms,
-            "policy_label": self.policy_label,
-            "pool_id": self.pool_id,
         }
+        # Optional fields appear only with a value (the contract has no nulls).
+        for k in ("engine", "retry_after_ms", "policy_label", "pool_id"):
+            v = getattr(self, k)
+            if v is not None:
+                env[k] = v
+        if self.errors:
+            env["errors"] = self.errors
+        return env

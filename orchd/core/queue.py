@@ -123,6 +123,15 @@ class AdmissionQueue(Generic[T]):
                 ahead += min(len(q), math.ceil((index + 1) * self.weight(k) / w))
         return ahead + 1
 
+    def position(self, task_id: str) -> int | None:
+        """Where a queued task stands now (1: next), as its admission estimated it."""
+        where = self._where.get(task_id)
+        if where is None:
+            return None
+        priority, key = where
+        index = list(self._lanes[priority].by_key[key]).index(task_id)
+        return self._estimate_position(priority, key, index)
+
     def remove(self, task_id: str) -> T | None:
         where = self._where.pop(task_id, None)
         if where is None:

@@ -199,14 +199,20 @@ class SessionTable:
         return gone
 
     def view(self, s: Session, now: float, kv_warm: bool) -> dict[str, object]:
-        return {
+        """SessionInfo; an unlimited budget is omitted (the contract has no nulls)."""
+        out: dict[str, object] = {
             "session_id": s.id,
             "ttl_ms_remaining": max(0, int(s.expires_ms() - now)),
             "turns": s.turns,
             "max_turns": self.max_turns,
             "kv_bytes": s.kv_bytes,
             "kv_warmth": kv_warm,
-            "tokens_budget_remaining": s.tokens_available(),
-            "time_budget_remaining_ms": None if s.time_left_ms is None else int(s.time_left_ms),
-            "cost_budget_remaining": s.cost_available(),
         }
+        tokens, cost = s.tokens_available(), s.cost_available()
+        if tokens is not None:
+            out["tokens_budget_remaining"] = tokens
+        if s.time_left_ms is not None:
+            out["time_budget_remaining_ms"] = int(s.time_left_ms)
+        if cost is not None:
+            out["cost_budget_remaining"] = cost
+        return out

@@ -33,14 +33,16 @@ from orchd.frontend.tenancy import local_error, scope_spec, scoped, tenant
 
 
 def budget_headers(b: p.Budgets) -> dict[str, str]:
-    def fmt(v: float | None) -> str:
-        return "unlimited" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
-
-    return {
-        "X-Budget-Tokens-Remaining": fmt(b.tokens),
-        "X-Budget-Time-Remaining-Ms": fmt(b.time_ms),
-        "X-Budget-Cost-Remaining": fmt(b.cost),
-    }
+    """What the session has left: tokens and time as int64, cost as a number; an unlimited
+    budget's header is omitted."""
+    h: dict[str, str] = {}
+    if b.tokens is not None:
+        h["X-Budget-Tokens-Remaining"] = str(max(0, int(b.tokens)))
+    if b.time_ms is not None:
+        h["X-Budget-Time-Remaining-Ms"] = str(max(0, int(b.time_ms)))
+    if b.cost is not None:
+        h["X-Budget-Cost-Remaining"] = f"{max(0.0, float(b.cost)):.6f}".rstrip("0").rstrip(".")
+    return h
 
 
 class Frontend:
@@ -105,10 +107,12 @@ class Frontend:
 
     async def submit(self, request: Request) -> Response:
         s = None
+        engine: str | None = None  # the request named it: every error of it says so
         kid = request.scope["state"]["api_key_id"]
         try:
             body = await read_body(request, self.cfg.limits.max_body_bytes)
             spec = parse_task(body, self.cfg.limits, kid)
+            engine = spec.engine
             client_task_id = spec.task_id
             scope_spec(spec, kid)  # t-0 is <key id>/t-0 inside orchd
             # Feed a stream here from the start: a GET on this frontend then costs no round
@@ -119,6 +123,8 @@ class Frontend:
         except OrchdError as e:
             if s is not None:
                 self.table.drop_provisional(s)
+            if e.engine is None:
+                e.engine = engine
             return error_response(local_error(e, kid))
         assert isinstance(reply, p.Admitted)
         if s is not None:

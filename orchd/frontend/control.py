@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ipc import protocol as p
-from orchd.core.artifacts import canonical
+from orchd.core.artifacts import canonical, check_kind
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.client import SchedulerClient
 from orchd.frontend.http import JSON, error_response, read_body
@@ -35,8 +35,9 @@ ADMIN_OPS = frozenset(
     {
         "pool.health",
         "pool.drain",
-        "pool.undrain",
         "pool.reload",
+        "pool.undrain",
+        "pool.list",
         "catalog.create",
         "catalog.delete",
         "catalog.state",
@@ -44,7 +45,7 @@ ADMIN_OPS = frozenset(
     }
 )
 # Ops on the caller's own (or ?tenant='s) records; their id parameters are namespaced.
-TENANT_OPS = {"session.get": "session_id", "session.delete": "session_id"}
+TENANT_OPS = {"session.get": "session_id", "session.delete": "session_id", "task.get": "task_id"}
 
 
 def routes(client: SchedulerClient, max_body: int) -> list[Route]:
@@ -92,10 +93,10 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
         try:
             a = parse_body(await read_body(request, max_body), ArtifactBody)
             try:
-                doc = canonical(a["kind"], a["content"])
+                doc = canonical(a["kind"], a["content"], a["tags"], a["parent"], a["metadata"])
             except (OverflowError, msgspec.EncodeError) as e:
                 raise OrchdError(Code.INVALID_PARAMS, f"content: {e}") from None
-            return await ask("artifact.put", {"doc": doc}, request)
+            return await ask("artifact.put", {"doc": doc, "parent": a["parent"]}, request)
         except OrchdError as e:
             return error_response(e)
 
@@ -104,15 +105,23 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
         try:
             if not aid.startswith("sha256:"):
                 raise OrchdError(Code.NOT_FOUND, f"no artifact {aid!r}")
-            key = tenant(request)  # shown only to a key that put it (or ran its task)
-            reply = await client.request(
-                p.Query(client.next_id(), "artifact.get", {"id": aid}, key)
-            )
+            # shown only to a key that put it (or ran its task)
+            return await ask("artifact.get", {"id": aid}, request, key=tenant(request))
         except OrchdError as e:
             return error_response(e)
-        assert isinstance(reply, p.Reply)
-        doc = msgspec.json.decode(reply.body)
-        return JSON({"id": aid, "kind": doc["kind"], "content": doc["content"]})
+
+    async def list_artifacts(request: Request) -> Response:
+        """The caller's artifacts (or ``?tenant=``'s), newest first, filtered by ``kind``,
+        ``tag`` and ``parent`` where given."""
+        try:
+            key = tenant(request)
+            qp = request.query_params
+            args = {k: qp[k] for k in ("kind", "tag", "parent") if k in qp}
+            if "kind" in args:
+                check_kind(args["kind"])
+            return await ask("artifact.list", args, request, key=key)
+        except OrchdError as e:
+            return error_response(e)
 
     model = ("model_id",)
     return [
@@ -137,16 +146,19 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
             methods=["POST"],
         ),
         Route(
-            "/v1/pools/{pool_id}/undrain",
-            handler("pool.undrain", None, ("pool_id",)),
-            methods=["POST"],
-        ),
-        Route(
             "/v1/pools/{pool_id}/reload",
             handler("pool.reload", ReloadBody, ("pool_id",), RELOAD_TIMEOUT_S),
             methods=["POST"],
         ),
+        Route(
+            "/v1/pools/{pool_id}/undrain",
+            handler("pool.undrain", None, ("pool_id",)),
+            methods=["POST"],
+        ),
+        Route("/v1/pools", handler("pool.list"), methods=["GET"]),
+        Route("/v1/tasks/{task_id}", handler("task.get", None, ("task_id",)), methods=["GET"]),
         Route("/v1/capabilities", handler("capabilities"), methods=["GET"]),
+        Route("/v1/catalog/models", handler("catalog.list"), methods=["GET"]),
         Route("/v1/catalog/models", handler("catalog.create", ModelBody), methods=["POST"]),
         Route(
             "/v1/catalog/models/{model_id}", handler("catalog.get", None, model), methods=["GET"]
@@ -167,5 +179,6 @@ def routes(client: SchedulerClient, max_body: int) -> list[Route]:
             methods=["POST"],
         ),
         Route("/v1/artifacts", put_artifact, methods=["POST"]),
+        Route("/v1/artifacts", list_artifacts, methods=["GET"]),
         Route("/v1/artifacts/{artifact_id:path}", get_artifact, methods=["GET"]),
     ]

@@ -1,8 +1,9 @@
 """``file:`` model refs on the scheduler's disk: confined to the model roots, and verified off
 the loop within bounds.
 
-A ``file:`` ref names a path under one of ``catalog.model_roots`` (default
-``<run_dir>/models``) once every symlink is resolved: a link out of a root is refused, and so
+A ``file:`` ref (or a bare absolute path) names a path under one of ``catalog.model_roots``
+(default ``<run_dir>/models``) once every symlink is resolved; a relative path is looked up
+under each root in turn: a link out of a root is refused, and so
 is anything but a regular file or a directory (devices, FIFOs, sockets, ``/proc``). Messages
 name the ref the client gave, never the path it resolved to.
 
@@ -23,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchd.config import Catalog
-from orchd.core.catalog import parse_ref
 from orchd.core.errors import Code, OrchdError
+from orchd.core.refs import parse, unreachable
 
 BLOCK = 1 << 20
 
@@ -40,8 +41,13 @@ def _refused(ref: str, why: str) -> OrchdError:
 def confine(ref: str, roots: list[str], *, regular_only: bool = False) -> str:
     """The real path a ``file:`` ref names, if it lies under a root and is a regular file (or
     a directory, unless ``regular_only``); else INVALID_PARAMS naming ``ref``."""
-    scheme, rest = parse_ref(ref)
-    if scheme != "file":
+    r = parse(ref)
+    if r.scheme == "relative":
+        found = [os.path.join(root, r.path) for root in roots]
+        rest = next((f for f in found if os.path.lexists(f)), found[0] if found else r.path)
+    elif r.scheme == "file":
+        rest = r.path
+    else:
         raise _refused(ref, "is not a file: ref")
     real = os.path.realpath(rest)
     if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
@@ -60,24 +66,38 @@ def confine(ref: str, roots: list[str], *, regular_only: bool = False) -> str:
 def check_refs(
     op: str, args: dict[str, object], roots: list[str], resolve: Callable[[str], str]
 ) -> None:
-    """The catalog and reload ops that take a ref: a ``file:`` one must be confined (a reload
-    names a ref or a catalog id: ``resolve`` gives the ref an id stands for)."""
-    name = {"catalog.create": "ref", "pool.reload": "new_model_ref"}.get(op)
-    ref = args.get(name) if name else None
-    if not isinstance(ref, str):
-        return
-    target = resolve(ref) if op == "pool.reload" else ref
-    if target.startswith("file:"):
+    """The catalog and reload ops that take a ref: a local one must be confined (a reload
+    names a ref or a catalog id: ``resolve`` gives the ref an id stands for). A relative
+    path becomes the ``file:`` ref of what it names under the roots, so that every process
+    reads the same file."""
+    names = {"catalog.create": ("source_url", "ref"), "pool.reload": ("new_model_ref",)}
+    for name in names.get(op, ()):
+        ref = args.get(name)
+        if not isinstance(ref, str):
+            continue
+        target = resolve(ref) if op == "pool.reload" else ref
+        scheme = parse(target).scheme
+        if scheme not in ("file", "relative"):
+            continue
+        if scheme == "relative" and not _under_a_root(target, roots):
+            continue  # nothing there yet: confined by its form (no '..'); read when verified
         try:
-            confine(target, roots)
+            real = confine(target, roots)
         except OrchdError as e:
             raise _refused(ref, e.message.removeprefix(f"model ref {target!r} ")) from None
+        if scheme == "relative" and target == ref:
+            args[name] = "file:" + real
+
+
+def _under_a_root(rel: str, roots: list[str]) -> bool:
+    return any(os.path.lexists(os.path.join(root, rel)) for root in roots)
 
 
 @dataclass(slots=True)
 class Job:
     model_id: str
     ref: str
+    algo: str = "sha256"  # of the digest it is checked against
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -104,9 +124,9 @@ class Verifier:
                 policy_label="verify_concurrency",
             )
 
-    def start(self, model_id: str, ref: str) -> None:
+    def start(self, model_id: str, ref: str, algo: str = "sha256") -> None:
         self.cancel(model_id)  # a newer request replaces a running one
-        job = Job(model_id, ref)
+        job = Job(model_id, ref, algo)
         self.jobs[model_id] = job
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
 
@@ -127,11 +147,13 @@ class Verifier:
 
     def digest(self, job: Job) -> str:
         ref = job.ref
-        scheme, _ = parse_ref(ref)
-        if scheme != "file":
-            raise OrchdError(
-                Code.INVALID_PARAMS, f"cannot fetch {scheme}: refs to verify them here"
-            )
+        if not ref:
+            raise OrchdError(Code.INVALID_PARAMS, "the model has no source_url to verify")
+        r = parse(ref)
+        if r.remote:
+            raise unreachable(ref, "this scheduler fetches no remote model to verify it")
+        if r.scheme not in ("file", "relative"):
+            raise OrchdError(Code.INVALID_PARAMS, f"{r.scheme}: refs have no bytes to verify")
         real = confine(ref, self.roots, regular_only=True)
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -142,7 +164,12 @@ class Verifier:
         with os.fdopen(fd, "rb", buffering=0) as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise _refused(ref, "is not a regular file")
-            h = hashlib.sha256()
+            try:
+                h = hashlib.new(job.algo)
+            except ValueError:
+                raise OrchdError(
+                    Code.INVALID_PARAMS, f"digest algorithm {job.algo!r} is not one orchd computes"
+                ) from None
             total = 0
             while block := f.read(BLOCK):
                 total += len(block)
@@ -157,7 +184,7 @@ class Verifier:
                         f"{int(self.timeout_s * 1000)}",
                     )
                 h.update(block)
-        return "sha256:" + h.hexdigest()
+        return f"{job.algo}:{h.hexdigest()}"
 
     def done(self) -> list[tuple[str, str | None, str]]:
         """Finished verifications: (model id, digest or None, error). A canceled one is not

@@ -1,6 +1,9 @@
-"""The contracts themselves: OpenAPI documents that validate, an API version that matches,
-live /metrics linted against contracts/metrics.lint.json, and a schemathesis fuzz run against
-the running daemon that finds no 5xx and no response outside the contract."""
+"""The contracts themselves: OpenAPI documents that validate, every example in them valid
+against its schema and replayed against a live orchd in its default configuration, an API
+version that matches, live /metrics linted against contracts/metrics.lint.json, and a
+schemathesis fuzz run against the running daemon that finds no 5xx and no response outside
+the contract. (Every response any integration test receives is checked against the
+documents too: tests/support/sse.py.)"""
 
 from __future__ import annotations
 
@@ -10,13 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import run_task
 from tests.support import contract
 from tests.support.daemon import Daemon
-from tests.support.sse import sync_request
+from tests.support.sse import SyncStream, sync_request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +28,53 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_openapi_documents_are_valid() -> None:
     for name in (*contract.FILES, "openai.yaml"):
         validate(contract._doc(name), base_uri=(contract.ROOT / name).as_uri())
+
+
+def test_every_example_is_valid_against_its_schema() -> None:
+    found = contract.examples()
+    where = {f"{doc}{w}" for doc, w, _, _ in found}
+    # The request bodies, path parameters and the error envelope all have theirs.
+    assert len(found) >= 14, sorted(where)
+    for doc, w, schema, example in found:
+        err = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(example)
+        )
+        assert err is None, f"{doc}{w}: example {example!r}: {err.message if err else ''}"
+
+
+# Each operation of the documents, in an order where every request finds what it names.
+REPLAY_ORDER = [
+    "capabilities", "listPools", "poolHealth",
+    "submitTask", "getTask", "streamTask", "cancelTask", "getSession",
+    "putArtifact", "listArtifacts", "getArtifact", "deleteSession",
+    "createModel", "listModels", "getModel", "verifyModel", "setModelState", "deleteModel",
+    "drainPool", "undrainPool", "reloadPool", "metrics",
+]  # fmt: skip
+
+
+def test_every_example_replays_against_a_live_orchd(tmp_path: Path) -> None:
+    """Built from the documents' examples alone, each request gets its first documented 2xx
+    from orchd's default configuration (no config file), and every answer conforms
+    (sync_request and SyncStream check each against the documents)."""
+    plan = contract.replays()
+    assert sorted(plan) == sorted(REPLAY_ORDER), "a new operation needs its place here"
+    with Daemon(tmp_path, "") as d:
+        for op_id in REPLAY_ORDER:
+            r = plan[op_id]
+            headers = {} if r.path == "/metrics" else d.headers
+            if op_id == "streamTask":
+                s = SyncStream(d.host, d.port, r.path, headers)
+                events = s.read_to_end()
+                s.close()
+                assert (s.status, events[0].event, events[-1].event) == (r.status, "started", "end")
+                continue
+            status, _, raw = sync_request(d.host, d.port, r.method, r.path, headers, r.body)
+            assert status == r.status, (op_id, r.method, r.path, status, raw[:300])
+            if op_id == "putArtifact":
+                # Content-addressed: the documented id of the example is the one it gets.
+                assert json.loads(raw)["id"] == plan["getArtifact"].path.rsplit("/", 1)[1]
+            if op_id == "listArtifacts":
+                assert [a["tags"] for a in json.loads(raw)["artifacts"]] == [["sprint-7"]]
 
 
 def test_api_version_matches_openapi(daemon: Daemon) -> None:

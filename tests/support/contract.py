@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,11 @@ def check_response(
                 raise ContractViolation(f"{method} {path} {status}: header {name} missing")
             continue
         try:
-            jsonschema.validate(value, h.get("schema", {}))
-        except jsonschema.ValidationError as e:
+            jsonschema.validate(_typed(value, h.get("schema", {})), h.get("schema", {}))
+        except (jsonschema.ValidationError, ValueError) as e:
+            why = e.message if isinstance(e, jsonschema.ValidationError) else str(e)
             raise ContractViolation(
-                f"{method} {path} {status}: header {name}={value!r}: {e.message}"
+                f"{method} {path} {status}: header {name}={value!r}: {why}"
             ) from None
     content = spec.get("content") or {}
     if "application/json" in content:
@@ -112,6 +114,21 @@ def check_response(
         raise ContractViolation(
             f"{method} {path} {status}: body where none is documented: {body[:200]!r}"
         )
+
+
+def _typed(value: str, schema: dict[str, Any]) -> Any:
+    """A header's text as the type its schema gives: an integer is digits only (int64), a
+    number a finite JSON number; anything else stays text."""
+    kind = schema.get("type")
+    if kind == "integer":
+        if not re.fullmatch(r"-?[0-9]{1,19}", value):
+            raise ValueError("not an int64")
+        return int(value)
+    if kind == "number":
+        if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", value):
+            raise ValueError("not a JSON number")
+        return float(value)
+    return value
 
 
 def _check_json(body: bytes, doc: str, schema: dict[str, Any]) -> None:
@@ -139,3 +156,78 @@ def check_event(event: str, data: str) -> None:
     err = jsonschema.exceptions.best_match(validators[event].iter_errors(json.loads(data)))
     if err is not None:
         raise ContractViolation(f"SSE {event} {data}: {err.message}")
+
+
+# ---------------------------------------------------------------- examples, replayed
+
+
+def examples() -> list[tuple[str, str, dict[str, Any], Any]]:
+    """Every ``example`` in the documents with the schema it illustrates:
+    ``(doc, where, schema, example)``. An example sits beside ``schema`` (a parameter, a
+    media type) or inside it (a schema's own ``example``)."""
+    found: list[tuple[str, str, dict[str, Any], Any]] = []
+
+    def walk(node: Any, doc: str, where: str) -> None:
+        if isinstance(node, dict):
+            if "example" in node:
+                schema = node.get("schema", node)
+                found.append((doc, where, _resolve(schema, doc), node["example"]))
+            for k, v in node.items():
+                if k != "example":
+                    walk(v, doc, f"{where}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, doc, f"{where}/{i}")
+
+    for name in FILES:
+        walk(_doc(name), name, "")
+    return found
+
+
+def example_of(node: dict[str, Any], doc: str) -> Any:
+    """The example of a parameter or media type: its own, else its schema's."""
+    node = _resolve(node, doc)
+    if "example" in node:
+        return node["example"]
+    return node.get("schema", {}).get("example")
+
+
+@dataclass(frozen=True)
+class Replay:
+    operation_id: str
+    method: str
+    path: str  # path parameters filled in from their examples
+    body: Any  # the request body's example, or None
+    status: int  # the first 2xx documented
+
+
+def replays() -> dict[str, Replay]:
+    """One request per operation, built from the documents' examples alone."""
+    out: dict[str, Replay] = {}
+    for name in FILES:
+        for template, item in _doc(name)["paths"].items():
+            shared = item.get("parameters", [])
+            for method in ("get", "post", "delete", "put"):
+                op = item.get(method)
+                if op is None:
+                    continue
+                path, query = template, []
+                for prm in [*shared, *op.get("parameters", [])]:
+                    prm = _resolve(prm, name)
+                    value = example_of(prm, name)
+                    if prm["in"] == "path":
+                        assert value is not None, f"{name} {template}: {prm['name']} has no example"
+                        path = path.replace("{" + prm["name"] + "}", str(value))
+                    elif prm["in"] == "query" and value is not None:
+                        query.append(f"{prm['name']}={value}")
+                body = None
+                if "requestBody" in op:
+                    media = _resolve(op["requestBody"], name)["content"]["application/json"]
+                    body = example_of(media, name)
+                    assert body is not None, f"{name} {method} {template}: no body example"
+                ok = sorted(int(s) for s in op["responses"] if s.startswith("2"))
+                full = path + ("?" + "&".join(query) if query else "")
+                out[op["operationId"]] = Replay(
+                    op["operationId"], method.upper(), full, body, ok[0]
+                )
+    return out

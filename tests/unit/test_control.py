@@ -17,6 +17,7 @@ from orchd.core.catalog import sign
 from orchd.core.control import API_VERSION, RELOAD_TIMEOUT_MS, Control
 from orchd.core.scheduler import SchedulerCore, State
 from orchd.scheduler.build import build_core
+from tests.support.contract import _resolve
 
 FE = "fe0"
 ADMIN = "fe0"
@@ -33,12 +34,16 @@ def contract(doc: str = "control.yaml") -> dict[str, Any]:
 
 
 def schema(name: str, doc: str = "control.yaml") -> dict[str, Any]:
-    return contract(doc)["components"]["schemas"][name]
+    resolved: dict[str, Any] = _resolve(contract(doc)["components"]["schemas"][name], doc)
+    return resolved
 
 
 def response_schema(path: str, method: str, status: int) -> dict[str, Any]:
     resp = contract()["paths"][path][method]["responses"][str(status)]
-    return resp["content"]["application/json"]["schema"]
+    resolved: dict[str, Any] = _resolve(
+        resp["content"]["application/json"]["schema"], "control.yaml"
+    )
+    return resolved
 
 
 def conforms(body: Any, name: str, doc: str = "control.yaml") -> None:

@@ -234,7 +234,9 @@ def test_undrain_serves_the_queue_again() -> None:
     submit(core, "a2", 1)  # pool a's two slots are taken, pool b is draining: t1 waits
     assert not [m for _, m in submit(core, "t1", 1) if isinstance(m, p.Dispatch)]
     out = control.handle("fe0", p.Query(next(_req), "pool.undrain", {"pool_id": "b"}, "k1"), 2)
-    assert out[0][1] == p.Reply(out[0][1].req_id, {"pool_id": "b", "draining": False}, 200)
+    reply = out[0][1]
+    assert isinstance(reply, p.Reply) and reply.status == 200
+    assert not reply.body["draining"] and reply.body["ready"]
     assert [(peer, m.task.task_id) for peer, m in out if isinstance(m, p.Dispatch)] == [
         ("sup-b0", "k1/t1")
     ]
