@@ -23,15 +23,17 @@ from orchd.core.errors import Code, OrchdError
 from orchd.frontend.http import error_response
 from orchd.keys import KeyEntry, key_entry
 
-# Paths served without a key: metrics, the probes, and the operator page's static files (what
-# the page shows comes from keyed routes). ``/`` only redirects to ``/ui``.
-OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/version", "/ui", "/ui/", "/"})
-# ... and every ``<prefix><name>`` with a single path segment as name.
-OPEN_PREFIXES = ("/ui/",)
+OPEN_PATHS = frozenset({"/metrics"})
 _MAX_CID = 128
 
 Endpoint = Callable[[Request], Awaitable[Any]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+# Also open: the probes and the operator page's static files (what the page shows comes from
+# keyed routes; ``/`` only redirects to ``/ui``), and every ``<prefix><name>`` with a single
+# path segment as name.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/version", "/ui", "/ui/", "/"})
+OPEN_PREFIXES = ("/ui/",)
 
 
 def _valid_cid(v: bytes) -> bool:
@@ -83,7 +85,7 @@ class ApiKeys:
         self,
         app: ASGIApp,
         api_keys: Iterable[str | ApiKey | KeyEntry],
-        open_paths: Collection[str] = OPEN_PATHS,
+        open_paths: Collection[str] = OPEN_PATHS | PROBE_PATHS,
         open_prefixes: Collection[str] = OPEN_PREFIXES,
         respond: Callable[[str, OrchdError], Response] | None = None,
     ) -> None:
