@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import platform
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +218,30 @@ def test_live_feed_is_admin_only_and_ticks_each_second(d: Daemon) -> None:
     assert first["gpus"][0]["history"]["utilization"]
     assert "history" not in second["gpus"][0]
     assert 0 <= second["gpus"][0]["utilization"] <= 1
+
+
+def test_an_open_live_feed_ends_when_orchd_stops(tmp_path: Path) -> None:
+    """A page left open does not hold up a shutdown: the feed's last snapshot says orchd is
+    shutting down, the stream ends, and orchd exits 0."""
+    d = Daemon(tmp_path, "").start()
+    try:
+        with socket.create_connection((d.host, d.port), timeout=60) as s:
+            s.sendall(_request_bytes("GET", "/v1/admin/live", d.host, d.port, d.headers, None))
+            buf = b""
+            while b"event: live" not in buf:
+                buf += s.recv(65536)
+            started = time.monotonic()
+            codes: list[int] = []
+            stopper = threading.Thread(target=lambda: codes.append(d.stop()))
+            stopper.start()
+            while chunk := s.recv(65536):
+                buf += chunk
+            ended = time.monotonic() - started
+        stopper.join(60)
+        assert codes == [0]
+        assert buf.endswith(b"0\r\n\r\n")  # the chunked stream was ended, not cut
+        last = [line for line in buf.split(b"\n") if line.startswith(b"data: ")][-1]
+        assert json.loads(last[6:])["admitting"] is False
+        assert ended < 15, ended
+    finally:
+        d.kill_tree()
