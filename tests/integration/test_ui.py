@@ -283,6 +283,18 @@ def test_drain_and_undrain_from_the_page_move_readiness(
     expect(pg.locator("#ready")).to_have_text("ready")
 
 
+def test_reload_from_the_page(page: Page, d: Daemon) -> None:
+    pg = page
+    version = pg.locator('#pools tr.pool[data-pool="spare"] td').nth(3)
+    expect(version).to_contain_text("(v1)")
+    pg.locator('button[data-action="reload"][data-pool="spare"]').click()
+    expect(pg.locator("#confirm-title")).to_have_text("Reload pool spare?")
+    assert pg.locator("#confirm-field").input_value() == "mock:other"  # its model, offered
+    confirm(pg)
+    expect(pg.locator("#notice")).to_have_text("reload spare: now serving mock:other (v2)")
+    expect(version).to_contain_text("(v2)")
+
+
 def test_playground_streams_tokens(page: Page, d: Daemon, tmp_path: Path) -> None:
     pg = page
     model = json.dumps({"engine": "mock", "model_ref": "mock:other"}, separators=(",", ":"))

@@ -374,8 +374,8 @@ function confirmDialog(title, text, field) {
   $("confirm-field-row").hidden = !field;
   if (field) {
     $("confirm-field-label").textContent = field.label;
+    $("confirm-field").type = field.type || "text"; // before the value: "mock:x" is no number
     $("confirm-field").value = field.value;
-    $("confirm-field").type = field.type || "text";
   }
   return new Promise((resolve) => {
     const done = (value) => {
