@@ -463,7 +463,7 @@ class SupervisorCore:
 
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat:
-            self._send(p.Heartbeat())
+            self._send(p.Heartbeat({r.task_id: r.tokens for r in self.runs.values()}))
             self.next_heartbeat = now + self.heartbeat_s
         itl: list[float] = []
         for run in self.checks.due(now):

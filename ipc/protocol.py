@@ -93,7 +93,8 @@ class Welcome(_Msg):
 
 
 class Heartbeat(_Msg):
-    pass
+    # From a supervisor: tokens so far of each task it runs (GET /v1/tasks/{id} shows them).
+    progress: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Goodbye(_Msg):

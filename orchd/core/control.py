@@ -281,6 +281,13 @@ class Control:
 
     # ---------------------------------------------------------------- tasks
 
+    def progress(self, tokens: dict[str, int]) -> None:
+        """A supervisor's heartbeat: tokens so far of the tasks it runs."""
+        for tid, n in tokens.items():
+            t = self.core.tasks.get(tid)
+            if t is not None and t.state is State.RUNNING:
+                t.tokens_out = n
+
     def task_get(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
         """A task's state for its owner, without a stream: queued (and where), running (and
         where), or ended (and why)."""
@@ -295,8 +302,10 @@ class Control:
             body["pool_id"] = rep.pool_id if rep is not None else ""
             body["replica_id"] = t.replica
             body["running_ms"] = max(0, int(now - t.started_ms))
+            body["tokens_out"] = t.tokens_out
         else:
             body["reason"] = t.end_reason or ("error" if t.error else "")
+            body["tokens_out"] = t.tokens_out
             if t.error is not None:
                 body["error_code"] = t.error.code
         return 200, body

@@ -139,6 +139,7 @@ class SchedulerCore(StreamOps):
         code = error.code if error is not None else ""
         self.series.on_ended(native, outcome(reason, code), now - t.enqueued_ms)
         t.state = State.ENDED
+        t.tokens_out = tokens_out if ran else 0
         t.end_reason = reason
         t.error = error
         t.ended_ms = now

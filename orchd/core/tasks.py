@@ -40,6 +40,7 @@ class Task:
     stream: Stream = Stream.NONE
     replayable: bool = False  # it ended at its supervisor, which keeps the transcript
     end_reason: str = ""
+    tokens_out: int = 0  # so far, as of its supervisor's last heartbeat; then at its end
     error: p.ErrorInfo | None = None
     # cancels answered only once the stream's terminal frame is on its socket
     waiting_cancels: list[tuple[str, int]] = field(default_factory=list)

@@ -216,6 +216,7 @@ class SchedulerShell:
         out: Out
         match msg:
             case p.Heartbeat():
+                self.control.progress(msg.progress)
                 return
             case p.Submit():
                 out = core.submit(peer, msg, now)

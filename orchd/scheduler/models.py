@@ -76,7 +76,10 @@ def check_refs(
         if not isinstance(ref, str):
             continue
         target = resolve(ref) if op == "pool.reload" else ref
-        scheme = parse(target).scheme
+        try:
+            scheme = parse(target).scheme
+        except OrchdError:
+            continue  # malformed: the op itself refuses it, in its own terms (400 or 409)
         if scheme not in ("file", "relative"):
             continue
         if scheme == "relative" and not _under_a_root(target, roots):

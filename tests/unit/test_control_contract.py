@@ -29,12 +29,15 @@ def test_task_state_queued_running_ended_for_its_owner_only() -> None:
     r = reply(q(control, "task.get", task_id="t4", now=20))
     assert r.body == {"task_id": "t4", "state": "queued", "queue_position": 2}
     assert reply(q(control, "task.get", task_id="t3")).body["queue_position"] == 1
+    control.progress({"t0": 5, "t3": 9, "gone": 1})  # a supervisor's heartbeat
     r = reply(q(control, "task.get", task_id="t0", now=50))
     assert r.body["state"] == "running" and r.body["pool_id"] in ("a", "b")
+    assert r.body["tokens_out"] == 5
+    assert "tokens_out" not in reply(q(control, "task.get", task_id="t3")).body  # queued
     assert r.body["replica_id"] in ("r0", "r1", "r2") and r.body["running_ms"] == 40
     end(core, "t0", 60, tokens_out=3)
     r = reply(q(control, "task.get", task_id="t0", now=61))
-    assert r.body == {"task_id": "t0", "state": "ended", "reason": "stop"}
+    assert r.body == {"task_id": "t0", "state": "ended", "reason": "stop", "tokens_out": 3}
     # Another key's task is not found, nor is one that never was.
     assert failed(q(control, "task.get", task_id="t0", key="k2")).code == Code.NOT_FOUND.value
     assert failed(q(control, "task.get", task_id="nope")).code == Code.NOT_FOUND.value

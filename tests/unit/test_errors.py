@@ -94,15 +94,14 @@ def test_envelope_has_exactly_the_contract_keys() -> None:
     assert str(e) == "queue full"
 
 
-def test_envelope_defaults_are_null() -> None:
+def test_envelope_omits_what_has_no_value() -> None:
     env = OrchdError("NOT_FOUND", "no task").envelope()
-    assert set(env) == ENVELOPE_KEYS
-    assert env["code"] == "NOT_FOUND"
-    assert env["retriable"] is False
-    assert env["engine"] is None
-    assert env["retry_after_ms"] is None
-    assert env["policy_label"] is None
-    assert env["pool_id"] is None
+    # The contract has no nulls: optional fields appear only with a value.
+    assert env == {"code": "NOT_FOUND", "message": "no task", "retriable": False}
+    assert set(env) < ENVELOPE_KEYS
+    fields = [{"field": "ctx", "message": "too small"}]
+    env = OrchdError("INVALID_PARAMS", "bad", errors=fields).envelope()
+    assert env["errors"] == fields
 
 
 def test_code_from_string_and_unknown_code() -> None:
