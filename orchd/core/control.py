@@ -18,6 +18,7 @@ from ipc import protocol as p
 from ipc.peers import Peer
 from orchd.core.catalog import parse_ref
 from orchd.core.errors import Code, OrchdError
+from orchd.core.live import LiveView, readiness
 from orchd.core.scheduler import SchedulerCore
 from orchd.core.tasks import Out, State, sup
 
@@ -48,6 +49,7 @@ class Control:
         self.reloads: dict[int, PendingReload] = {}
         self.wall_offset_ms = 0.0  # wall clock minus `now`: catalog times are for humans
         self.started_ms: float | None = None  # when this scheduler first served (wall clock)
+        self.live = LiveView(core, queue_capacity)
 
     # ---------------------------------------------------------------- dispatching a Query
 
@@ -224,6 +226,17 @@ class Control:
                     out += self._maybe_finish(rid, 0.0)
         return out
 
+    # ---------------------------------------------------------------- the operator's view
+
+    def ready(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """``GET /readyz``: 200 when a replica can serve, else 503; which cannot, and why."""
+        ok, body = readiness(self.core)
+        return (200 if ok else 503), body
+
+    def admin_live(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
+        """The operator page's snapshot (orchd/core/live.py)."""
+        return 200, self.live.snapshot(now, self.wall_offset_ms, bool(q.args.get("history")))
+
     # ---------------------------------------------------------------- sessions
 
     def session_get(self, peer: str, q: p.Query, now: float, out: Out) -> Result:
@@ -369,6 +382,8 @@ OPS: dict[str, Callable[[Control, str, p.Query, float, Out], Result | None]] = {
     "pool.list": Control.pool_list,
     "task.get": Control.task_get,
     "catalog.list": Control.catalog_list,
+    "ready": Control.ready,
+    "admin.live": Control.admin_live,
     "session.get": Control.session_get,
     "session.delete": Control.session_delete,
     "catalog.create": Control.catalog_create,

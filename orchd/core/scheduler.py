@@ -25,6 +25,7 @@ from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
 from orchd.core.queue import PRIORITIES, AdmissionQueue, QueueFull
+from orchd.core.recent import Recent
 from orchd.core.series import Series, outcome, pinned, pool_of, where_of
 from orchd.core.sessions import SessionTable
 from orchd.core.streams import StreamOps
@@ -67,6 +68,7 @@ class SchedulerCore(StreamOps, LivenessOps):
         self.tpot = ServiceTime(prior_ms=0.0)  # per token after the first
         self.stats = Stats()
         self.series = Series.configured(replicas, self.pools.pools.values(), PRIORITIES)
+        self.recent = Recent({r.id: r.pool_id for r in replicas})  # for the operator page
         self.retention_ms = retention_ms
         self.admitting = True
         self._ids = itertools.count(1)
@@ -126,6 +128,7 @@ class SchedulerCore(StreamOps, LivenessOps):
         error: p.ErrorInfo | None = None,
         tokens_in: int = 0,
         tokens_out: int = 0,
+        first_token_ms: float = 0.0,
     ) -> None:
         ran = t.state is State.RUNNING
         if ran:
@@ -159,6 +162,7 @@ class SchedulerCore(StreamOps, LivenessOps):
         t.ended_ms = now
         self.records.append(End(t.spec.task_id, reason, now + self.wall_offset_ms, error))
         self._ended.append((now, t.spec.task_id))
+        self.recent.ended(t, ran, now, tokens_out, first_token_ms)
 
     def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None:
         """End a task that its supervisor cannot end (queued, or its supervisor is gone)."""
@@ -408,7 +412,7 @@ class SchedulerCore(StreamOps, LivenessOps):
             msg.gap_sum_s,
         )
         error = p.ErrorInfo(msg.error_code, msg.reason) if msg.error_code else None
-        self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out)
+        self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out, msg.first_token_ms)
         self._ended_in_ring(t)
         out = self.dispatch(now)
         self._settle(t, out)

@@ -19,7 +19,7 @@ from ipc.proc import freeze_startup_heap
 from orchd import log
 from orchd.config import Resolved, effective_api_keys
 from orchd.core.errors import Code, OrchdError
-from orchd.frontend import openai
+from orchd.frontend import openai, ops
 from orchd.frontend.client import SchedulerClient
 from orchd.frontend.control import routes as control_routes
 from orchd.frontend.http import JSON, error_response, read_body
@@ -306,6 +306,7 @@ class Frontend:
             Route("/v1/tasks/{task_id}/cancel", self.cancel, methods=["POST"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             *control_routes(self.client, self.cfg.limits.max_body_bytes),
+            *ops.routes(self.client, self.index),
             *OpenAIRoutes(self).routes(),
         ]
 

@@ -36,6 +36,12 @@ _MAX_CID = 128
 Endpoint = Callable[[Request], Awaitable[Any]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
+# Also open: the probes and the operator page's static files (what the page shows comes from
+# keyed routes; ``/`` only redirects to ``/ui``), and every ``<prefix><name>`` with a single
+# path segment as name.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/version", "/ui", "/ui/", "/"})
+OPEN_PREFIXES = ("/ui/",)
+
 
 def _valid_cid(v: bytes) -> bool:
     return 0 < len(v) <= _MAX_CID and all(0x21 <= c <= 0x7E for c in v)
@@ -147,11 +153,13 @@ class ApiKeys:
         self,
         app: ASGIApp,
         api_keys: Iterable[str | ApiKey | KeyEntry],
-        open_paths: Collection[str] = OPEN_PATHS,
+        open_paths: Collection[str] = OPEN_PATHS | PROBE_PATHS,
+        open_prefixes: Collection[str] = OPEN_PREFIXES,
         respond: Callable[[str, OrchdError], Response] | None = None,
     ) -> None:
         self.app = app
         self.open_paths = frozenset(open_paths)
+        self.open_prefixes = tuple(open_prefixes)
         # The refusal's shape for a path (the OpenAI routes answer in OpenAI's).
         self.respond = respond or (lambda path, err: error_response(err))
         self.keys = [k if isinstance(k, KeyEntry) else key_entry(k) for k in api_keys]
@@ -170,8 +178,17 @@ class ApiKeys:
         e = self.entry(given)
         return None if e is None else e.id
 
+    def is_open(self, path: str) -> bool:
+        if path in self.open_paths:
+            return True
+        for prefix in self.open_prefixes:
+            if path.startswith(prefix):
+                name = path[len(prefix) :]
+                return "/" not in name and name not in ("", ".", "..")
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or self.is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         key: bytes | None = None

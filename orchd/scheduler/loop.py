@@ -10,6 +10,7 @@ heartbeat the launcher is told how long ago each peer was heard (``PeersSeen``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -224,6 +225,8 @@ class SchedulerShell:
         """Free VRAM for placement and per-device figures for pool health, from the sampler."""
         free = self.gpus.free_vram_by_replica()
         samples = self.gpus.snapshot()
+        rows = [{**dataclasses.asdict(s), **self.gpus.owners(s)} for s in samples]
+        self.core.recent.gpus.observe(_now_ms(), rows)  # the operator page's GPU view
         for rep in self.core.replicas.values():
             rep.free_vram_bytes = free.get(rep.id, 0)
             rep.gpus = [

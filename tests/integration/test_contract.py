@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import run_task
 from tests.support import contract
 from tests.support.daemon import Daemon
-from tests.support.sse import SyncStream, sync_request
+from tests.support.sse import Dechunker, SyncStream, _head, _request_bytes, sync_request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +50,7 @@ REPLAY_ORDER = [
     "putArtifact", "listArtifacts", "getArtifact", "deleteSession",
     "createModel", "listModels", "getModel", "verifyModel", "setModelState", "deleteModel",
     "drainPool", "undrainPool", "reloadPool", "metrics",
+    "healthz", "readyz", "version", "adminLive",
 ]  # fmt: skip
 
 
@@ -62,6 +64,9 @@ def test_every_example_replays_against_a_live_orchd(tmp_path: Path) -> None:
         for op_id in REPLAY_ORDER:
             r = plan[op_id]
             headers = {} if r.path == "/metrics" else d.headers
+            if op_id == "adminLive":  # endless: its head and first event
+                assert first_live_event(d, r.path, headers) == (r.status, "live")
+                continue
             if op_id == "streamTask":
                 s = SyncStream(d.host, d.port, r.path, headers)
                 events = s.read_to_end()
@@ -75,6 +80,20 @@ def test_every_example_replays_against_a_live_orchd(tmp_path: Path) -> None:
                 assert json.loads(raw)["id"] == plan["getArtifact"].path.rsplit("/", 1)[1]
             if op_id == "listArtifacts":
                 assert [a["tags"] for a in json.loads(raw)["artifacts"]] == [["sprint-7"]]
+
+
+def first_live_event(d: Daemon, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    """The status of the operator page's live feed and the name of its first event."""
+    with socket.create_connection((d.host, d.port), timeout=30) as sock:
+        sock.sendall(_request_bytes("GET", path, d.host, d.port, headers, None))
+        buf = b""
+        while b"\n\n\r\n" not in buf.partition(b"\r\n\r\n")[2]:  # a whole first chunk
+            chunk = sock.recv(65536)
+            assert chunk, buf
+            buf += chunk
+    status, hdrs, rest = _head(buf)
+    contract.check_response("GET", path, status, hdrs, b"")
+    return status, Dechunker().feed(rest).split(b"\n", 1)[0].decode().removeprefix("event: ")
 
 
 def test_api_version_matches_openapi(daemon: Daemon) -> None:
@@ -119,6 +138,7 @@ def test_fuzz_finds_no_5xx_and_nothing_outside_the_contract(daemon: Daemon, tmp_
                 "--max-examples", "15", "--seed", "7", "--workers", "1",
                 "--request-timeout", "20", "--max-time", "45",
                 "--exclude-path", "/v1/tasks/{task_id}/stream",
+                "--exclude-path", "/v1/admin/live",  # endless by design (test_health_endpoints)
                 "--generation-codec", "ascii",
                 "--phases", "examples,coverage,fuzzing",
                 "--report", "junit", "--report-dir", str(tmp_path),

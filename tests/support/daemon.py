@@ -42,6 +42,9 @@ class Daemon:
         self.frontends = frontends
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("ORCHD_CONFIG", None)
+        # The test run's own switch (tests/integration/test_ui.py), not orchd's: orchd refuses
+        # an ORCHD_* variable it does not know.
+        self.env.pop("ORCHD_ARTIFACTS", None)
         self.key = key
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[dict[str, Any]] = []
