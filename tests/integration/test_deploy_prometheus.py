@@ -1,0 +1,181 @@
+"""deploy/prometheus and deploy/grafana against a real Prometheus scraping a live orchd.
+
+One Prometheus (Debian's package) runs the shipped scrape config and alert rules (1 s
+intervals, ``for: 1s``; tests/support/prometheus.py) against one orchd with two pools and
+two (fake NVML) GPUs under background traffic. The tests run in file order on that one
+stack: every dashboard query returns data, every rule evaluates, alerts fire and resolve for
+real, and the last test stops orchd to see the scrape-down alert."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import dashboard as dash
+from tests.support.daemon import Daemon
+from tests.support.prometheus import Prometheus
+from tests.support.traffic import Traffic
+from tests.support.wait import wait_for
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "orchd-dashboard.json"
+SCRAPE_S = 1.0  # tests/support/prometheus.py TEST_INTERVAL
+DATA_TIMEOUT_S = 30.0  # traffic start to every panel having data
+ALERT_TIMEOUT_S = 20.0  # a condition to its alert firing (or resolving): scrape + 2 evaluations
+CONFIG = """
+[[replicas]]
+id = "r0"
+pool_id = "default"
+devices = "0"
+slots = 16
+[replicas.mock]
+ttft_ms = 5
+itl_ms = 5
+
+[[replicas]]
+id = "r1"
+pool_id = "spare"
+devices = "1"
+slots = 16
+[replicas.mock]
+ttft_ms = 5
+itl_ms = 5
+"""
+
+
+@dataclass
+class Stack:
+    orchd: Daemon
+    prom: Prometheus
+    traffic: Traffic
+    started: float  # wall clock, as Prometheus's API takes it
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {"ORCHD_NVML_MODULE": "tests.fakes.nvml"}  # two GPUs where there are none
+    with Daemon(tmp_path_factory.mktemp("orchd"), CONFIG, env=env) as d:
+        target = f"127.0.0.1:{d.port}"
+        with Prometheus(tmp_path_factory.mktemp("prometheus"), target) as prom:
+            started = time.time()
+            with Traffic(d) as traffic:
+                yield Stack(d, prom, traffic, started)
+            assert not traffic.failures, traffic.failures[:5]
+
+
+def finite(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(v)) for s in result for _, v in s["values"])
+
+
+def test_every_dashboard_panel_returns_data(stack: Stack) -> None:
+    board = json.loads(DASHBOARD.read_text())
+    targets = dash.targets(board)
+    assert len(targets) >= 20
+    prom = stack.prom
+    step = SCRAPE_S
+    rate_interval = dash.rate_interval(SCRAPE_S, step)
+    values: dict[str, str] = {}
+
+    def variables_resolve() -> bool:
+        for name, match, label in dash.query_variables(board):
+            found = prom.label_values(label, dash.substitute(match, values, rate_interval))
+            if not found:
+                return False
+            values[name] = dash.regex_of(found)
+        return True
+
+    wait_for(variables_resolve, DATA_TIMEOUT_S, "every dashboard variable to have values")
+    assert set(values) == {"instance", "pool", "model"}
+
+    empty: list[str] = []
+
+    def all_have_data() -> bool:
+        empty.clear()
+        end = time.time()
+        for t in targets:
+            expr = dash.substitute(t.expr, values, rate_interval)
+            if not finite(prom.query_range(expr, stack.started, end, step)):
+                empty.append(f"{t.panel} [{t.ref_id}]: {expr}")
+        return not empty
+
+    try:
+        wait_for(all_have_data, DATA_TIMEOUT_S, "every dashboard query to return data")
+    except TimeoutError:
+        pytest.fail("dashboard queries with no data:\n" + "\n".join(empty))
+    # The traffic that made the data: every kind of request went through.
+    assert min(stack.traffic.count(k) for k in ("stream", "cancel", "reject")) > 0
+
+
+def test_every_rule_evaluates(stack: Stack) -> None:
+    rules = stack.prom.rules()
+    names = {r["name"] for r in rules}
+    assert names == {
+        "OrchdScrapeDown", "OrchdNoReadyReplica", "OrchdQueueTimeHigh",
+        "OrchdHighRejectionRatio", "OrchdEngineRestarts", "OrchdGpuMemoryNearFull",
+    }  # fmt: skip
+    wait_for(
+        lambda: all(r.get("lastEvaluation", "").startswith("2") for r in stack.prom.rules()),
+        ALERT_TIMEOUT_S,
+        "every rule to be evaluated",
+    )
+    bad = [(r["name"], r.get("lastError")) for r in stack.prom.rules() if r["health"] != "ok"]
+    assert not bad
+
+
+def firing(prom: Prometheus, name: str, **labels: str) -> list[dict[str, Any]]:
+    return [
+        a
+        for a in prom.alerts(name)
+        if a["state"] == "firing" and all(a["labels"].get(k) == v for k, v in labels.items())
+    ]
+
+
+def test_rejection_ratio_alert_fires_under_the_traffic(stack: Stack) -> None:
+    """The traffic's mix has 1 refusal in 4 submissions (25 % > 5 %)."""
+    prom = stack.prom
+    wait_for(lambda: firing(prom, "OrchdHighRejectionRatio"), ALERT_TIMEOUT_S, "rejection alert")
+    (alert,) = firing(prom, "OrchdHighRejectionRatio")
+    assert 0.05 < float(alert["value"]) < 0.6
+    assert alert["annotations"]["runbook"]
+
+
+def test_no_ready_replica_alert_fires_on_drain_and_resolves(stack: Stack) -> None:
+    d, prom = stack.orchd, stack.prom
+    assert not prom.alerts("OrchdNoReadyReplica")
+    with httpx.Client(base_url=d.base, headers=d.headers, timeout=30) as c:
+        r = c.post("/v1/pools/default/drain", json={"deadline_ms": 5000})
+        assert r.status_code == 202, r.text
+        wait_for(
+            lambda: firing(prom, "OrchdNoReadyReplica", pool="default"),
+            ALERT_TIMEOUT_S,
+            "OrchdNoReadyReplica to fire for pool default",
+        )
+        (alert,) = prom.alerts("OrchdNoReadyReplica")  # the other pool still serves
+        assert alert["labels"]["severity"] == "critical"
+        assert "readyz" in alert["annotations"]["runbook"]
+        # Back in service: reloading a drained pool to its model undrains it.
+        r = c.post("/v1/pools/default/reload", json={"new_model_ref": "mock:tiny"})
+        assert r.status_code == 200, r.text
+    wait_for(
+        lambda: not prom.alerts("OrchdNoReadyReplica"),
+        ALERT_TIMEOUT_S,
+        "OrchdNoReadyReplica to resolve",
+    )
+
+
+def test_scrape_down_alert_fires_when_orchd_stops(stack: Stack) -> None:
+    """Last: it stops the stack's orchd (its fixture then finds it stopped)."""
+    prom = stack.prom
+    assert not prom.alerts("OrchdScrapeDown")
+    stack.traffic.__exit__(None, None, None)
+    assert stack.orchd.stop() == 0
+    wait_for(lambda: firing(prom, "OrchdScrapeDown"), ALERT_TIMEOUT_S, "OrchdScrapeDown")
+    (alert,) = firing(prom, "OrchdScrapeDown")
+    assert alert["labels"]["instance"] == f"127.0.0.1:{stack.orchd.port}"
