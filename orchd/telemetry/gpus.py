@@ -8,15 +8,14 @@ import msgspec
 
 from orchd import log
 from orchd.config import Config
+from orchd.telemetry.nvml import load_nvml
 
 
 def count_gpus(nvml: ModuleType | None = None) -> int:
     """GPUs NVML can see; 0 without a driver, a GPU or the library."""
     try:
         if nvml is None:
-            import pynvml
-
-            nvml = pynvml
+            nvml = load_nvml()
         nvml.nvmlInit()
         try:
             return int(nvml.nvmlDeviceGetCount())

@@ -25,10 +25,17 @@ engine_version, pool_id, replica_id`` of the replica(s) whose ``devices`` name i
 ``gpu_sm_clock_mhz``, and ``gpu_info`` (value 1) which adds ``uuid``, ``name`` and
 ``driver_version``. Replica ``devices`` entries are matched as NVML indices or as UUIDs
 (``GPU-...``); indices assume CUDA and NVML agree on order (``CUDA_DEVICE_ORDER=PCI_BUS_ID``).
+
+Test/demo hook: the environment variable ``ORCHD_NVML_MODULE`` names a module imported instead
+of ``pynvml`` (:func:`load_nvml`). ``ORCHD_NVML_MODULE=tests.fakes.nvml`` (run from the repo
+root) gives two fake GPUs whose load moves with time, for tests and demos without a GPU. Never
+in production: its figures are invented.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -64,6 +71,22 @@ class DeviceSample:
         if self.vram_used is None or self.vram_total is None:
             return None
         return self.vram_total - self.vram_used
+
+
+NVML_MODULE_ENV = "ORCHD_NVML_MODULE"
+
+
+def load_nvml() -> ModuleType:
+    """``pynvml``, or the module ``$ORCHD_NVML_MODULE`` names (a test/demo hook; see above).
+
+    Raises ImportError when the module is missing; callers treat that as "no NVML"."""
+    name = os.environ.get(NVML_MODULE_ENV, "").strip()
+    if name:
+        log.warning("NVML replaced by a test/demo module", module=name, env=NVML_MODULE_ENV)
+        return importlib.import_module(name)
+    import pynvml
+
+    return pynvml
 
 
 def _text(value: Any) -> str:
@@ -103,9 +126,7 @@ class NvmlCollector(Collector):
     def _init(self) -> None:
         try:
             if self._nvml is None:
-                import pynvml
-
-                self._nvml = pynvml
+                self._nvml = load_nvml()
             nv = self._nvml
             nv.nvmlInit()
             count = nv.nvmlDeviceGetCount()
