@@ -277,6 +277,7 @@ class Resolved(msgspec.Struct):
 
 
 _ENV_PREFIX = "ORCHD_"
+_NOT_FIELDS = ("ORCHD_CONFIG", "ORCHD_NVML_MODULE", "ORCHD_GIT_SHA")  # read elsewhere
 
 
 def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -291,7 +292,7 @@ def _overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     }
     out: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for key, raw in env.items():
-        if not key.startswith(_ENV_PREFIX) or key == "ORCHD_CONFIG":
+        if not key.startswith(_ENV_PREFIX) or key in _NOT_FIELDS:
             continue
         name = key[len(_ENV_PREFIX) :].lower()
         for section, cls in sections.items():
