@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.support import dashboard as dash
@@ -29,7 +28,11 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "orchd-
 SCRAPE_S = 1.0  # tests/support/prometheus.py TEST_INTERVAL
 DATA_TIMEOUT_S = 30.0  # traffic start to every panel having data
 ALERT_TIMEOUT_S = 20.0  # a condition to its alert firing (or resolving): scrape + 2 evaluations
-CONFIG = """
+RESTART_BACKOFF_MS = 6000  # a killed supervisor stays down this long: the alert can fire
+CONFIG = f"""
+[server]
+restart_backoff_ms = {RESTART_BACKOFF_MS}
+
 [[replicas]]
 id = "r0"
 pool_id = "default"
@@ -146,28 +149,36 @@ def test_rejection_ratio_alert_fires_under_the_traffic(stack: Stack) -> None:
     assert alert["annotations"]["runbook"]
 
 
-def test_no_ready_replica_alert_fires_on_drain_and_resolves(stack: Stack) -> None:
+def test_engine_death_fires_no_ready_replica_and_restart_alerts(stack: Stack) -> None:
+    """Pool default's only replica loses its supervisor (SIGKILL): the pool has no ready
+    replica until the launcher restarts it RESTART_BACKOFF_MS later, so OrchdNoReadyReplica
+    fires for that pool (not for pool spare, which serves on) and resolves on its own; the
+    restart is counted, so OrchdEngineRestarts fires for the replica."""
     d, prom = stack.orchd, stack.prom
     assert not prom.alerts("OrchdNoReadyReplica")
-    with httpx.Client(base_url=d.base, headers=d.headers, timeout=30) as c:
-        r = c.post("/v1/pools/default/drain", json={"deadline_ms": 5000})
-        assert r.status_code == 202, r.text
-        wait_for(
-            lambda: firing(prom, "OrchdNoReadyReplica", pool="default"),
-            ALERT_TIMEOUT_S,
-            "OrchdNoReadyReplica to fire for pool default",
-        )
-        (alert,) = prom.alerts("OrchdNoReadyReplica")  # the other pool still serves
-        assert alert["labels"]["severity"] == "critical"
-        assert "readyz" in alert["annotations"]["runbook"]
-        # Back in service: reloading a drained pool to its model undrains it.
-        r = c.post("/v1/pools/default/reload", json={"new_model_ref": "mock:tiny"})
-        assert r.status_code == 200, r.text
+    assert not prom.alerts("OrchdEngineRestarts")
+    sup = d.find("engine_procs.supervisor", "0")
+    sup.kill()
+    wait_for(
+        lambda: firing(prom, "OrchdNoReadyReplica", pool="default"),
+        ALERT_TIMEOUT_S,
+        "OrchdNoReadyReplica to fire for pool default",
+    )
+    (alert,) = prom.alerts("OrchdNoReadyReplica")  # pool spare still serves
+    assert alert["labels"]["severity"] == "critical"
+    assert "readyz" in alert["annotations"]["runbook"]
     wait_for(
         lambda: not prom.alerts("OrchdNoReadyReplica"),
-        ALERT_TIMEOUT_S,
-        "OrchdNoReadyReplica to resolve",
+        RESTART_BACKOFF_MS / 1000 + ALERT_TIMEOUT_S,
+        "OrchdNoReadyReplica to resolve once the supervisor is back",
     )
+    assert d.find("engine_procs.supervisor", "0").pid != sup.pid
+    wait_for(
+        lambda: firing(prom, "OrchdEngineRestarts", pool="default", replica="r0"),
+        ALERT_TIMEOUT_S,
+        "OrchdEngineRestarts to fire for r0",
+    )
+    assert not firing(prom, "OrchdEngineRestarts", replica="r1")
 
 
 def test_scrape_down_alert_fires_when_orchd_stops(stack: Stack) -> None:

@@ -48,8 +48,9 @@ def query_variables(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def regex_of(values: list[str]) -> str:
-    """A multi-value variable as Grafana interpolates it into ``=~``: ``(a|b)``, escaped."""
-    return "(" + "|".join(re.sub(r"([\\.+*?()\[\]{}|^$])", r"\\\1", v) for v in values) + ")"
+    """A multi-value variable as Grafana interpolates it into ``=~"..."``: ``(a|b)``, each
+    regex metacharacter escaped, and the backslash doubled for the PromQL string literal."""
+    return "(" + "|".join(re.sub(r"([\\.+*?()\[\]{}|^$])", r"\\\\\1", v) for v in values) + ")"
 
 
 def substitute(expr: str, values: dict[str, str], rate_interval: str) -> str:
