@@ -77,7 +77,7 @@ class Traffic:
         return "stream: no terminal event"
 
     def _cancel(self, c: httpx.Client) -> bool | str:
-        r = self._submit(c, max_tokens=30_000)  # under limits.max_tokens_limit
+        r = self._submit(c, max_tokens=2_000)  # canceled long before its end
         if r.status_code != 202:
             return f"cancel submit: {r.status_code} {r.text}"
         task_id = r.json()["task_id"]
