@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from ipc.frames import frame
 from orchd.config import Replica
 from orchd.core.artifacts import artifact_id, canonical
 from orchd.core.ownership import Ev, Stream, step
+from orchd.core.series import SECONDS_BUCKETS
 
 if TYPE_CHECKING:
     from engine_procs.codecs import OpenAICodec
@@ -36,6 +38,9 @@ class Run:
     tokens_in: int = 0  # prompt tokens, as the engine counts them
     t_first: float = 0.0
     t_last: float = 0.0
+    # inter-token time per record after the first (orchd.core.series.SECONDS_BUCKETS)
+    gap_counts: list[int] = field(default_factory=list)
+    gap_sum_s: float = 0.0
     t_metrics: float = 0.0
     ended: bool = False
     ended_at: float = 0.0
@@ -100,6 +105,15 @@ class Run:
         decode_ms = (now - self.t_start) * 1000.0
         decode_time_ms = (self.t_last - self.t_first) * 1000.0 if self.tokens else 0.0
         return first_ms, decode_ms, decode_time_ms
+
+    def observe_gap(self, now: float, n: int) -> None:
+        """Inter-token time, observed once per record (not per token): the gap since the last
+        record, shared by the ``n`` tokens this one carries."""
+        per_token = (now - self.t_last) / n
+        if not self.gap_counts:
+            self.gap_counts = [0] * (len(SECONDS_BUCKETS) + 1)
+        self.gap_counts[bisect_left(SECONDS_BUCKETS, per_token)] += 1
+        self.gap_sum_s += per_token
 
     def over_budget(self, now: float) -> str:
         """Which budget ran out, or ''."""

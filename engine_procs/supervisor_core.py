@@ -215,6 +215,8 @@ class SupervisorCore:
             return  # aborted: late tokens are dropped here, never reach a stream
         if run.tokens == 0:
             run.t_first = now
+        elif texts_json:
+            run.observe_gap(now, len(texts_json))
         run.t_last = now
         fed = run.stream in FED
         codec = run.codec
@@ -360,6 +362,8 @@ class SupervisorCore:
                 tokens_in=run.tokens_in,
                 first_token_ms=first_ms,
                 decode_ms=decode_ms,
+                gap_counts=run.gap_counts,
+                gap_sum_s=run.gap_sum_s,
             )
         )
         self._log(
@@ -392,6 +396,8 @@ class SupervisorCore:
                 error_code=err.code.value,
                 first_token_ms=first_ms,
                 decode_ms=decode_ms,
+                gap_counts=run.gap_counts,
+                gap_sum_s=run.gap_sum_s,
             )
         )
         self._log(

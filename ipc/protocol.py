@@ -156,6 +156,17 @@ class MetricsQuery(_Msg):
     req_id: int
 
 
+class FrontendStats(_Msg):
+    """A frontend's own counters (totals since it started), sent each heartbeat when they
+    changed and before each ``MetricsQuery``: the scheduler's exposition carries every
+    frontend's, so any frontend answering a scrape shows them all."""
+
+    frontend: int
+    streams_open: int
+    client_disconnects: int
+    stream_overflows: int
+
+
 class Query(_Msg):
     """A control-plane or session request the scheduler answers with ``Reply`` or ``Failed``.
 
@@ -347,6 +358,10 @@ class TaskEnded(_Msg):
     error_code: str = ""
     first_token_ms: float = 0.0
     decode_ms: float = 0.0
+    # Inter-token time, one observation per token record (batch) after the first: counts per
+    # bucket of orchd.core.series.SECONDS_BUCKETS (+Inf last) and their sum in seconds.
+    gap_counts: list[int] = []
+    gap_sum_s: float = 0.0
 
 
 # ---------------------------------------------------------------- launcher <-> scheduler
@@ -380,6 +395,7 @@ Message = (
     | Subscribe
     | Cancel
     | MetricsQuery
+    | FrontendStats
     | Query
     | FenceDone
     | Admitted

@@ -21,7 +21,8 @@ from orchd.core.eta import ServiceTime
 from orchd.core.ownership import FED, Ev, Stream, step
 from orchd.core.placement import ReplicaView, make_policy
 from orchd.core.pools import Pools, PoolState
-from orchd.core.queue import AdmissionQueue, QueueFull
+from orchd.core.queue import PRIORITIES, AdmissionQueue, QueueFull
+from orchd.core.series import Series, outcome, pinned, pool_of, where_of
 from orchd.core.sessions import SessionTable
 from orchd.core.streams import StreamOps
 from orchd.core.tasks import Out, State, Stats, Task, sup
@@ -61,6 +62,7 @@ class SchedulerCore(StreamOps):
         self.ttft = ServiceTime(prior_ms=0.0)
         self.tpot = ServiceTime(prior_ms=0.0)  # per token after the first
         self.stats = Stats()
+        self.series = Series.configured(replicas, self.pools.pools.values(), PRIORITIES)
         self.retention_ms = retention_ms
         self.admitting = True
         self._ids = itertools.count(1)
@@ -130,6 +132,9 @@ class SchedulerCore(StreamOps):
             else:
                 self.sessions.release(t.grant, now)
             t.grant = None
+        native = (t.model_ref or t.spec.model_ref, pool_of(t, self.replicas))
+        code = error.code if error is not None else ""
+        self.series.on_ended(native, outcome(reason, code), now - t.enqueued_ms)
         t.state = State.ENDED
         t.end_reason = reason
         t.error = error
@@ -152,8 +157,12 @@ class SchedulerCore(StreamOps):
             pos, predicted = self._admit(spec, now, out, prov)
         except OrchdError as e:
             self.stats.bump(self.stats.rejected, (spec.engine, e.code.value))
-            if e.code in (Code.ADMISSION_REJECT,):
+            full = e.code is Code.ADMISSION_REJECT
+            if full:
                 self.stats.bump(self.stats.backpressure, self.queue.policy)
+            self.series.on_rejected(spec.engine, e.code.value, self.queue.policy, full)
+            pin = (spec.placement or {}).get("mode") == "pin"
+            self.series.on_refused(spec.model_ref, e.pool_id or "none", pin)
             return [(peer, p.Failed(msg.req_id, self.error_info(e)))]
         budgets = self.budgets(spec.session_id)
         backoff = 0
@@ -162,6 +171,9 @@ class SchedulerCore(StreamOps):
         admitted = p.Admitted(msg.req_id, spec.task_id, pos, predicted, backoff, budgets)
         out.insert(0, (peer, admitted))
         out += self.dispatch(now)
+        t = self.tasks[spec.task_id]
+        if t.state is State.QUEUED:
+            self.series.on_queued_unplaced(pinned(t))
         return out
 
     def _admit(
@@ -226,12 +238,15 @@ class SchedulerCore(StreamOps):
             t.stream = step(t.stream, Ev.OPEN)
         self.tasks[spec.task_id] = t
         self.stats.enqueued += 1
+        self.series.on_enqueued(where_of(t, self.replicas, self.pools.pools), spec.priority)
         return pushed.position, predicted
 
     def _drop(self, task_id: str, now: float, total: int, out: Out) -> None:
         victim = self.tasks[task_id]
         self.stats.bump(self.stats.backpressure, self.queue.policy)
         self.stats.bump(self.stats.rejected, (victim.spec.engine, Code.QUEUE_FULL_DROP_LRU.value))
+        drop = Code.QUEUE_FULL_DROP_LRU.value
+        self.series.on_rejected(victim.spec.engine, drop, self.queue.policy, True)
         err = OrchdError(
             Code.QUEUE_FULL_DROP_LRU,
             "dropped from the full queue to admit a newer task (policy drop-lru)",
@@ -269,6 +284,7 @@ class SchedulerCore(StreamOps):
             c = chosen["c"]
             assert c is not None
             r = c.replica  # type: ignore[attr-defined]
+            considered = self._candidates(t.pools)
             r.active.add(t.spec.task_id)
             t.state = State.RUNNING
             t.replica = r.id
@@ -278,7 +294,27 @@ class SchedulerCore(StreamOps):
                 t.stream = step(t.stream, Ev.ATTACH)
             self.stats.started += 1
             self.stats.bump(self.stats.placements, (r.pool_id, r.id))
+            self.series.on_started(
+                (r.engine, r.engine_version, r.pool_id, r.id),
+                t.spec.priority,
+                (t.model_ref or t.spec.model_ref, r.pool_id),
+                now - t.enqueued_ms,
+                pinned(t),
+                bool(t.pools) and r.pool_id != t.pools[0],
+                considered,
+            )
             out.append((sup(r.id), self._dispatch_msg(t, r, now)))
+
+    def _candidates(self, pool_ids: list[str]) -> int:
+        """Replicas a placement of a task for these pools can choose among now."""
+        pools = self.pools.pools
+        return sum(
+            1
+            for pid in pool_ids
+            if pid in pools and not pools[pid].draining
+            for rid in pools[pid].replicas
+            if self.replicas[rid].ready and self.replicas[rid].free_slots > 0
+        )
 
     def _dispatch_msg(self, t: Task, r: ReplicaView, now: float) -> p.Dispatch:
         sess = self.sessions.sessions.get(t.spec.session_id)
@@ -323,6 +359,19 @@ class SchedulerCore(StreamOps):
             self.tpot.observe((msg.decode_ms - msg.first_token_ms) / (msg.tokens_out - 1))
         if natural:
             self.service.observe(now - t.started_ms)
+        # First token from arrival: the queue time here, then dispatch to first token there.
+        first = (t.started_ms - t.enqueued_ms) + msg.first_token_ms if msg.tokens_out else None
+        self.series.on_ran(
+            where_of(t, self.replicas, self.pools.pools),
+            t.spec.priority,
+            (t.model_ref or t.spec.model_ref, pool_of(t, self.replicas)),
+            msg.tokens_in,
+            msg.tokens_out,
+            first,
+            msg.decode_ms,
+            msg.gap_counts,
+            msg.gap_sum_s,
+        )
         error = p.ErrorInfo(msg.error_code, msg.reason) if msg.error_code else None
         self._end(t, msg.reason, now, error, msg.tokens_in, msg.tokens_out)
         self._ended_in_ring(t)
@@ -336,6 +385,8 @@ class SchedulerCore(StreamOps):
         r = self.replicas.get(msg.replica_id)
         if r is None:
             return []
+        if r.ready and not msg.ready and msg.last_error:  # its engine died: restarted
+            self.series.on_engine_restart(r.pool_id, r.id)
         r.connected = True
         r.engine_version = msg.engine_version
         r.last_error = msg.last_error

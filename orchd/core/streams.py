@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 from ipc import protocol as p
 from orchd.core.errors import Code, OrchdError
 from orchd.core.ownership import FED, OPENABLE, Ev, Stream, step
+from orchd.core.placement import ReplicaView
+from orchd.core.pools import Pools
+from orchd.core.series import Series, where_of
 from orchd.core.sessions import SessionTable
 from orchd.core.tasks import Out, State, Stats, Task, fe, sup
 
@@ -19,6 +22,9 @@ class StreamOps:
     # State the core owns (declared here for the type checker).
     tasks: dict[str, Task]
     stats: Stats
+    series: Series
+    replicas: dict[str, ReplicaView]
+    pools: Pools
     sessions: SessionTable
     _aborts: dict[int, str]
     _fences: dict[int, str]
@@ -117,12 +123,14 @@ class StreamOps:
             return out
         if t.state is State.QUEUED:
             self.stats.bump(self.stats.canceled, msg.reason)
+            self.series.on_canceled(where_of(t, self.replicas, self.pools.pools), msg.reason)
             self._end(t, "canceled", now)
             self._terminal_by_frontend(t, out)
             self._settle(t, out)
             return out
         if t.spec.task_id not in self._aborts.values():
             self.stats.bump(self.stats.canceled, msg.reason)
+            self.series.on_canceled(where_of(t, self.replicas, self.pools.pools), msg.reason)
             # Running: the supervisor aborts the engine request, publishes the terminal, and
             # says TaskEnded (reason canceled) before its AbortDone.
             rid = self.next_id()

@@ -8,7 +8,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,6 +29,22 @@ from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
 from orchd.frontend.tenancy import local_error, scope_spec, scoped, tenant
+
+
+class Tally:
+    """One of this frontend's counters or gauges; the scheduler exports them all
+    (``FrontendStats``), so any frontend answering a scrape shows every frontend's."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
 
 
 def budget_headers(b: p.Budgets) -> dict[str, str]:
@@ -64,23 +79,10 @@ class Frontend:
         )
         self.table.reply = self.client.send
         self.client.on_notice = self.table.on_notice
-        self.registry = CollectorRegistry()
-        fl = [str(index)]
-        self.m_open = Gauge(
-            "frontend_streams_open", "Open SSE streams.", ["frontend"], registry=self.registry
-        ).labels(*fl)
-        self.m_disconnects = Counter(
-            "frontend_client_disconnects",
-            "Streams whose client left before the end.",
-            ["frontend"],
-            registry=self.registry,
-        ).labels(*fl)
-        self.m_overflow = Counter(
-            "frontend_stream_overflows",
-            "Streams cut off because their client read too slowly.",
-            ["frontend"],
-            registry=self.registry,
-        ).labels(*fl)
+        # frontend_streams_open, frontend_client_disconnects_total, frontend_stream_overflows_total
+        self.m_open, self.m_disconnects, self.m_overflow = Tally(), Tally(), Tally()
+        self._reported: tuple[int, int, int] | None = None
+        self._stats_timer: asyncio.TimerHandle | None = None
         self.key_streams: dict[str, int] = {}  # key id -> streams open here
         self.stream_keys: dict[int, str] = {}  # stream slot -> the key that opened it
         self.stream_conns: dict[int, Any] = {}  # slot -> its connection (edge.EdgeProtocol)
@@ -92,12 +94,15 @@ class Frontend:
         loop = asyncio.get_running_loop()
         log.defer(lambda: loop.call_soon(log.flush))
         await self.client.start()
+        self._report_stats(loop)
         self.table.start()
         freeze_startup_heap()
         log.info("frontend ready", frontend=self.index, pid=os.getpid())
         try:
             yield
         finally:
+            if self._stats_timer is not None:
+                self._stats_timer.cancel()
             self.table.stop()
             await self.client.stop()
 
@@ -254,14 +259,27 @@ class Frontend:
             return error_response(local_error(e, owner))
         return Response(status_code=204)
 
+    def _stats(self) -> p.FrontendStats:
+        v = (self.m_open.value, self.m_disconnects.value, self.m_overflow.value)
+        self._reported = v
+        return p.FrontendStats(self.index, *v)
+
+    def _report_stats(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every heartbeat, this frontend's counters to the scheduler, when they changed."""
+        if (self.m_open.value, self.m_disconnects.value, self.m_overflow.value) != self._reported:
+            self.client.send(self._stats())
+        self._stats_timer = loop.call_later(
+            self.cfg.server.heartbeat_ms / 1000.0, self._report_stats, loop
+        )
+
     async def metrics(self, request: Request) -> Response:
         try:
+            self.client.send(self._stats())  # ours, current; the others' are at most 1 beat old
             reply = await self.client.request(p.MetricsQuery(self.client.next_id()))
         except OrchdError as e:
             return error_response(e)
         assert isinstance(reply, p.MetricsText)
-        text = reply.text + generate_latest(self.registry)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(reply.text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---------------------------------------------------------------- the app
 

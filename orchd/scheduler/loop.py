@@ -159,9 +159,11 @@ class SchedulerShell:
                 wall = now + self.control.wall_offset_ms
                 m = self.core.catalog.record_verification(model_id, digest, wall, error)
                 log.info("model verified", model_id=model_id, verified=m.verified, error=error)
+                self.metrics.verified(m.ref, m.verified, error)
                 self.catalog_disk.save()
         if self.gpus.available:
             self._gpu_view()
+        self.metrics.absorb()
         self.send(self.core.tick(now))
         self.send(self.control.tick(now))
         depth = len(self.core.queue)
@@ -191,6 +193,7 @@ class SchedulerShell:
     def _peer_down(self, peer: str, reason: str, now: float) -> None:
         self.seen.pop(peer, None)
         self.frontends.discard(peer)
+        self.metrics.left(peer, Peer(peer).frontend_index)
         self.send(self.core.peer_down(peer, reason, now))
         self.send(self.control.peer_down(peer))
 
@@ -257,6 +260,9 @@ class SchedulerShell:
             case p.DrainAll():
                 log.info("draining: admission closed", deadline_ms=msg.deadline_ms)
                 out = core.drain_all(peer, msg, now)
+            case p.FrontendStats():
+                self.metrics.native.frontend_stats(msg)
+                return
             case p.MetricsQuery():
                 out = [(peer, p.MetricsText(msg.req_id, self.metrics.render()))]
             case _:
@@ -313,6 +319,7 @@ class SchedulerShell:
             log.error("refused a peer", peer=peer, reason=reason)
             return [(peer, p.Welcome(accepted=False, reason=reason))]
         out: Out = []
+        self.metrics.joined(peer, msg)
         if msg.role == "supervisor":
             rep = self.core.replicas.get(msg.replica_id)
             if rep is not None and (rep.active or rep.ready):
