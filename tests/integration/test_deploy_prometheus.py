@@ -165,6 +165,11 @@ def test_every_dashboard_panel_returns_data(stack: Stack) -> None:
         wait_for(all_have_data, DATA_TIMEOUT_S, "every dashboard query to return data")
     except TimeoutError:
         pytest.fail("dashboard queries with no data:\n" + "\n".join(empty))
+    # Per GPU: one series for each of the fake NVML's two devices, each with its replica.
+    (gpu,) = [t for t in targets if t.panel == "GPU utilization"]
+    expr = dash.substitute(gpu.expr, values, rate_interval)
+    devices = {s["metric"]["device"]: s["metric"]["replica_id"] for s in prom.query(expr)}
+    assert devices == {"0": "r0", "1": "r1"}
     # The traffic that made the data: every kind of request went through.
     assert min(stack.traffic.count(k) for k in ("stream", "cancel", "reject")) > 0
 
