@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.nginx import SHIPPED, Nginx
 from tests.support.tasks import task_body
+from tests.support.wait import wait_for
 
 CURL = "/usr/bin/curl"  # built with nghttp2 (Debian's curl): --http2
 ITL_MS = 150
@@ -107,6 +109,37 @@ def test_stream_through_nginx_http2_arrives_token_by_token(daemon: Daemon, tmp_p
             capture_output=True, text=True, timeout=40,
         )  # fmt: skip
         assert r.stdout.startswith("301 https://127.0.0.1"), r.stdout
+
+
+def canceled(d: Daemon) -> float:
+    text = httpx.get(f"{d.base}/metrics", timeout=10).text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("tasks_canceled_total{")
+    )
+
+
+def test_a_client_leaving_through_nginx_cancels_its_task(daemon: Daemon, tmp_path: Path) -> None:
+    """An HTTP/2 client that goes away mid-stream: nginx closes its upstream connection and
+    orchd cancels the task (the engine stops generating for nobody)."""
+    with Nginx(tmp_path, daemon.port) as nginx:
+        base = f"https://127.0.0.1:{nginx.https_port}"
+        body = task_body(max_tokens=300)  # 45 s at ITL_MS: it ends this soon only if canceled
+        r = httpx.post(f"{daemon.base}/v1/tasks", json=body, headers=daemon.headers, timeout=10)
+        assert r.status_code == 202, r.text
+        before = canceled(daemon)
+        with subprocess.Popen(
+            curl("-N", "-H", f"X-API-Key: {daemon.key}",
+                 f"{base}/v1/tasks/{body['task_id']}/stream"),
+            stdout=subprocess.PIPE,
+        ) as proc:  # fmt: skip
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                if raw.startswith(b"event: token"):
+                    break
+            proc.kill()  # gone without a goodbye: the TCP connection to nginx closes
+        wait_for(lambda: canceled(daemon) == before + 1, 10, "orchd to cancel the task")
 
 
 def test_control_a_buffering_proxy_is_caught(daemon: Daemon, tmp_path: Path) -> None:
