@@ -157,9 +157,9 @@ class MetricsQuery(_Msg):
 
 
 class FrontendStats(_Msg):
-    """A frontend's own counters (totals since it started), sent each heartbeat when they
-    changed and before each ``MetricsQuery``: the scheduler's exposition carries every
-    frontend's, so any frontend answering a scrape shows them all."""
+    """A frontend's own counters (totals since it started), sent each heartbeat and before
+    each ``MetricsQuery``: the scheduler's exposition carries every frontend's, so any
+    frontend answering a scrape shows them all."""
 
     frontend: int
     streams_open: int

@@ -99,13 +99,15 @@ class Hist:
 
 # label tuples, in the order the lint file lists them
 Placed = tuple[str, str, str, str]  # engine, engine_version, pool_id, replica_id
-PoolKey = tuple[str, str, str]  # engine, engine_version, pool_id
 Native = tuple[str, str]  # model, pool
 Key = tuple[str, ...]
 
 
 @dataclass(slots=True)
 class Series:
+    """Counters and histograms by label tuple (the lint file's label order), fed one event at
+    a time by the core; every budgeted label value is folded on the way in."""
+
     budget: LabelBudget = field(default_factory=LabelBudget)
     enqueued: dict[Key, int] = field(default_factory=dict)  # Placed + priority
     started: dict[Key, int] = field(default_factory=dict)  # Placed + priority
@@ -116,7 +118,9 @@ class Series:
     backpressure: dict[Key, int] = field(default_factory=dict)  # engine, policy
     placements: dict[Key, int] = field(default_factory=dict)  # outcome, pinned, fallback
     candidates_considered: int = 0  # replicas the latest placement looked at
-    first_token_ms: dict[Key, Hist] = field(default_factory=dict)  # PoolKey+prio
+    first_token_ms: dict[Key, Hist] = field(
+        default_factory=dict
+    )  # engine, engine_version, pool_id, priority
     decode_ms: dict[Key, Hist] = field(default_factory=dict)
     # Prometheus-native, by (model, pool)
     ttft_s: dict[Key, Hist] = field(default_factory=dict)

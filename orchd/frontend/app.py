@@ -28,23 +28,8 @@ from orchd.frontend.openai import OpenAIRoutes
 from orchd.frontend.schema import parse_task
 from orchd.frontend.sse import SSEResponse
 from orchd.frontend.streams import Stream, StreamTable
+from orchd.frontend.tally import Tally
 from orchd.frontend.tenancy import local_error, scope_spec, scoped, tenant
-
-
-class Tally:
-    """One of this frontend's counters or gauges; the scheduler exports them all
-    (``FrontendStats``), so any frontend answering a scrape shows every frontend's."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def inc(self) -> None:
-        self.value += 1
-
-    def dec(self) -> None:
-        self.value -= 1
 
 
 def budget_headers(b: p.Budgets) -> dict[str, str]:
@@ -81,7 +66,6 @@ class Frontend:
         self.client.on_notice = self.table.on_notice
         # frontend_streams_open, frontend_client_disconnects_total, frontend_stream_overflows_total
         self.m_open, self.m_disconnects, self.m_overflow = Tally(), Tally(), Tally()
-        self._reported: tuple[int, int, int] | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
         self.key_streams: dict[str, int] = {}  # key id -> streams open here
         self.stream_keys: dict[int, str] = {}  # stream slot -> the key that opened it
@@ -261,13 +245,12 @@ class Frontend:
 
     def _stats(self) -> p.FrontendStats:
         v = (self.m_open.value, self.m_disconnects.value, self.m_overflow.value)
-        self._reported = v
         return p.FrontendStats(self.index, *v)
 
     def _report_stats(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Every heartbeat, this frontend's counters to the scheduler, when they changed."""
-        if (self.m_open.value, self.m_disconnects.value, self.m_overflow.value) != self._reported:
-            self.client.send(self._stats())
+        """Every heartbeat, this frontend's counters to the scheduler (a restarted scheduler
+        has them again within one beat)."""
+        self.client.send(self._stats())
         self._stats_timer = loop.call_later(
             self.cfg.server.heartbeat_ms / 1000.0, self._report_stats, loop
         )

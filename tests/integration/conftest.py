@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import Daemon
 from tests.support.sse import SyncStream, sync_request
@@ -62,12 +64,13 @@ def run_task(d: Daemon, **over: Any) -> SyncStream:
 
 
 def metric(d: Daemon, name: str, labels: str = "") -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (``'{k="v",...}'``)."""
     status, _, raw = sync_request(d.host, d.port, "GET", "/metrics", {})
     assert status == 200
+    want = set(re.findall(r'(\w+)="([^"]*)"', labels))  # plain values: no quotes inside
     total = 0.0
-    for line in raw.decode().splitlines():
-        if line.startswith(name + (labels if labels else "")) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
-                total += float(value)
+    for fam in text_string_to_metric_families(raw.decode()):
+        for sample in fam.samples:
+            if sample.name == name and want <= set(sample.labels.items()):
+                total += sample.value
     return total

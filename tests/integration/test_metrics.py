@@ -160,7 +160,11 @@ def test_every_scrape_shows_every_frontend(orchd: Daemon) -> None:
     conn, _ = scrape_on(orchd, "1")
     path = f"/v1/tasks/{body['task_id']}/stream"
     conn.sendall(_request_bytes("GET", path, orchd.host, orchd.port, orchd.headers, None))
-    assert b"event:" in conn.recv(65536) or b"event:" in conn.recv(65536)
+    got = b""
+    while b"event:" not in got:  # the stream has begun (the socket times out after 10 s)
+        chunk = conn.recv(65536)
+        assert chunk, got
+        got += chunk
     conn.close()
     key = ("frontend_client_disconnects_total", frozenset({("frontend", "1")}))
 

@@ -5,6 +5,9 @@ inter-token time per record, outcomes, and an exposition promtool can parse."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ipc import protocol as p
 from orchd.core.series import BUDGETS, OTHER, SECONDS_BUCKETS, Hist, LabelBudget, outcome
 from orchd.scheduler.metrics import SchedulerMetrics
+from orchd.scheduler.procs import read_proc
+from tests.support.wait import wait_for
 from tests.unit.test_scheduler_core import FE, ended, make_core, submit
 from tests.unit.test_supervisor_core import dispatch
 from tests.unit.test_supervisor_core import make_core as make_supervisor
@@ -180,3 +185,57 @@ def test_engine_restarts_counted_when_a_ready_replica_fails() -> None:
     got = samples(core)
     assert got[("orchd_engine_restarts_total", lab(pool="default", replica="r0"))] == 1
     assert got[("orchd_replicas_ready", lab(pool="default"))] == 1
+
+
+def test_process_figures_come_from_proc() -> None:
+    me = read_proc(os.getpid())
+    assert me is not None
+    assert me.cpu_s > 0 and me.rss_bytes > 10 * 2**20 and me.open_fds >= 3
+    with open(os.devnull) as extra:
+        assert extra.fileno() >= 0
+        again = read_proc(os.getpid())
+        assert again is not None and again.open_fds == me.open_fds + 1
+    # A command name with spaces and parentheses does not shift stat's fields.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "open('/proc/self/comm', 'w').write('a) b (c');"
+         "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: Path(f"/proc/{child.pid}/comm").read_text() == "a) b (c\n", 10, "comm")
+        got = read_proc(child.pid)
+        assert got is not None and 0 <= got.cpu_s < 60 and got.rss_bytes > 0
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+    assert read_proc(child.pid) is None  # gone: skipped, not an error
+
+
+def test_processes_are_labelled_by_role_and_instance_and_restarts_counted() -> None:
+    core = make_core()
+    m = SchedulerMetrics(core)
+    m.joined("launcher", p.Hello("launcher", "launcher", os.getppid()))
+    m.joined("fe1", p.Hello("frontend", "fe1", os.getpid()))
+    m.joined("sup-r0", p.Hello("supervisor", "sup-r0", os.getpid(), replica_id="r0"))
+    m.joined("sup-r0", p.Hello("supervisor", "sup-r0", os.getpid(), replica_id="r0"))  # again
+    text = m.render().decode()
+    got = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    instances = {dict(ls)["instance"] for n, ls in got if n == "orchd_process_open_fds"}
+    assert instances == {"scheduler", "launcher", "frontend-1", "supervisor-r0"}
+    assert got[("orchd_engine_restarts_total", lab(pool="default", replica="r0"))] == 1
+    m.native.frontend_stats(p.FrontendStats(1, 3, 4, 5))
+    m.native.frontend_stats(p.FrontendStats(0, 0, 0, 0))
+    m.left("fe0", 0)
+    got = samples(core) | {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(m.render().decode())
+        for s in fam.samples
+    }
+    assert got[("frontend_streams_open", lab(frontend="1"))] == 3
+    assert got[("frontend_client_disconnects_total", lab(frontend="1"))] == 4
+    assert ("frontend_streams_open", lab(frontend="0")) not in got  # it left
