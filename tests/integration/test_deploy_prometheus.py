@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 
 from tests.support import dashboard as dash
@@ -30,7 +32,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "orchd-
 SCRAPE_S = 1.0  # tests/support/prometheus.py TEST_INTERVAL
 DATA_TIMEOUT_S = 30.0  # traffic start to every panel having data
 ALERT_TIMEOUT_S = 20.0  # a condition to its alert firing (or resolving): scrape + 2 evaluations
-RESTART_BACKOFF_MS = 6000  # a killed supervisor stays down this long: the alert can fire
+RESTART_BACKOFF_MS = 5000  # an engine that dies young stays down this long (then 2x)
 CONFIG = f"""
 [server]
 restart_backoff_ms = {RESTART_BACKOFF_MS}
@@ -87,11 +89,25 @@ def firing(prom: Prometheus, name: str, **labels: str) -> list[dict[str, Any]]:
     ]
 
 
+def engine_of(d: Daemon, replica_index: str) -> psutil.Process:
+    sup = d.find("engine_procs.supervisor", replica_index)
+    (engine,) = [c for c in sup.children() if "engine_procs.mock_engine" in c.cmdline()]
+    return engine
+
+
+def pool_ready(d: Daemon, pool: str) -> bool:
+    text = httpx.get(f"{d.base}/metrics", timeout=10).text
+    return f'orchd_replicas_ready{{pool="{pool}"}} 1.0' in text.splitlines()
+
+
 def test_engine_death_fires_no_ready_replica_and_restart_alerts(stack: Stack) -> None:
-    """Pool default's only engine is killed: its supervisor reports the replica not ready,
-    counts a restart and restarts the engine RESTART_BACKOFF_MS later. OrchdNoReadyReplica
-    fires for that pool (not for pool spare, which serves on) and resolves on its own;
-    OrchdEngineRestarts fires for the replica."""
+    """Pool default's only engine dies twice in a row (SIGKILL): its supervisor reports the
+    replica not ready and counts each restart; an engine that dies within
+    orchd.core.restart.STABLE_AFTER_S of becoming ready restarts only after the backoff
+    (RESTART_BACKOFF_MS, doubling), so the second death keeps the pool without a ready
+    replica for seconds whatever the first did (a death after a stable run restarts at once).
+    OrchdNoReadyReplica fires for that pool (not for pool spare, which serves on) and
+    resolves on its own; OrchdEngineRestarts fires for the replica."""
     d, prom = stack.orchd, stack.prom
     wait_for(
         lambda: prom.query('orchd_replicas_ready{pool="default"} == 1'),
@@ -100,9 +116,13 @@ def test_engine_death_fires_no_ready_replica_and_restart_alerts(stack: Stack) ->
     )
     assert not prom.alerts("OrchdNoReadyReplica")
     assert not prom.alerts("OrchdEngineRestarts")
-    sup = d.find("engine_procs.supervisor", "0")
-    (engine,) = [c for c in sup.children() if "engine_procs.mock_engine" in c.cmdline()]
-    engine.kill()
+    first = engine_of(d, "0")
+    first.kill()
+    wait_for(lambda: not pool_ready(d, "default"), 10, "orchd to see the engine gone")
+    wait_for(lambda: pool_ready(d, "default"), 3 * RESTART_BACKOFF_MS / 1000, "engine back")
+    second = engine_of(d, "0")
+    assert second.pid != first.pid
+    second.kill()  # within STABLE_AFTER_S of its start: the next start waits the backoff
     try:
         wait_for(
             lambda: firing(prom, "OrchdNoReadyReplica", pool="default"),
@@ -117,11 +137,10 @@ def test_engine_death_fires_no_ready_replica_and_restart_alerts(stack: Stack) ->
     assert "readyz" in alert["annotations"]["runbook"]
     wait_for(
         lambda: not prom.alerts("OrchdNoReadyReplica"),
-        RESTART_BACKOFF_MS / 1000 + ALERT_TIMEOUT_S,
-        "OrchdNoReadyReplica to resolve once the supervisor is back",
+        2 * RESTART_BACKOFF_MS / 1000 + ALERT_TIMEOUT_S,
+        "OrchdNoReadyReplica to resolve once the engine is back",
     )
-    (back,) = [c for c in sup.children() if "engine_procs.mock_engine" in c.cmdline()]
-    assert back.pid != engine.pid
+    assert engine_of(d, "0").pid not in (first.pid, second.pid)
     wait_for(
         lambda: firing(prom, "OrchdEngineRestarts", pool="default", replica="r0"),
         ALERT_TIMEOUT_S,
