@@ -120,6 +120,16 @@ def test_engine_death_fires_no_ready_replica_and_restart_alerts(stack: Stack) ->
     first.kill()
     wait_for(lambda: not pool_ready(d, "default"), 10, "orchd to see the engine gone")
     wait_for(lambda: pool_ready(d, "default"), 3 * RESTART_BACKOFF_MS / 1000, "engine back")
+    # Prometheus has seen it back too (an alert the first death fired has resolved), so what
+    # follows is the second death's alone.
+    wait_for(
+        lambda: (
+            not prom.alerts("OrchdNoReadyReplica")
+            and prom.query('orchd_replicas_ready{pool="default"} == 1')
+        ),
+        ALERT_TIMEOUT_S,
+        "Prometheus to see pool default back",
+    )
     second = engine_of(d, "0")
     assert second.pid != first.pid
     second.kill()  # within STABLE_AFTER_S of its start: the next start waits the backoff
