@@ -34,6 +34,7 @@ BUDGETS: dict[str, int] = {
 }
 OTHER = "other"
 UNPLACED = "none"  # replica_id of a task not (yet) on a replica
+MEMO_LIMIT = 4096  # label tuples remembered folded
 UNKNOWN_VERSION = "unknown"  # engine_version before a replica reports one
 
 LATENCY_MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
@@ -132,6 +133,7 @@ class Series:
     requests: dict[Key, int] = field(default_factory=dict)  # + outcome
     engine_restarts: dict[Key, int] = field(default_factory=dict)  # pool, replica
     verifications: dict[Key, int] = field(default_factory=dict)  # result, reason, engine
+    memo: dict[Key, Key] = field(default_factory=dict)  # raw label tuple -> folded
 
     @classmethod
     def configured(
@@ -159,15 +161,31 @@ class Series:
         return self.budget.fold(label, value)
 
     def placed(self, engine: str, version: str, pool_id: str, replica_id: str) -> Placed:
-        return (
-            self.f("engine", engine),
-            version or UNKNOWN_VERSION,
-            self.f("pool_id", pool_id),
-            self.f("replica_id", replica_id or UNPLACED),
-        )
+        raw = (engine, version, pool_id, replica_id)
+        got = self.memo.get(raw)
+        if got is None:
+            got = (
+                self.f("engine", engine),
+                version or UNKNOWN_VERSION,
+                self.f("pool_id", pool_id),
+                self.f("replica_id", replica_id or UNPLACED),
+            )
+            self._remember(raw, got)
+        return got  # type: ignore[return-value]
 
     def native(self, model: str, pool_id: str) -> Native:
-        return self.f("model", model), self.f("pool_id", pool_id)
+        raw = (model, pool_id)
+        got = self.memo.get(raw)
+        if got is None:
+            got = (self.f("model", model), self.f("pool_id", pool_id))
+            self._remember(raw, got)
+        return got  # type: ignore[return-value]
+
+    def _remember(self, raw: Key, folded: Key) -> None:
+        """A value's fold never changes (kept stays kept, a full budget stays full), so label
+        tuples are folded once; the memo is bounded, past that they are folded each time."""
+        if len(self.memo) < MEMO_LIMIT:
+            self.memo[raw] = folded
 
     @staticmethod
     def bump(d: dict[Key, int], k: tuple[str, ...], n: int = 1) -> None:
