@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
+.PHONY: run test chaos test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
 
 # torch for the built-in engine's tests: 2.13.0 is the CPU build this machine keeps on disk
 # (pip takes it from there); on a GPU host, `make TORCH=torch` gets PyPI's CUDA build.
@@ -28,6 +28,11 @@ run: $(STAMP)
 
 test: $(STAMP) llama-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Issue 12's chaos suite, long form: every process type killed and paused mid-stream, three
+# rounds of 32 tasks each; prints one line of figures per case (~10 min).
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m chaos tests/chaos $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
