@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
+.PHONY: run test chaos test-fast bench bench-full bench-openai lint clean llama-server gpu-wheels gpu-check
 
 # torch for the built-in engine and its tests. Empty (the default): pip picks a version from
 # the `torch` extra, PyPI's build (CUDA on Linux x86_64, a few GB). Installed first when set:
@@ -40,6 +40,11 @@ run: $(RUN_STAMP)
 
 test: $(TEST_STAMP) llama-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Issue 12's chaos suite, long form: every process type killed and paused mid-stream, three
+# rounds of 32 tasks each; prints one line of figures per case (~10 min).
+chaos: $(TEST_STAMP) llama-server
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m chaos tests/chaos $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

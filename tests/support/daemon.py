@@ -22,6 +22,13 @@ from ipc.proc import die_with_parent
 READY_TIMEOUT_S = 60.0
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 class Daemon:
     def __init__(
         self,
@@ -82,6 +89,23 @@ class Daemon:
         self.port = int(url.rsplit(":", 1)[1])
         self.run_dir = ready["run_dir"]
         return self
+
+    def restart_after_kill(self, timeout: float = 30.0) -> Daemon:
+        """After the launcher died by SIGKILL: reap it, wait until its children have followed
+        it (they die with their parent), then start orchd again on the same port and config,
+        as systemd's ``Restart=`` would."""
+        assert self.proc is not None
+        self.proc.wait(timeout)
+        self._close_stderr()
+        deadline = time.monotonic() + timeout
+        while any(self.run_dir in " ".join(_cmdline(p)) for p in psutil.process_iter()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("children of the killed launcher are still running")
+            time.sleep(0.05)
+        self.want_port = self.port
+        with self._cv:
+            self.lines, self.raw = [], []
+        return self.start()
 
     def _preexec(self) -> None:
         if self.nofile is not None:

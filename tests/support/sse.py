@@ -205,6 +205,8 @@ def sync_request(
             if not chunk:
                 break
             buf += chunk
+    if not buf:
+        raise ConnectionError(f"{method} {path}: the connection closed before a response")
     status, hdrs, rest = _head(buf)
     if hdrs.get("transfer-encoding") == "chunked":
         rest = Dechunker().feed(rest)
