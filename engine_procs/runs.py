@@ -166,6 +166,21 @@ class Run:
             ),
         )
 
+    def ended_msg(self, reason: str, now: float, error_code: str = "") -> p.TaskEnded:
+        """What the scheduler hears of this task's end: its counts and timings."""
+        first_ms, decode_ms, _ = self.timings(now)
+        return p.TaskEnded(
+            self.task_id,
+            reason,
+            self.tokens,
+            tokens_in=self.tokens_in,
+            error_code=error_code,
+            first_token_ms=first_ms,
+            decode_ms=decode_ms,
+            gap_counts=self.gap_counts,
+            gap_sum_s=self.gap_sum_s,
+        )
+
     def transcript_doc(
         self,
         replica: Replica,

@@ -360,7 +360,7 @@ class SupervisorCore:
         self.ended_order.append(run)
 
     def _end(self, run: Run, reason: str, now: float, *, engine_done: bool = False) -> None:
-        first_ms, decode_ms, decode_time_ms = run.timings(now)
+        _, decode_ms, decode_time_ms = run.timings(now)
         version = self.engines.version(run.engine)
         keep = self.cfg.artifacts.transcripts
         if run.codec is not None:  # OpenAI's shapes carry no artifact id: stored with its end
@@ -381,18 +381,7 @@ class SupervisorCore:
         run.engine = NO_ENGINE
         run.end_reason = reason
         self._close(run, now)
-        self._send(
-            p.TaskEnded(
-                run.task_id,
-                reason,
-                run.tokens,
-                tokens_in=run.tokens_in,
-                first_token_ms=first_ms,
-                decode_ms=decode_ms,
-                gap_counts=run.gap_counts,
-                gap_sum_s=run.gap_sum_s,
-            )
-        )
+        self._send(run.ended_msg(reason, now))
         self._log(
             "info",
             "stream ended",
@@ -405,7 +394,6 @@ class SupervisorCore:
         )
 
     def _fail(self, run: Run, err: OrchdError, now: float, *, engine_done: bool = False) -> None:
-        first_ms, decode_ms, _ = run.timings(now)
         if run.codec is not None:
             self._emit(run, run.codec.error(run, err.envelope()))
         else:
@@ -415,19 +403,7 @@ class SupervisorCore:
         run.engine = NO_ENGINE
         run.end_reason, run.error_code = "error", err.code.value
         self._close(run, now)
-        self._send(
-            p.TaskEnded(
-                run.task_id,
-                "error",
-                run.tokens,
-                tokens_in=run.tokens_in,
-                error_code=err.code.value,
-                first_token_ms=first_ms,
-                decode_ms=decode_ms,
-                gap_counts=run.gap_counts,
-                gap_sum_s=run.gap_sum_s,
-            )
-        )
+        self._send(run.ended_msg("error", now, err.code.value))
         self._log(
             "warning", "task failed", task_id=run.task_id, code=err.code.value, message=err.message
         )

@@ -5,7 +5,7 @@ Topology (all over ZeroMQ ``ipc://`` sockets in the run directory):
     frontend  DEALER ──┐
     supervisor DEALER ─┼──▶ scheduler ROUTER   (request/reply by ``req_id``, plus notices)
     launcher  DEALER ──┘
-    supervisor PAIR ◀──▶ engine PAIR          (mock or torch: engine protocol, at the end)
+    supervisor PAIR ◀──▶ engine PAIR          (mock or torch: ipc/engine_protocol.py)
 
 Each peer opens with ``Hello``; the scheduler answers ``Welcome`` carrying the protocol version,
 and refuses a peer speaking another version. Peers send ``Heartbeat`` every second and a
@@ -18,6 +18,14 @@ from typing import Any
 
 import msgspec
 
+from ipc.engine_protocol import EngAbort as EngAbort
+from ipc.engine_protocol import EngEmbedding as EngEmbedding
+from ipc.engine_protocol import EngineMessage as EngineMessage
+from ipc.engine_protocol import EngReady as EngReady
+from ipc.engine_protocol import EngStep as EngStep
+from ipc.engine_protocol import EngSubmit as EngSubmit
+from ipc.engine_protocol import EngTextStep as EngTextStep
+from ipc.engine_protocol import decode_engine as decode_engine
 from ipc.reannounce import HeldStream as HeldStream
 from ipc.reannounce import Rehello as Rehello
 from ipc.reannounce import Running as Running
@@ -464,67 +472,3 @@ encode = _encoder.encode
 
 def decode(data: bytes) -> Message:
     return _decoder.decode(data)
-
-
-# ------------------------------------------------- engine protocol (mock and torch engines)
-
-
-class EngSubmit(_Msg):
-    rid: int
-    prompt: str
-    seed: int
-    max_tokens: int
-    temperature: float | None = None  # None: the engine's default (greedy for torch)
-    top_p: float | None = None
-    messages: list[tuple[str, str]] | None = None  # a chat: rendered with the chat template
-    workload: str = "completion"  # or "embedding": answered with EngEmbedding
-    inputs: list[str] | None = None  # the texts to embed
-
-
-class EngEmbedding(_Msg):
-    """An embedding request's result: one vector per input, and the tokens it read."""
-
-    rid: int
-    vectors: list[list[float]]
-    prompt_tokens: int = 0
-
-
-class EngAbort(_Msg):
-    rid: int
-
-
-class EngStep(_Msg):
-    """One engine step: new token ids per request, and the requests that finished."""
-
-    tokens: list[tuple[int, list[int]]]
-    finished: list[tuple[int, str]] = []  # (rid, reason)
-    errors: list[tuple[int, str]] = []  # (rid, message)
-    t_ns: int = 0  # CLOCK_MONOTONIC when the engine emitted the step
-    # (rid, prompt length in the engine's tokens), in the first step that carries a request;
-    # the adapter reports these before the step's tokens, finishes and errors.
-    prompts: list[tuple[int, int]] = []
-
-
-class EngTextStep(_Msg):
-    """One step of an engine that detokenizes itself (torch): text pieces, one per token."""
-
-    tokens: list[tuple[int, list[str]]]
-    finished: list[tuple[int, str]] = []
-    errors: list[tuple[int, str]] = []
-    t_ns: int = 0
-    prompts: list[tuple[int, int]] = []  # as in EngStep
-
-
-class EngReady(_Msg):
-    engine_version: str
-    vocab_size: int
-    pid: int
-
-
-EngineMessage = EngSubmit | EngAbort | EngStep | EngTextStep | EngReady | EngEmbedding
-
-_eng_decoder = msgspec.msgpack.Decoder(EngineMessage)
-
-
-def decode_engine(data: bytes) -> EngineMessage:
-    return _eng_decoder.decode(data)

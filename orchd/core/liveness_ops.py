@@ -1,16 +1,20 @@
-"""Liveness in the scheduler core: a queued task whose deadline passed ends (DEADLINE_UNMET)
-instead of waiting for nothing, and a supervisor taken back after it was taken as dead has the
-tasks failed then aborted. A mixin of :class:`orchd.core.scheduler.SchedulerCore`; peer
-liveness itself is :mod:`orchd.core.liveness`."""
+"""Liveness in the scheduler core: replicas' reports and peers lost; a queued task whose
+deadline passed ends (DEADLINE_UNMET) instead of waiting for nothing; a supervisor taken back
+after it was taken as dead has the tasks failed then aborted. A mixin of
+:class:`orchd.core.scheduler.SchedulerCore`; peer liveness itself is :mod:`orchd.core.liveness`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from ipc import protocol as p
+from ipc.peers import Peer
 from orchd.core.errors import Code
+from orchd.core.placement import ReplicaView
+from orchd.core.pools import Pools
 from orchd.core.queue import AdmissionQueue
-from orchd.core.tasks import Out, Stats, Task, sup
+from orchd.core.series import Series
+from orchd.core.tasks import Out, State, Stats, Task, sup
 
 
 class LivenessOps:
@@ -19,10 +23,16 @@ class LivenessOps:
     stats: Stats
     queue: AdmissionQueue[None]
     _orphans: dict[str, list[str]]
+    _aborts: dict[int, str]
+    replicas: dict[str, ReplicaView]
+    pools: Pools
+    series: Series
 
     if TYPE_CHECKING:
 
         def fail_task(self, t: Task, err: p.ErrorInfo, now: float, out: Out) -> None: ...
+        def dispatch(self, now: float) -> Out: ...
+        def frontend_lost(self, index: int, now: float) -> Out: ...
 
     def rejoined(self, replica_id: str, now: float, *, same_process: bool = True) -> Out:
         """The supervisor of ``replica_id``, taken as dead, is heard again: the same process
@@ -51,4 +61,58 @@ class LivenessOps:
             )
             self.stats.bump(self.stats.rejected, (t.spec.engine, Code.DEADLINE_UNMET.value))
             self.fail_task(t, err, now, out)
+        return out
+
+    # ------------------------------------------------------------------ replicas and peers
+
+    def replica_status(self, peer: str, msg: p.ReplicaStatus, now: float) -> Out:
+        r = self.replicas.get(msg.replica_id)
+        if r is None:
+            return []
+        if r.ready and not msg.ready and msg.last_error:  # its engine died: restarted
+            self.series.on_engine_restart(r.pool_id, r.id)
+        r.connected = True
+        r.engine_version = msg.engine_version
+        r.last_error = msg.last_error
+        r.ready = msg.ready
+        r.start_failures = msg.start_failures
+        r.circuit_open = msg.circuit_open
+        if msg.ready:
+            refusal = self.pools.accept_version(r, msg.engine_version)
+            if refusal:
+                r.ready = False
+                r.last_error = refusal
+        return self.dispatch(now) if r.ready else []
+
+    def peer_down(self, ident: str, reason: str, now: float) -> Out:
+        out: Out = []
+        peer = Peer(ident)
+        if peer.role == "supervisor":
+            r = self.replicas.get(peer.replica_id)
+            if r is None:
+                return out
+            r.ready = False
+            r.connected = False
+            r.last_error = r.last_down = reason
+            err = p.ErrorInfo(
+                Code.WORKER_RESET.value,
+                f"engine supervisor for replica {r.id} died: {reason}",
+                engine=r.engine,
+                pool_id=r.pool_id,
+            )
+            for rid, tid in list(self._aborts.items()):
+                if tid in r.active:
+                    del self._aborts[rid]
+            orphans = self._orphans.setdefault(r.id, [])
+            for t in self.tasks.values():
+                if t.replica != r.id:
+                    continue
+                if t.state is State.RUNNING:
+                    self.fail_task(t, err, now, out)
+                    orphans.append(t.spec.task_id)
+                if t.replayable:
+                    t.replayable = False  # its transcript is lost with the process
+                    t.error = err
+        elif peer.role == "frontend":
+            out += self.frontend_lost(peer.frontend_index, now)
         return out

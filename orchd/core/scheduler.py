@@ -15,7 +15,6 @@ import itertools
 from collections import deque
 
 from ipc import protocol as p
-from ipc.peers import Peer
 from orchd.core.catalog import Catalog
 from orchd.core.errors import Code, OrchdError
 from orchd.core.eta import ServiceTime
@@ -416,60 +415,6 @@ class SchedulerCore(StreamOps, LivenessOps):
         self._ended_in_ring(t)
         out = self.dispatch(now)
         self._settle(t, out)
-        return out
-
-    # ------------------------------------------------------------------ replicas and peers
-
-    def replica_status(self, peer: str, msg: p.ReplicaStatus, now: float) -> Out:
-        r = self.replicas.get(msg.replica_id)
-        if r is None:
-            return []
-        if r.ready and not msg.ready and msg.last_error:  # its engine died: restarted
-            self.series.on_engine_restart(r.pool_id, r.id)
-        r.connected = True
-        r.engine_version = msg.engine_version
-        r.last_error = msg.last_error
-        r.ready = msg.ready
-        r.start_failures = msg.start_failures
-        r.circuit_open = msg.circuit_open
-        if msg.ready:
-            refusal = self.pools.accept_version(r, msg.engine_version)
-            if refusal:
-                r.ready = False
-                r.last_error = refusal
-        return self.dispatch(now) if r.ready else []
-
-    def peer_down(self, ident: str, reason: str, now: float) -> Out:
-        out: Out = []
-        peer = Peer(ident)
-        if peer.role == "supervisor":
-            r = self.replicas.get(peer.replica_id)
-            if r is None:
-                return out
-            r.ready = False
-            r.connected = False
-            r.last_error = r.last_down = reason
-            err = p.ErrorInfo(
-                Code.WORKER_RESET.value,
-                f"engine supervisor for replica {r.id} died: {reason}",
-                engine=r.engine,
-                pool_id=r.pool_id,
-            )
-            for rid, tid in list(self._aborts.items()):
-                if tid in r.active:
-                    del self._aborts[rid]
-            orphans = self._orphans.setdefault(r.id, [])
-            for t in self.tasks.values():
-                if t.replica != r.id:
-                    continue
-                if t.state is State.RUNNING:
-                    self.fail_task(t, err, now, out)
-                    orphans.append(t.spec.task_id)
-                if t.replayable:
-                    t.replayable = False  # its transcript is lost with the process
-                    t.error = err
-        elif peer.role == "frontend":
-            out += self.frontend_lost(peer.frontend_index, now)
         return out
 
     # ------------------------------------------------------------------ shutdown and time
