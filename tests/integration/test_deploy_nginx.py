@@ -25,7 +25,11 @@ CURL = "/usr/bin/curl"  # built with nghttp2 (Debian's curl): --http2
 ITL_MS = 150
 MAX_TOKENS = 12
 SPAN_S = (MAX_TOKENS - 1) * ITL_MS / 1000  # first token to last token, as produced
+GRACE_MS = 300  # a client gone this long, not resumed, has its task canceled
 CONFIG = f"""
+[limits]
+resume_grace_ms = {GRACE_MS}
+
 [[replicas]]
 id = "r0"
 slots = 8
@@ -122,7 +126,8 @@ def canceled(d: Daemon) -> float:
 
 def test_a_client_leaving_through_nginx_cancels_its_task(daemon: Daemon, tmp_path: Path) -> None:
     """An HTTP/2 client that goes away mid-stream: nginx closes its upstream connection and
-    orchd cancels the task (the engine stops generating for nobody)."""
+    orchd cancels the task once its resume grace has passed (the engine stops generating for
+    nobody)."""
     with Nginx(tmp_path, daemon.port) as nginx:
         base = f"https://127.0.0.1:{nginx.https_port}"
         body = task_body(max_tokens=300)  # 45 s at ITL_MS: it ends this soon only if canceled

@@ -99,8 +99,13 @@ def test_restarts_on_its_own_port_at_once(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and b"cannot bind" in r.stderr
     client = socket.create_connection(("127.0.0.1", port))
-    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: orchd\r\n\r\n")
-    assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    # A small answer, read whole: a close with unread bytes would send RST, not FIN, and leave
+    # no TIME-WAIT behind (the /metrics text outgrew one read).
+    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: orchd\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        answer += client.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
     assert first.stop() == 0  # it closes the kept-alive connection first: TIME-WAIT
     client.close()
     waiting = [
