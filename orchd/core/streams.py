@@ -100,7 +100,10 @@ class StreamOps:
         if t.spec.api != "native" and not (t.spec.stream and t.spec.api != "embeddings"):
             err = OrchdError(Code.INVALID_PARAMS, f"task {msg.task_id!r} is not a stream")
             return [(peer, p.Failed(msg.req_id, self.error_info(err)))]
-        resume = msg.after_seq >= 0
+        # An ended task's stream has no live events left to interleave: a GET without
+        # Last-Event-ID replays it whole (as from before the first event), even while an
+        # earlier connection still writes its last frames. Only a live stream is contested.
+        resume = msg.after_seq >= 0 or t.state is State.ENDED
         if t.stream not in OPENABLE and not resume:
             err = OrchdError(
                 Code.STREAM_CONFLICT,

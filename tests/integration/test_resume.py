@@ -414,3 +414,22 @@ def test_a_paused_frontend_ends_its_streams_retriably_and_they_resume(pair: Daem
         assert old[-1].json["code"] == "STREAM_INTERRUPTED" and old[-1].json["retriable"]
     b = reconnect(pair, f"/v1/tasks/{tid}/stream", ids(old)[-1])
     check_rest(old, b.read_to_end(timeout=60), 3000)
+
+
+def test_an_ended_stream_opened_again_is_the_whole_stream_again(one: Daemon) -> None:
+    """`curl .../stream` twice: the second GET, after the end, replays the same events (ids
+    included) rather than a 409: nothing live is left to contest."""
+    status, body, _ = submit(one, max_tokens=8)
+    assert status == 202
+    path = f"/v1/tasks/{body['task_id']}/stream"
+    first = SyncStream(one.host, one.port, path, one.headers)
+    first.read_to_end()
+    first.close()
+    again = SyncStream(one.host, one.port, path, one.headers)
+    assert again.status == 200, again.body
+    again.read_to_end()
+    again.close()
+    assert [(e.event, e.id, e.data) for e in again.events] == [
+        (e.event, e.id, e.data) for e in first.events
+    ]
+    assert [e.event for e in first.events].count("end") == 1

@@ -74,12 +74,21 @@ def test_a_second_get_without_last_event_id_is_409_with_it_a_take_over() -> None
     sub(core, "t1", slot=3)
     ((_, f),) = sub(core, "t1", slot=4, frontend=1)
     assert isinstance(f, p.Failed) and f.error.code == "STREAM_CONFLICT"
-    core.task_ended("sup-r0", p.TaskEnded("t1", "stop", 3), 10)
-    assert core.tasks["t1"].stream is Stream.TERMINAL_PENDING
-    ((_, f),) = sub(core, "t1", slot=4, frontend=1, now=11)
-    assert isinstance(f, p.Failed) and f.error.code == "STREAM_CONFLICT"
     out = sub_after(core, "t1", slot=4, frontend=1, after=0, now=12)
     assert ("sup-r0", p.Attach("t1", 1, 4, 0)) in out
+
+
+def test_an_ended_tasks_stream_reopened_without_last_event_id_replays_whole() -> None:
+    """`curl .../stream` twice: the second, after the end, is the whole stream again, not a
+    409 (nothing live is left to contest, even if the first connection still writes)."""
+    core = make_core()
+    submit(core, "t1")
+    sub(core, "t1", slot=3)
+    core.task_ended("sup-r0", p.TaskEnded("t1", "stop", 3), 10)
+    assert core.tasks["t1"].stream is Stream.TERMINAL_PENDING
+    out = sub(core, "t1", slot=4, frontend=1, now=11)
+    assert not of(out, p.Failed)
+    assert ("sup-r0", p.Attach("t1", 1, 4, -1)) in out  # from the first event
 
 
 def test_an_ended_task_resumes_from_the_supervisors_transcript() -> None:
