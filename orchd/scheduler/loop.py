@@ -181,9 +181,10 @@ class SchedulerShell:
         self.ctx.term()
         self.gpus.close()
 
-    def _woke(self) -> None:
-        """Before the socket is read: time this process did not run is nobody's silence."""
-        stalled = self.clock.woke(_now_ms())
+    def _woke(self, now: float | None = None) -> None:
+        """Before the socket is read, and before peers are judged: time this process did not
+        run is nobody's silence."""
+        stalled = self.clock.woke(_now_ms() if now is None else now)
         if stalled:
             log.warning(
                 "the scheduler did not run for a while; peers are not judged on that time",
@@ -192,6 +193,7 @@ class SchedulerShell:
 
     def tick(self) -> None:
         now = _now_ms()
+        self._woke(now)  # a pause that fell after this turn's read is credited too
         clock = self.clock
         for peer in clock.silent(now, EXEMPT):
             age = clock.age_ms(peer, now) or 0.0
