@@ -13,8 +13,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @functools.cache
 def git_sha() -> str:
-    """The commit of the checkout orchd runs from (12 hex digits, ``+dirty`` with local
-    changes), or "unknown" when it is not one (an installed wheel) or git is absent."""
+    """``ORCHD_GIT_SHA`` when set (an image build sets it), else the commit of the checkout
+    orchd runs from (12 hex digits, ``+dirty`` with local changes), else "unknown" (an
+    installed wheel, or no git). The one answer for ``--version``, ``/version`` and
+    ``orchd_build_info``."""
+    env = os.environ.get("ORCHD_GIT_SHA", "").strip()
+    if env:
+        return env
     try:
         sha = subprocess.run(
             ["git", "-C", _ROOT, "rev-parse", "--short=12", "HEAD"],

@@ -18,10 +18,8 @@ import contextlib
 import functools
 import os
 import platform
-import subprocess
 from collections.abc import Callable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -33,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 import orchd
 from ipc import protocol as p
 from orchd import log
+from orchd.build_info import git_sha
 from orchd.core.control import API_VERSION
 from orchd.core.errors import Code, OrchdError
 from orchd.frontend.client import SchedulerClient
@@ -68,28 +67,6 @@ _json = msgspec.json.Encoder()
 
 
 # ---------------------------------------------------------------- what runs
-
-
-@functools.cache
-def git_sha() -> str:
-    """The commit orchd runs from: ``ORCHD_GIT_SHA`` (set by an image build), else asked of
-    git in the source tree (an editable install or a checkout), else "unknown"."""
-    env = os.environ.get("ORCHD_GIT_SHA", "").strip()
-    if env:
-        return env
-    root = Path(orchd.__file__).resolve().parents[1]
-    try:
-        r = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=GIT_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    sha = r.stdout.strip()
-    return sha if r.returncode == 0 and len(sha) >= 7 else "unknown"
 
 
 def build_info() -> dict[str, str]:

@@ -14,11 +14,8 @@ and every frontend's own series, rendered from what the scheduler holds.
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 
 import orchd
 from ipc import protocol as p
+from orchd.build_info import git_sha
 from orchd.core.scheduler import SchedulerCore
 from orchd.core.series import Hist, Key
 
@@ -45,25 +43,6 @@ HISTOGRAMS = (
     ("prompt_tokens", "orchd_request_prompt_tokens", "Prompt tokens per request."),
     ("generation_tokens", "orchd_request_generation_tokens", "Generated tokens per request."),
 )
-
-
-def git_sha() -> str:
-    """``$ORCHD_GIT_SHA``, else the checkout orchd runs from, else ``unknown``."""
-    env = os.environ.get("ORCHD_GIT_SHA", "").strip()
-    if env:
-        return env
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(orchd.__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
 def histogram(
